@@ -1,0 +1,323 @@
+"""The distributed Excitation controller. Framework-agnostic.
+
+One object per model (per pipeline stage). Per optimizer step it
+
+1. accumulates tokens per (MoE layer, global expert) into one ``[L, E]`` buffer
+   over all micro-batches (:meth:`Excitation.record`);
+2. issues ONE SUM all-reduce of that buffer over the ranks that hold distinct
+   tokens (:meth:`Excitation.reduce_counts_async`), as soon as the caller knows
+   the counts are final, and waits for it only when the optimizer step starts;
+3. turns the global counts into multipliers ``phi_LE`` (:mod:`strategies`);
+4. in an optimizer step pre-hook, snapshots the registered expert slices whose
+   multiplier differs from 1, and in the post-hook blends
+   ``new = old + phi * (stepped - old)`` on exactly those slices.
+
+"Where are counts reduced" is :meth:`reduce_counts_async`; "where is the update
+scaled" is :meth:`_blend`. Every backend uses these two.
+
+Backends translate their framework into :class:`ExpertSegment` s: slices of the
+tensors the base optimizer actually steps (a full parameter, one expert of a
+stacked parameter, or the piece of a ZeRO / distributed-optimizer fp32 shard
+that belongs to one expert).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from excitation_dist.config import ExcitationConfig, as_config
+from excitation_dist.metrics import flat_metrics
+from excitation_dist.strategies import multipliers, shape_multipliers, utilization
+
+
+@dataclass(frozen=True)
+class ExpertSegment:
+    """Elements ``[start, end)`` of ``tensor.view(-1)`` belong to ``expert``
+    (global index) of MoE layer ``layer`` (0-based, in this controller's order).
+
+    ``tensor`` must be the very tensor the base optimizer steps (a parameter, or
+    a flat fp32 master partition), so that the step hooks can tell whether it is
+    being stepped.
+    """
+
+    tensor: torch.Tensor
+    start: int
+    end: int
+    layer: int
+    expert: int
+
+
+class _Phase(enum.Enum):
+    COUNTING = "counting"  # micro-batches are adding counts
+    REDUCING = "reducing"  # the all-reduce was issued; counts are frozen
+    READY = "ready"  # multipliers computed for the current optimizer step
+
+
+class Excitation:
+    """Counts tokens per expert, reduces them once per step, and scales the
+    optimizer's update of expert slices by the Excitation multipliers.
+
+    Args:
+        config: :class:`ExcitationConfig` or a mapping of its fields.
+        num_layers: L, the number of MoE layers this controller covers.
+        num_experts: E, global routed experts per layer.
+        process_group: group of the ranks holding distinct tokens for these
+            layers (data x context x sequence-parallel-tensor; equivalently
+            expert-parallel x expert-data-parallel). ``None`` with an
+            initialized default group means the whole world.
+        reduce: all-reduce the counts (default: when torch.distributed is
+            initialized and the group has more than one rank).
+        device: device of the count buffer (the collective's device: CUDA for NCCL).
+    """
+
+    def __init__(
+        self,
+        config: ExcitationConfig | Mapping[str, Any] | None,
+        num_layers: int,
+        num_experts: int,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        reduce: bool | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if num_layers <= 0 or num_experts <= 0:
+            raise ValueError(f"need at least one MoE layer and one expert, got L={num_layers}, E={num_experts}")
+        self.config = as_config(config)
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.process_group = process_group
+        if reduce is None:
+            reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+        self.reduce = reduce
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+        self._counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
+        self._phase = _Phase.COUNTING
+        self._pending: dist.Work | None = None
+        self._segments: list[ExpertSegment] = []
+        self._snapshots: list[tuple[torch.Tensor, float, torch.Tensor]] = []
+        self._hook_handles: list[Any] = []
+        self._uncounted_recomputes = 0
+
+        self.step = 0  # optimizer steps that computed multipliers (excluding skipped steps)
+        self.utilization_ema_LE: torch.Tensor | None = None
+        self.last_counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self.last_multipliers_LE = torch.ones(num_layers, num_experts, dtype=torch.float64)
+        self._phi_rows: list[list[float]] = self.last_multipliers_LE.tolist()
+        self.last_snapshot_bytes = 0
+        self.peak_snapshot_bytes = 0
+        self.count_collectives_issued = 0
+
+    # ---------------------------------------------------------------- counts
+    def record(self, layer: int, tokens_per_expert_E: torch.Tensor) -> None:
+        """Add one micro-batch's tokens per global expert of ``layer``.
+
+        Call only for training forwards (not evaluation, not activation
+        recompute); the backends' guards do that.
+        """
+        if self._phase is _Phase.READY:
+            self.end_step()  # the previous optimizer step is over
+        if self._phase is _Phase.REDUCING:
+            raise RuntimeError(
+                "Excitation counts were recorded after this step's count all-reduce was issued; "
+                "call reduce_counts_async() only after the last micro-batch's forward (with DDP: run every "
+                "micro-batch but the last under model.no_sync(), or attach(..., overlap=False))"
+            )
+        if tokens_per_expert_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"layer {layer}: expected counts of shape [{self.num_experts}], got {tuple(tokens_per_expert_E.shape)}"
+            )
+        self._counts_LE[layer].add_(tokens_per_expert_E.to(self._counts_LE.device, torch.int64))
+
+    def note_uncounted_recompute(self) -> None:
+        """A backend saw a training forward it did not count because it ran inside
+        backward (activation recompute). Used to refuse silently empty counts."""
+        self._uncounted_recomputes += 1
+
+    def reduce_counts_async(self) -> None:
+        """Issue this step's single count all-reduce now (non-blocking).
+
+        Call when the counts are final (after the last micro-batch's forward)
+        to overlap the collective with backward; otherwise the optimizer step
+        issues it. Calling it again in the same step does nothing.
+        """
+        if self._phase is not _Phase.COUNTING:
+            return
+        if self.reduce:
+            self._pending = dist.all_reduce(self._counts_LE, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
+            self.count_collectives_issued += 1
+        self._phase = _Phase.REDUCING
+
+    def skip_step(self) -> None:
+        """The framework skipped this optimizer step (for example fp16 overflow):
+        apply nothing and drop the counts. Collective order is kept."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+        self._snapshots.clear()
+        self._reset_counts()
+
+    def end_step(self) -> None:
+        """The optimizer step is complete; the next record() starts a new step."""
+        if self._phase is _Phase.READY:
+            self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self._counts_LE.zero_()
+        self._uncounted_recomputes = 0
+        self._phase = _Phase.COUNTING
+
+    # ----------------------------------------------------------- multipliers
+    def _finalize(self) -> None:
+        self.reduce_counts_async()
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+        counts = self._counts_LE.detach().cpu()
+        if int(counts.sum()) == 0 and self._uncounted_recomputes:
+            raise RuntimeError(
+                "Excitation saw only recomputed forwards this step (reentrant activation checkpointing runs the "
+                "original forward under no_grad), so no tokens were counted. Use "
+                "torch.utils.checkpoint(..., use_reentrant=False) so that the original forward is the one counted."
+            )
+        self.last_counts_LE = counts.clone()
+        self.last_multipliers_LE = self.compute_multipliers(counts)
+        self._phi_rows = self.last_multipliers_LE.tolist()
+        self.step += 1
+        self._phase = _Phase.READY
+
+    def compute_multipliers(self, counts_LE: torch.Tensor) -> torch.Tensor:
+        """Multipliers for this step's global counts, with the configured
+        smoothing, shaping and warm-up (advances the utilization EMA)."""
+        cfg = self.config
+        active_L1 = counts_LE.sum(-1, keepdim=True) > 0
+        source = counts_LE
+        if cfg.utilization_ema > 0:
+            u = utilization(counts_LE)
+            if self.utilization_ema_LE is None:
+                self.utilization_ema_LE = u
+            else:
+                blended = cfg.utilization_ema * self.utilization_ema_LE + (1 - cfg.utilization_ema) * u
+                has_history = self.utilization_ema_LE.sum(-1, keepdim=True) > 0
+                self.utilization_ema_LE = torch.where(active_L1, torch.where(has_history, blended, u), self.utilization_ema_LE)
+            source = self.utilization_ema_LE
+        generator = None
+        if cfg.strategy == "random":
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        phi = multipliers(source, cfg.strategy, cfg.gamma, generator=generator)
+        warmup = min(1.0, self.step / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        phi = shape_multipliers(
+            phi,
+            floor=cfg.floor,
+            ceiling=cfg.ceiling,
+            renormalize_energy=cfg.renormalize_energy,
+            warmup_fraction=warmup,
+        )
+        return torch.where(active_L1, phi, torch.ones_like(phi))
+
+    # -------------------------------------------------------------- segments
+    def set_segments(self, segments: Iterable[ExpertSegment]) -> None:
+        """Replace the registered expert slices (rebuild after a checkpoint load
+        or anything else that re-creates the optimizer's tensors)."""
+        segments = list(segments)
+        for s in segments:
+            if not 0 <= s.layer < self.num_layers or not 0 <= s.expert < self.num_experts:
+                raise ValueError(f"segment (layer {s.layer}, expert {s.expert}) outside [{self.num_layers}, {self.num_experts}]")
+            if not 0 <= s.start < s.end <= s.tensor.numel():
+                raise ValueError(f"segment [{s.start}, {s.end}) outside a tensor of {s.tensor.numel()} elements")
+            if not s.tensor.is_contiguous():
+                raise ValueError("expert segments must live in contiguous tensors (the optimizer's flat view)")
+        self._segments = segments
+
+    @property
+    def segments(self) -> list[ExpertSegment]:
+        return list(self._segments)
+
+    def owned_expert_numel(self) -> int:
+        """Elements of expert parameters this rank steps (its owned slices)."""
+        return sum(s.end - s.start for s in self._segments)
+
+    # ------------------------------------------------------- optimizer hooks
+    def hook_optimizer(self, optimizer: torch.optim.Optimizer, *, end_step_after: bool = True) -> None:
+        """Register the step pre/post hooks on the base torch optimizer.
+
+        ``end_step_after``: the post-hook also ends the step. Pass False when the
+        wrapper steps the base optimizer once per parameter group (ZeRO) and
+        call :meth:`end_step` after the whole step instead.
+        """
+        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._snapshot(opt))
+
+        def post(opt, args, kwargs):
+            self._blend()
+            if end_step_after:
+                self.end_step()
+
+        self._hook_handles += [pre, optimizer.register_step_post_hook(post)]
+
+    def remove_hooks(self) -> None:
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+
+    def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
+        """Pre-step: finalize multipliers once per step, copy the slices to blend."""
+        if self._phase is not _Phase.READY:
+            self._finalize()
+        self._snapshots.clear()
+        if not self.config.active:
+            return
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        nbytes = 0
+        for seg in self._segments:
+            phi = self._phi_rows[seg.layer][seg.expert]
+            if phi == 1.0 or id(seg.tensor) not in stepped:
+                continue
+            view = seg.tensor.detach().view(-1)[seg.start : seg.end]
+            old = view.clone()
+            nbytes += old.numel() * old.element_size()
+            self._snapshots.append((view, phi, old))
+        self.last_snapshot_bytes = nbytes
+        self.peak_snapshot_bytes = max(self.peak_snapshot_bytes, nbytes)
+
+    def _blend(self) -> None:
+        """Post-step: new = old + phi * (stepped - old) on every snapshotted slice."""
+        for view, phi, old in self._snapshots:
+            view.copy_(old.lerp_(view, phi))
+        self._snapshots.clear()
+
+    # ------------------------------------------------------------ reporting
+    def metrics(self, prefix: str = "excitation") -> dict[str, float]:
+        """Scalars of the last step: per-layer and summarized utilization and
+        multiplier statistics, snapshot bytes and the step counter."""
+        out = flat_metrics(self.last_counts_LE, self.last_multipliers_LE, prefix)
+        out[f"{prefix}/snapshot_bytes"] = float(self.last_snapshot_bytes)
+        out[f"{prefix}/step"] = float(self.step)
+        return out
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the step counter (warm-up, random control)
+        and the utilization EMA. Counts are per step and are not saved."""
+        return {
+            "step": self.step,
+            "utilization_ema_LE": None if self.utilization_ema_LE is None else self.utilization_ema_LE.clone(),
+            "shape": [self.num_layers, self.num_experts],
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        shape = list(state.get("shape", []))
+        if shape != [self.num_layers, self.num_experts]:
+            raise ValueError(
+                f"Excitation checkpoint is for [layers, experts] = {shape}, this model has "
+                f"[{self.num_layers}, {self.num_experts}]; load it into the same MoE architecture"
+            )
+        self.step = int(state["step"])
+        ema = state.get("utilization_ema_LE")
+        self.utilization_ema_LE = None if ema is None else ema.clone().to(torch.float64)
+        self._reset_counts()

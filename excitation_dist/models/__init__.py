@@ -1,0 +1,6 @@
+"""Reference MoE models used by the tests and the CPU demo."""
+
+from excitation_dist.models.moe import TopKMoE
+from excitation_dist.models.transformer import TinyMoEConfig, TinyMoETransformer
+
+__all__ = ["TopKMoE", "TinyMoEConfig", "TinyMoETransformer"]
