@@ -73,13 +73,22 @@ class TinyMoETransformer(nn.Module):
         return self.norm(x) @ self.embed.weight.T, aux_total
 
     def loss(self, tokens_BS: torch.Tensor, mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token cross-entropy on ``tokens[:, :-1] -> tokens[:, 1:]`` (padding
-        targets ignored) plus ``aux_loss_coef`` times the load-balancing loss.
-        Returns (total loss, language-model loss)."""
-        inputs, targets = tokens_BS[:, :-1], tokens_BS[:, 1:]
-        in_mask = None if mask_BS is None else mask_BS[:, :-1]
-        logits, aux = self(inputs, in_mask)
-        if mask_BS is not None:
-            targets = targets.masked_fill(~mask_BS[:, 1:], -100)
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return lm + self.cfg.aux_loss_coef * aux, lm
+        """See :func:`lm_loss`."""
+        return lm_loss(self, self.cfg.aux_loss_coef, tokens_BS, mask_BS)
+
+
+def lm_loss(
+    model: nn.Module, aux_loss_coef: float, tokens_BS: torch.Tensor, mask_BS: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on ``tokens[:, :-1] -> tokens[:, 1:]`` (padding
+    targets ignored) plus ``aux_loss_coef`` times the load-balancing loss.
+
+    ``model`` is a :class:`TinyMoETransformer` or a wrapper of it (DDP) that
+    returns (logits, aux loss). Returns (total loss, language-model loss)."""
+    inputs, targets = tokens_BS[:, :-1], tokens_BS[:, 1:]
+    in_mask = None if mask_BS is None else mask_BS[:, :-1]
+    logits, aux = model(inputs, in_mask)
+    if mask_BS is not None:
+        targets = targets.masked_fill(~mask_BS[:, 1:], -100)
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return lm + aux_loss_coef * aux, lm

@@ -1,0 +1,42 @@
+"""The ``excitation-dist`` command line.
+
+Subcommands register themselves in :data:`SUBCOMMANDS`: each entry maps a name
+to a module path exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("excitation_dist.cli_demo", "train the tiny MoE on CPU in 2 processes: baseline vs Excitation"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="excitation-dist",
+        description="Excitation (arXiv 2602.21798) for distributed MoE training.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Which forwards count in the plain PyTorch backend, checked against counts
+computed independently from the router's own outputs."""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, TopKMoE
+from excitation_dist.torch import attach, detach
+
+CFG = dict(vocab_size=32, seq_len=12, d_model=16, n_layers=3, n_heads=2, d_ff=16, num_experts=4, top_k=2)
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    return TinyMoETransformer(TinyMoEConfig(**{**CFG, **overrides}))
+
+
+class RouterSpy:
+    """Counts top-k assignments from each router's logits (forward hooks on the
+    router Linear), independently of the backend's reporting path."""
+
+    def __init__(self, model):
+        self.counts = torch.zeros(len(model.blocks), model.cfg.num_experts, dtype=torch.int64)
+        self.token_mask = None
+        for layer, block in enumerate(model.blocks):
+            block.moe.router.register_forward_hook(self._hook(layer, block.moe.top_k))
+
+    def _hook(self, layer, k):
+        def hook(module, inputs, logits):
+            if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+                return
+            idx = logits.topk(k, dim=-1).indices
+            if self.token_mask is not None:
+                idx = idx[self.token_mask.reshape(-1)]
+            self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.counts.shape[1])
+        return hook
+
+
+def _train_step(model, opt, tokens, mask=None):
+    loss, _ = model.loss(tokens, mask)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_counts_match_router_and_evaluation_adds_nothing():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ex = attach(model, opt, {"strategy": "zerosum"})
+    spy = RouterSpy(model)
+    tokens = torch.randint(0, 32, (3, 13))
+    _train_step(model, opt, tokens)
+    assert torch.equal(ex.last_counts_LE, spy.counts)
+    assert ex.last_counts_LE.sum() == 3 * 3 * 12 * 2  # layers x tokens x k
+
+    model.eval()
+    model.loss(tokens)  # eval forward with grad enabled
+    model.train()
+    with torch.no_grad():
+        model.loss(tokens)  # training-mode forward without grad
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert ex.last_counts_LE.sum() == 0
+    assert ex.last_multipliers_LE.eq(1).all()
+
+
+def test_gradient_accumulation_sums_micro_batches():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ex = attach(model, opt)
+    spy = RouterSpy(model)
+    for _ in range(3):
+        model.loss(torch.randint(0, 32, (2, 13)))[0].backward()
+    opt.step()
+    assert torch.equal(ex.last_counts_LE, spy.counts)
+    assert ex.last_counts_LE.sum() == 3 * 3 * 2 * 12 * 2
+
+
+def test_activation_recompute_is_not_counted_twice():
+    torch.set_default_dtype(torch.float64)
+    try:
+        plain, ckpt = _model(), _model(activation_checkpointing=True)
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (plain, ckpt)]
+        exs = [attach(m, o) for m, o in zip((plain, ckpt), opts)]
+        for step in range(3):
+            tokens = torch.randint(0, 32, (4, 13), generator=torch.Generator().manual_seed(step))
+            for m, o in zip((plain, ckpt), opts):
+                _train_step(m, o, tokens)
+            assert torch.equal(exs[0].last_counts_LE, exs[1].last_counts_LE)
+            assert exs[1].last_counts_LE.sum() == 3 * 4 * 12 * 2
+        for a, b in zip(plain.parameters(), ckpt.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_reentrant_checkpointing_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    moe = TopKMoE(8, 8, 4, top_k=1)
+    opt = torch.optim.SGD(moe.parameters(), lr=0.1)
+    attach(moe, opt)
+    x = torch.randn(10, 8, requires_grad=True)
+    out, _ = checkpoint(moe, x, use_reentrant=True)
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        opt.step()
+
+
+def test_padding_tokens_are_not_counted():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ex = attach(model, opt)
+    spy = RouterSpy(model)
+    tokens = torch.randint(0, 32, (3, 13))
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[0, 7:] = False
+    mask[2, 2:] = False
+    spy.token_mask = mask[:, :-1]
+    _train_step(model, opt, tokens, mask)
+    assert torch.equal(ex.last_counts_LE, spy.counts)
+    assert ex.last_counts_LE.sum() == 3 * 2 * int(mask[:, :-1].sum())
+
+
+@pytest.mark.parametrize("mode", ["processed", "routed"])
+def test_capacity_dropped_tokens_count_only_when_routed(mode):
+    torch.manual_seed(0)
+    moe = TopKMoE(8, 8, 4, top_k=2, capacity_factor=0.5)
+    opt = torch.optim.SGD(moe.parameters(), lr=0.1)
+    ex = attach(moe, opt, {"counts": mode})
+    x = torch.randn(40, 8)
+    _, experts_TK, _ = moe.route(x)
+    routed = torch.bincount(experts_TK.reshape(-1), minlength=4)
+    capacity = 10  # ceil(0.5 * 40 * 2 / 4)
+    out, aux = moe(x)
+    (out.sum() + aux).backward()
+    opt.step()
+    if mode == "routed":
+        assert torch.equal(ex.last_counts_LE[0], routed)
+    else:
+        assert torch.equal(ex.last_counts_LE[0], routed.clamp_max(capacity))
+        assert ex.last_counts_LE.sum() < routed.sum()
+
+
+def test_attach_errors():
+    model = _model()
+    partial = torch.optim.SGD([p for n, p in model.named_parameters() if "w_in" not in n], lr=0.1)
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        attach(model, partial)
+    with pytest.raises(ValueError, match="no MoE layer"):
+        attach(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach(model, opt)
+    with pytest.raises(RuntimeError, match="already has Excitation"):
+        attach(model, opt)
+    detach(model)
+    attach(model, opt)
