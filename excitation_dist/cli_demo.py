@@ -10,8 +10,8 @@ from excitation_dist.strategies import STRATEGIES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="CPU processes (gloo ranks), default 2")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run, default 150")
-    parser.add_argument("--log-every", type=int, default=25, help="table row every N steps")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run, default 300")
+    parser.add_argument("--log-every", type=int, default=50, help="table row every N steps (default 50)")
     parser.add_argument("--strategy", default="zerosum", choices=STRATEGIES, help="Excitation strategy (default zerosum)")
     parser.add_argument("--gamma", type=float, default=1.0, help="Excitation gamma (default 1.0)")
     parser.add_argument("--seed", type=int, default=0)

@@ -22,8 +22,8 @@ from excitation_dist.testing import run_distributed
 
 @dataclasses.dataclass
 class DemoConfig:
-    steps: int = 150
-    log_every: int = 25
+    steps: int = 300
+    log_every: int = 50
     batch_size: int = 8  # sequences per rank
     lr: float = 3e-3
     seed: int = 0

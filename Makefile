@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   set up .venv and run the embedded default job (CPU, 2 processes)
+#   make test   set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= test
+# Optional: a PyTorch wheel index for machines where plain `pip install torch==2.13.0` would take a CUDA build.
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+export DS_BUILD_OPS ?= 0
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+setup: $(VENV)/.installed-$(EXTRAS)
+
+demo: setup
+	$(VENV)/bin/excitation-dist demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
