@@ -1,0 +1,263 @@
+"""The run configuration of ``excitation-dist train``: one YAML file chooses the
+model, data, optimizer, schedule, parallel layout, backend and Excitation.
+
+Every field is checked when the file is loaded, before any process group
+starts; errors name the key (``parallel.expert_parallel``) and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from excitation_dist.config import ConfigError, ExcitationConfig
+from excitation_dist.recipe.schema import apply_overrides, from_dict, to_dict
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_hidden_size: int = 128  # hidden width of each routed expert
+    shared_expert_ffn_hidden_size: int | None = None  # total width of the shared expert(s); None = none
+    first_dense_layers: int = 0  # leading layers with a dense FFN instead of MoE
+    capacity_factor: float | None = None  # None: no token dropping
+    aux_loss_coef: float = 0.01  # load-balancing loss
+    z_loss_coef: float = 0.0  # router z-loss
+    router_dtype: Literal["fp32", "model"] = "fp32"
+
+    def __post_init__(self) -> None:
+        _require(self.num_experts >= 1, "num_experts", "must be >= 1")
+        _require(1 <= self.top_k <= self.num_experts, "top_k", f"must be in [1, num_experts={self.num_experts}]")
+        _require(self.ffn_hidden_size >= 1, "ffn_hidden_size", "must be >= 1")
+        _require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be > 0 or null")
+        _require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef", "loss coefficients must be >= 0")
+        _require(self.first_dense_layers >= 0, "first_dense_layers", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    source: str = ""  # where the architecture comes from (paper / model card)
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA key/value heads; None = MHA
+    head_dim: int | None = None  # None = hidden_size / heads
+    ffn_hidden_size: int = 256  # dense FFN layers (first_dense_layers)
+    attention: Literal["standard", "mla"] = "standard"
+    kv_lora_rank: int | None = None  # MLA only
+    qk_rope_head_dim: int | None = None  # MLA only
+    vocab_size: int = 256
+    seq_length: int = 64
+    max_position_embeddings: int | None = None
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    qk_layernorm: bool = False
+    tie_embeddings: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.num_layers >= 1, "num_layers", "must be >= 1")
+        _require(self.moe.first_dense_layers < self.num_layers, "moe.first_dense_layers", "leaves no MoE layer")
+        _require(self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None, "hidden_size",
+                 "must be divisible by num_attention_heads (or set head_dim)")
+        if self.num_query_groups is not None:
+            _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
+                     f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.attention == "mla":
+            _require(self.kv_lora_rank is not None and self.qk_rope_head_dim is not None, "attention",
+                     "mla needs kv_lora_rank and qk_rope_head_dim")
+        _require(self.vocab_size >= 2 and self.seq_length >= 2, "vocab_size", "vocab_size and seq_length must be >= 2")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.moe.first_dense_layers
+
+
+@dataclass
+class DataConfig:
+    path: str = "embedded"  # indexed-dataset prefix from prepare-data, or "embedded" (bytes of the stdlib)
+    tokenizer: str | None = None  # sentencepiece model for a prepared dataset
+    validation_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
+        _require(self.path == "embedded" or self.tokenizer is not None, "tokenizer",
+                 "a prepared dataset needs its sentencepiece model (data.tokenizer); see prepare-data's output")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr", "need lr > 0 and 0 <= min_lr <= lr")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
+        _require(self.clip_grad >= 0 and self.weight_decay >= 0, "clip_grad", "clip_grad and weight_decay must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    train_steps: int = 200
+    warmup_steps: int = 20
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    eval_interval: int = 50
+    eval_steps: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.train_steps >= 1, "train_steps", "must be >= 1")
+        _require(0 <= self.warmup_steps <= self.train_steps, "warmup_steps", "must be in [0, train_steps]")
+        _require(self.micro_batch_size >= 1 and self.global_batch_size >= 1, "micro_batch_size", "batch sizes must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    nodes: int = 1
+    gpus_per_node: int = 2  # processes per node (CPU ranks when device is cpu)
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    expert_parallel: int = 1
+    expert_tensor_parallel: int = 1
+    sequence_parallel: bool = False
+    zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed
+    distributed_optimizer: bool = True  # Megatron
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # Megatron
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None: no checkpoints
+    interval: int = 100
+    resume: bool = True  # continue from the latest checkpoint in dir
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"  # TensorBoard events and metrics.jsonl
+    interval: int = 10
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    backend: Literal["deepspeed", "megatron"] = "deepspeed"
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    excitation: ExcitationConfig = field(default_factory=ExcitationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed_config: str | None = None  # optional DeepSpeed JSON merged under the generated one
+
+    def __post_init__(self) -> None:
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        p, m, s = self.parallel, self.model, self.schedule
+        model_parallel = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+        _require(p.world_size % model_parallel == 0, "parallel",
+                 f"world size {p.world_size} (nodes x gpus_per_node) is not divisible by "
+                 f"tensor x pipeline x context parallel = {model_parallel}")
+        dp = p.data_parallel
+        _require(m.moe.num_experts % p.expert_parallel == 0, "parallel.expert_parallel",
+                 f"must divide model.moe.num_experts={m.moe.num_experts}")
+        # expert-parallel groups are carved out of the ranks that hold distinct tokens
+        if self.backend == "megatron":
+            _require(p.tensor_parallel == 1 or p.sequence_parallel, "parallel.sequence_parallel",
+                     "Megatron MoE with tensor_parallel > 1 requires sequence_parallel: true")
+            _require((dp * p.context_parallel * p.tensor_parallel) % (p.expert_parallel * p.expert_tensor_parallel) == 0,
+                     "parallel.expert_parallel",
+                     "expert_parallel x expert_tensor_parallel must divide data x context x tensor parallel")
+        else:
+            _require(p.tensor_parallel == 1 and p.pipeline_parallel == 1 and p.context_parallel == 1,
+                     "parallel", "the deepspeed backend supports data and expert parallelism only; use backend: megatron "
+                     "for tensor/pipeline/context parallelism")
+            _require(p.expert_tensor_parallel == 1, "parallel.expert_tensor_parallel", "must be 1 with the deepspeed backend")
+            _require(dp % p.expert_parallel == 0, "parallel.expert_parallel", f"must divide the data-parallel size {dp}")
+        _require(m.num_attention_heads % p.tensor_parallel == 0, "parallel.tensor_parallel",
+                 f"must divide model.num_attention_heads={m.num_attention_heads}")
+        _require(m.num_layers % p.pipeline_parallel == 0, "parallel.pipeline_parallel",
+                 f"must divide model.num_layers={m.num_layers}")
+        _require(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
+                 f"must be a multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}")
+        _require(self.device == "cuda" or self.precision != "fp16", "precision",
+                 "fp16 needs device: cuda (CPU ranks support fp32 and bf16)")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.schedule.global_batch_size // (self.schedule.micro_batch_size * self.parallel.data_parallel)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_data(path: str | Path, _seen: tuple = ()) -> dict:
+    """YAML mapping of ``path``; a top-level ``inherit: other.yaml`` (relative to
+    the file) is loaded first and this file's keys are merged over it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'inherit' loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    parent = data.pop("inherit", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: inherit must be a path to another YAML config")
+        data = _deep_merge(read_config_data(path.parent / parent, _seen + (path.resolve(),)), data)
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (with ``inherit``), apply ``key.sub=value``
+    overrides, validate."""
+    data = apply_overrides(read_config_data(path), overrides or [])
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

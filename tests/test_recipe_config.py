@@ -1,0 +1,74 @@
+"""Every shipped config loads and validates; bad configs fail naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from excitation_dist.config import ConfigError
+from excitation_dist.recipe.config import RunConfig, load_run_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "models" and p.name != "gpu_base.yaml")
+
+
+def test_configs_exist():
+    names = {p.relative_to(CONFIGS).as_posix() for p in RUN_CONFIGS}
+    assert "tiny_cpu.yaml" in names
+    for model in ("olmoe-1b-7b", "mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"):
+        assert any(n.startswith(model + "/") for n in names), model
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_every_config_validates(path):
+    cfg = load_run_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.gradient_accumulation_steps >= 1
+    if path.name != "tiny_cpu.yaml":
+        assert cfg.model.source and cfg.device == "cuda" and cfg.parallel.world_size in (8, 64)
+
+
+def test_published_numbers():
+    olmoe = load_run_config(CONFIGS / "olmoe-1b-7b/megatron-8gpu.yaml").model
+    assert (olmoe.num_layers, olmoe.hidden_size, olmoe.moe.num_experts, olmoe.moe.top_k) == (16, 2048, 64, 8)
+    mixtral = load_run_config(CONFIGS / "mixtral-8x7b/megatron-64gpu.yaml").model
+    assert (mixtral.num_layers, mixtral.moe.num_experts, mixtral.moe.top_k, mixtral.moe.ffn_hidden_size) == (32, 8, 2, 14336)
+    qwen = load_run_config(CONFIGS / "qwen3-30b-a3b/megatron-8gpu.yaml").model
+    assert (qwen.num_layers, qwen.moe.num_experts, qwen.moe.top_k, qwen.moe.ffn_hidden_size) == (48, 128, 8, 768)
+    ds = load_run_config(CONFIGS / "deepseek-v2-lite/megatron-8gpu.yaml").model
+    assert (ds.num_layers, ds.moe.num_experts, ds.moe.top_k, ds.moe.first_dense_layers) == (27, 64, 6, 1)
+
+
+def test_overrides_and_inherit():
+    cfg = load_run_config(CONFIGS / "tiny_cpu.yaml", ["excitation.strategy=positivesum", "schedule.train_steps=50"])
+    assert cfg.excitation.strategy == "positivesum" and cfg.schedule.train_steps == 50
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.moe.num_expert=4", "unknown key(s) model.moe.num_expert; allowed under model.moe: num_experts"),
+    ("parallel.expert_parallel=3", "parallel.expert_parallel: must divide model.moe.num_experts=8"),
+    ("excitation.strategy=bogus", "excitation.strategy: must be one of none, zerosum"),
+    ("schedule.global_batch_size=10", "schedule.global_batch_size: must be a multiple"),
+    ("model.moe.top_k=0", "model.moe.top_k: must be in [1, num_experts=8]"),
+    ("optimizer.lr=-1", "optimizer.lr"),
+    ("precision=fp8", "precision: must be one of 'fp32', 'bf16', 'fp16'"),
+    ("parallel.tensor_parallel=2", "the deepspeed backend supports data and expert parallelism only"),
+    ("data.path=/data/x", "data.tokenizer"),
+    ("schedule", "must look like key.subkey=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(CONFIGS / "tiny_cpu.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("inherit: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_run_config(loop)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("modle: {num_layers: 2}\n")
+    with pytest.raises(ConfigError, match="unknown key.*modle"):
+        load_run_config(typo)
