@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default="zerosum", choices=STRATEGIES, help="Excitation strategy (default zerosum)")
     parser.add_argument("--gamma", type=float, default=1.0, help="Excitation gamma (default 1.0)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir", help="write metrics.jsonl and TensorBoard events to LOG_DIR/{baseline,excited}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,5 +27,6 @@ def run(args: argparse.Namespace) -> int:
         excitation = ExcitationConfig(strategy=args.strategy, gamma=args.gamma)
     except ConfigError as exc:
         raise SystemExit(f"excitation-dist demo: {exc}") from None
-    run_demo(DemoConfig(steps=args.steps, log_every=args.log_every, seed=args.seed, excitation=excitation), args.nproc)
+    run_demo(DemoConfig(steps=args.steps, log_every=args.log_every, seed=args.seed, log_dir=args.log_dir,
+                        excitation=excitation), args.nproc)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from excitation_dist.config import ExcitationConfig
 from excitation_dist.data import byte_batches, embedded_corpus_bytes
+from excitation_dist.recipe.metrics_log import MetricsLogger, excitation_record
 from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, lm_loss
 from excitation_dist.testing import run_distributed
 
@@ -27,6 +29,7 @@ class DemoConfig:
     batch_size: int = 8  # sequences per rank
     lr: float = 3e-3
     seed: int = 0
+    log_dir: str | None = None  # metrics.jsonl + TensorBoard per run: LOG_DIR/baseline, LOG_DIR/excited
     model: TinyMoEConfig = dataclasses.field(default_factory=TinyMoEConfig)
     excitation: ExcitationConfig = dataclasses.field(default_factory=ExcitationConfig)
 
@@ -51,6 +54,7 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
         opt = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, weight_decay=0.01)
         runs[name] = (model, ddp, opt, attach(ddp, opt, exc))
 
+    loggers = {name: MetricsLogger(Path(cfg.log_dir) / name, rank) for name in runs} if cfg.log_dir else {}
     rows = []
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -65,6 +69,8 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
             lm = lm.detach().clone()
             dist.all_reduce(lm)
             row[name] = (lm.item() / world, _summary(excitation.metrics()))
+            if name in loggers:
+                loggers[name].log(step, {"loss": row[name][0], "lr": cfg.lr, **excitation_record(excitation)})
         if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
             rows.append(row)
     elapsed = time.perf_counter() - t0
@@ -77,6 +83,9 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
         v = torch.stack(losses).mean()
         dist.all_reduce(v)
         val_losses[name] = v.item() / world
+        if name in loggers:
+            loggers[name].log(cfg.steps, {"val_loss": val_losses[name]})
+            loggers[name].close()
     if rank != 0:
         return None
     return {"rows": rows, "val": val_losses, "seconds": elapsed, "world": world}

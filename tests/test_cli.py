@@ -8,8 +8,8 @@ def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "excitation_dist.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_prints_the_side_by_side_table():
-    proc = _cli("demo", "--steps", "4", "--log-every", "2")
+def test_demo_prints_the_side_by_side_table_and_report_plots_its_logs(tmp_path):
+    proc = _cli("demo", "--steps", "4", "--log-every", "2", "--log-dir", str(tmp_path / "runs"))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "strategy=zerosum" in out and "loss base" in out and "phi max" in out
@@ -18,6 +18,24 @@ def test_demo_prints_the_side_by_side_table():
     phi_max = [float(r.split()[-1]) for r in rows]
     assert max(phi_max) > 1.0  # the excited run really scales updates
     assert "validation loss: baseline" in out
+
+    from excitation_dist.recipe.metrics_log import read_metrics
+
+    records = read_metrics(tmp_path / "runs" / "excited")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert len(records[0]["utilization_LE"]) == 2 and len(records[0]["utilization_LE"][0]) == 8
+    assert "val_loss" in records[-1] and "excitation/layer_01/overload_factor" in records[0]
+    assert list((tmp_path / "runs" / "excited").glob("events.out.tfevents.*"))
+
+    proc = _cli("report", str(tmp_path / "runs" / "baseline"), str(tmp_path / "runs" / "excited"),
+                "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert names == ["loss.png", "multipliers.png", "utilization_baseline.png", "utilization_excited.png"]
+    for png in (tmp_path / "report").iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    proc = _cli("report", str(tmp_path / "nowhere"))
+    assert proc.returncode != 0 and "metrics.jsonl not found" in proc.stderr
 
 
 def test_demo_rejects_bad_arguments_with_a_clear_message():
