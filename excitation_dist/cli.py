@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("excitation_dist.cli_demo", "train the tiny MoE on CPU in 2 processes: baseline vs Excitation"),
+    "train": ("excitation_dist.cli_train", "train an MoE with Excitation from a YAML run config (deepspeed or megatron)"),
     "report": ("excitation_dist.cli_report", "draw PNG plots of loss, expert utilization and multipliers from run directories"),
     "prepare-data": ("excitation_dist.cli_prepare_data", "train a sentencepiece tokenizer and write a Megatron indexed dataset"),
 }
