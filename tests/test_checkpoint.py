@@ -1,0 +1,65 @@
+"""Atomic checkpoints: a save killed mid-way never loads as valid."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from excitation_dist.recipe.checkpoint import CheckpointManager
+
+
+def _save(mgr, step, payload):
+    staging = mgr.prepare(step)
+    (staging / "model.pt").write_text(payload)
+    return mgr.publish(step, {"note": payload})
+
+
+def test_publish_latest_and_prune(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    assert mgr.latest() is None
+    for step in (10, 20, 30):
+        _save(mgr, step, f"weights-{step}")
+    assert mgr.latest().name == "step_00000030"
+    assert [p.name for p in mgr.complete_checkpoints()] == ["step_00000020", "step_00000030"]
+    assert mgr.step_of(mgr.latest()) == 30
+    assert (mgr.latest() / "model.pt").read_text() == "weights-30"
+
+
+def test_kill_during_save_leaves_previous_checkpoint_latest(tmp_path):
+    root = tmp_path / "ckpt"
+    mgr = CheckpointManager(root)
+    _save(mgr, 10, "good")
+    # a real process killed with SIGKILL while it writes step 20
+    code = (
+        "import sys, time\n"
+        "from excitation_dist.recipe.checkpoint import CheckpointManager\n"
+        f"mgr = CheckpointManager({str(root)!r})\n"
+        "staging = mgr.prepare(20)\n"
+        "(staging / 'model.pt').write_text('half')\n"
+        "print('writing', flush=True)\n"
+        "time.sleep(60)\n"
+        "mgr.publish(20)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert mgr.latest().name == "step_00000010"
+    assert (mgr.latest() / "model.pt").read_text() == "good"
+    assert [p.name for p in mgr.complete_checkpoints()] == ["step_00000010"]
+    # the next save cleans the leftover staging directory
+    _save(mgr, 30, "next")
+    assert not list(root.glob(".staging-*")) and mgr.latest().name == "step_00000030"
+
+
+def test_latest_pointer_to_incomplete_dir_is_ignored(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 1, "a")
+    (tmp_path / "step_00000002").mkdir()  # no COMPLETE marker
+    (tmp_path / "latest").write_text("step_00000002\n")
+    assert mgr.latest().name == "step_00000001"
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        mgr.publish(5)
