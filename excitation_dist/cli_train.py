@@ -16,6 +16,7 @@ import sys
 BACKENDS = {
     "deepspeed": "excitation_dist.deepspeed.recipe",
     "megatron": "excitation_dist.megatron.recipe",
+    "torch": "excitation_dist.torch.recipe",
 }
 _PRINTABLE = ("gpus_per_node", "nodes", "world_size", "backend", "data_parallel", "gradient_accumulation_steps")
 
@@ -64,6 +65,19 @@ def run(args: argparse.Namespace) -> int:
         print(_layout(cfg))
         return 0
 
+    try:
+        backend = importlib.import_module(BACKENDS[cfg.backend])
+    except ImportError as exc:
+        raise SystemExit(
+            f"excitation-dist train: backend '{cfg.backend}' cannot be imported ({exc}); "
+            f"install it with: pip install -e '.[{cfg.backend}]'"
+        ) from None
+    try:
+        if hasattr(backend, "validate"):
+            backend.validate(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"excitation-dist train: {args.config}: {exc}") from None
+
     if not _launched():
         if cfg.parallel.nodes > 1:
             raise SystemExit(
@@ -83,13 +97,6 @@ def run(args: argparse.Namespace) -> int:
             f"excitation-dist train: the launcher started {world} processes but the config asks for "
             f"parallel.nodes x parallel.gpus_per_node = {cfg.parallel.world_size}; make them agree"
         )
-    try:
-        backend = importlib.import_module(BACKENDS[cfg.backend])
-    except ImportError as exc:
-        raise SystemExit(
-            f"excitation-dist train: backend '{cfg.backend}' cannot be imported ({exc}); "
-            f"install it with: pip install -e '.[{cfg.backend}]'"
-        ) from None
     if int(os.environ["RANK"]) == 0:
         print(_layout(cfg), flush=True)
     return int(backend.train(cfg) or 0)

@@ -168,7 +168,7 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    backend: Literal["deepspeed", "megatron"] = "deepspeed"
+    backend: Literal["deepspeed", "megatron", "torch"] = "deepspeed"
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1234
@@ -203,8 +203,10 @@ class RunConfig:
                      "expert_parallel x expert_tensor_parallel must divide data x context x tensor parallel")
         else:
             _require(p.tensor_parallel == 1 and p.pipeline_parallel == 1 and p.context_parallel == 1,
-                     "parallel", "the deepspeed backend supports data and expert parallelism only; use backend: megatron "
-                     "for tensor/pipeline/context parallelism")
+                     "parallel", f"the {self.backend} backend supports data and expert parallelism only; use backend: "
+                     "megatron for tensor/pipeline/context parallelism")
+            _require(self.backend != "torch" or p.expert_parallel == 1, "parallel.expert_parallel",
+                     "the torch backend replicates experts (DDP): set 1, or use backend: deepspeed or megatron")
             _require(p.expert_tensor_parallel == 1, "parallel.expert_tensor_parallel", "must be 1 with the deepspeed backend")
             _require(dp % p.expert_parallel == 0, "parallel.expert_parallel", f"must divide the data-parallel size {dp}")
         _require(m.num_attention_heads % p.tensor_parallel == 0, "parallel.tensor_parallel",

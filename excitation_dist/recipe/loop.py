@@ -1,0 +1,137 @@
+"""The recipe's training loop, shared by the backends that drive their own
+optimizer step (plain PyTorch DDP, DeepSpeed).
+
+A backend implements :class:`TrainBackend`: it builds the model, optimizer and
+Excitation controller, runs one micro-batch forward+backward, the optimizer
+step, evaluation, and saves/loads its state into a directory. The loop owns
+everything else: batches, learning-rate schedule, gradient accumulation,
+progress, metrics, atomic checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from excitation_dist.core import Excitation
+from excitation_dist.recipe.checkpoint import CheckpointManager
+from excitation_dist.recipe.config import RunConfig
+from excitation_dist.recipe.data import TokenSource, batch
+from excitation_dist.recipe.metrics_log import MetricsLogger, excitation_record
+
+
+class TrainBackend(Protocol):
+    excitation: Excitation
+    data_parallel_rank: int
+
+    def forward_backward(self, tokens: torch.Tensor, last_micro_batch: bool, scale: float) -> torch.Tensor:
+        """Loss of one micro-batch (detached LM loss); gradients accumulate."""
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        """Clip, step, zero gradients. Returns at least ``grad_norm`` and ``applied`` (0/1)."""
+
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """LM loss of a validation batch (no counts, no gradients)."""
+
+    def save(self, directory: str, step: int) -> None:
+        """Write this rank's share of the state (model, optimizer, Excitation)."""
+
+    def load(self, directory: str) -> None:
+        """Restore the state written by :meth:`save`."""
+
+
+def learning_rate(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up to ``optimizer.lr``, then cosine/linear decay to ``min_lr`` (step is 1-based)."""
+    o, s = cfg.optimizer, cfg.schedule
+    if s.warmup_steps and step <= s.warmup_steps:
+        return o.lr * step / s.warmup_steps
+    if s.decay == "constant":
+        return o.lr
+    progress = (step - s.warmup_steps) / max(1, s.train_steps - s.warmup_steps)
+    factor = 0.5 * (1 + math.cos(math.pi * progress)) if s.decay == "cosine" else 1 - progress
+    return o.min_lr + (o.lr - o.min_lr) * factor
+
+
+def _mean_over_ranks(value: torch.Tensor, device: torch.device) -> float:
+    value = value.detach().to(device, torch.float32).clone()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) -> dict[str, float]:
+    """Train ``backend`` as ``cfg`` says; returns the final metrics (rank 0 logs)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    s = cfg.schedule
+    accumulation = cfg.gradient_accumulation_steps
+    source = TokenSource.from_config(cfg.data, cfg.model.vocab_size, cfg.model.seq_length)
+
+    manager = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last) if cfg.checkpoint.dir else None
+    start = 0
+    if manager and cfg.checkpoint.resume:
+        latest = manager.latest()
+        if latest is not None:
+            backend.load(str(latest))
+            start = manager.step_of(latest)
+            if rank == 0:
+                print(f"resumed from {latest} (step {start})", flush=True)
+
+    logger = MetricsLogger(cfg.logging.dir, rank)
+    tokens_per_step = s.global_batch_size * cfg.model.seq_length
+    t_start, last = time.perf_counter(), {}
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start + 1, s.train_steps + 1):
+        lr = learning_rate(cfg, step)
+        losses = []
+        for micro in range(accumulation):
+            tokens = batch(source.train, s.micro_batch_size, cfg.model.seq_length, seed=cfg.seed, step=step,
+                           micro=micro, rank=backend.data_parallel_rank)
+            losses.append(backend.forward_backward(tokens.to(device), micro == accumulation - 1, 1.0 / accumulation))
+        stats = backend.optimizer_step(lr)
+        window_steps += 1
+        loss = _mean_over_ranks(torch.stack(losses).mean(), device)
+        last = {"loss": loss, "lr": lr, **stats}
+
+        if step % cfg.logging.interval == 0 or step == s.train_steps or step == start + 1:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+            window_start, window_steps = time.perf_counter(), 0
+            eta = (time.perf_counter() - t_start) / (step - start) * (s.train_steps - step)
+            last["tokens_per_s"] = tokens_per_s
+            logger.log(step, {**last, **excitation_record(backend.excitation)})
+            if rank == 0:
+                print(f"step {step:>6}/{s.train_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
+                      f"{stats.get('grad_norm', float('nan')):.3f} | {tokens_per_s:,.0f} tokens/s | ETA {eta:,.0f} s | "
+                      f"phi {backend.excitation.last_multipliers_LE.min():.2f}..{backend.excitation.last_multipliers_LE.max():.2f}",
+                      flush=True)
+
+        if s.eval_interval and (step % s.eval_interval == 0 or step == s.train_steps):
+            val = torch.stack([
+                backend.eval_loss(batch(source.validation, s.micro_batch_size, cfg.model.seq_length, seed=cfg.seed,
+                                        step=i, micro=0, rank=backend.data_parallel_rank, split=1).to(device))
+                for i in range(s.eval_steps)
+            ]).mean()
+            last["val_loss"] = _mean_over_ranks(val, device)
+            logger.log(step, {"val_loss": last["val_loss"]})
+            if rank == 0:
+                print(f"step {step:>6} | validation loss {last['val_loss']:.4f}", flush=True)
+
+        if manager and (step % cfg.checkpoint.interval == 0 or step == s.train_steps):
+            if rank == 0:
+                manager.prepare(step)
+            if dist.is_initialized():
+                dist.barrier()
+            backend.save(str(manager.staging_dir(step)), step)
+            if dist.is_initialized():
+                dist.barrier()
+            if rank == 0:
+                path = manager.publish(step, {"world_size": int(os.environ.get("WORLD_SIZE", 1))})
+                print(f"saved {path}", flush=True)
+    logger.close()
+    return last

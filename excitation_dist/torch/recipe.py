@@ -1,0 +1,119 @@
+"""``backend: torch`` for ``excitation-dist train``: the reference tiny MoE
+transformer under DDP (experts replicated), any process count, CPU or CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from excitation_dist.config import ConfigError
+from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, lm_loss
+from excitation_dist.recipe.config import RunConfig
+from excitation_dist.recipe.loop import run_training
+from excitation_dist.torch.backend import attach
+
+STATE_FILE = "state.pt"
+
+
+def model_config(cfg: RunConfig) -> TinyMoEConfig:
+    """The reference transformer for ``cfg.model``; refuses what it cannot build."""
+    m = cfg.model
+    unsupported = {
+        "model.attention": m.attention != "standard",
+        "model.num_query_groups": m.num_query_groups not in (None, m.num_attention_heads),
+        "model.head_dim": m.head_dim not in (None, m.hidden_size // m.num_attention_heads),
+        "model.position_embedding": m.position_embedding != "learned",
+        "model.normalization": m.normalization != "layernorm",
+        "model.qk_layernorm": m.qk_layernorm,
+        "model.moe.shared_expert_ffn_hidden_size": m.moe.shared_expert_ffn_hidden_size is not None,
+        "model.moe.first_dense_layers": m.moe.first_dense_layers != 0,
+        "model.moe.z_loss_coef": m.moe.z_loss_coef != 0,
+    }
+    bad = [key for key, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise ConfigError(
+            f"{', '.join(bad)}: not supported by backend torch (the reference tiny transformer: standard MHA, "
+            "learned positions, LayerNorm, routed experts only); use backend: megatron or deepspeed"
+        )
+    return TinyMoEConfig(
+        vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,
+        n_heads=m.num_attention_heads, d_ff=m.moe.ffn_hidden_size, num_experts=m.moe.num_experts,
+        top_k=m.moe.top_k, capacity_factor=m.moe.capacity_factor, aux_loss_coef=m.moe.aux_loss_coef,
+    )
+
+
+def validate(cfg: RunConfig) -> None:
+    model_config(cfg)
+    if cfg.precision != "fp32":
+        raise ConfigError("precision: backend torch trains in fp32; use deepspeed or megatron for bf16/fp16")
+
+
+def _optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.beta1, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+
+class TorchDDPBackend:
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = TinyMoETransformer(model_config(cfg)).to(device)
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model) if distributed else self.model
+        self.optimizer = _optimizer(cfg, self.wrapped.parameters())
+        self.excitation = attach(self.wrapped, self.optimizer, cfg.excitation)
+        self.data_parallel_rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def forward_backward(self, tokens: torch.Tensor, last_micro_batch: bool, scale: float) -> torch.Tensor:
+        sync = last_micro_batch or not isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+            loss, lm = lm_loss(self.wrapped, self.model.cfg.aux_loss_coef, tokens)
+            (loss * scale).backward()
+        return lm.detach()
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        clip = self.cfg.optimizer.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm), "applied": 1.0}
+
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            _, lm = self.model.loss(tokens)
+        self.model.train()
+        return lm
+
+    def save(self, directory: str, step: int) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:  # replicas are identical under DDP
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "excitation": self.excitation.state_dict(), "step": step}, Path(directory) / STATE_FILE)
+
+    def load(self, directory: str) -> None:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.excitation.load_state_dict(state["excitation"])
+
+
+def train(cfg: RunConfig) -> int:
+    validate(cfg)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cfg.device == "cuda" else torch.device("cpu")
+    if cfg.device == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    try:
+        run_training(cfg, TorchDDPBackend(cfg, device), device)
+    finally:
+        dist.destroy_process_group()
+    return 0
