@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean system-deps
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Debian packages for the launch tests (a local SLURM, network namespaces); root only.
+system-deps:
+	command -v sbatch >/dev/null && command -v munged >/dev/null && command -v ip >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge iproute2 >/dev/null; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
