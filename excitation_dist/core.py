@@ -13,7 +13,8 @@ One object per model (per pipeline stage). Per optimizer step it
    ``new = old + phi * (stepped - old)`` on exactly those slices.
 
 "Where are counts reduced" is :meth:`reduce_counts_async`; "where is the update
-scaled" is :meth:`_blend`. Every backend uses these two.
+scaled" is :meth:`_blend` (vectorized in :mod:`excitation_dist.blend`). Every
+backend uses these two.
 
 Backends translate their framework into :class:`ExpertSegment` s: slices of the
 tensors the base optimizer actually steps (a full parameter, one expert of a
@@ -30,6 +31,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from excitation_dist.blend import Snapshot, blend, build_blocks, snapshot
 from excitation_dist.config import ExcitationConfig, as_config
 from excitation_dist.metrics import flat_metrics
 from excitation_dist.strategies import multipliers, shape_multipliers, utilization
@@ -100,7 +102,8 @@ class Excitation:
         self._phase = _Phase.COUNTING
         self._pending: dist.Work | None = None
         self._segments: list[ExpertSegment] = []
-        self._snapshots: list[tuple[torch.Tensor, float, torch.Tensor]] = []
+        self._blocks = []
+        self._snapshots: list[Snapshot] = []
         self._hook_handles: list[Any] = []
         self._uncounted_recomputes = 0
 
@@ -108,7 +111,6 @@ class Excitation:
         self.utilization_ema_LE: torch.Tensor | None = None
         self.last_counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
         self.last_multipliers_LE = torch.ones(num_layers, num_experts, dtype=torch.float64)
-        self._phi_rows: list[list[float]] = self.last_multipliers_LE.tolist()
         self.last_snapshot_bytes = 0
         self.peak_snapshot_bytes = 0
         self.count_collectives_issued = 0
@@ -187,7 +189,6 @@ class Excitation:
             )
         self.last_counts_LE = counts.clone()
         self.last_multipliers_LE = self.compute_multipliers(counts)
-        self._phi_rows = self.last_multipliers_LE.tolist()
         self.step += 1
         self._phase = _Phase.READY
 
@@ -232,6 +233,7 @@ class Excitation:
                 raise ValueError(f"segment [{s.start}, {s.end}) outside a tensor of {s.tensor.numel()} elements")
             if not s.tensor.is_contiguous():
                 raise ValueError("expert segments must live in contiguous tensors (the optimizer's flat view)")
+        self._blocks = build_blocks(segments)
         self._segments = segments
 
     @property
@@ -272,22 +274,19 @@ class Excitation:
         if not self.config.active:
             return
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        nbytes = 0
-        for seg in self._segments:
-            phi = self._phi_rows[seg.layer][seg.expert]
-            if phi == 1.0 or id(seg.tensor) not in stepped:
-                continue
-            view = seg.tensor.detach().view(-1)[seg.start : seg.end]
-            old = view.clone()
-            nbytes += old.numel() * old.element_size()
-            self._snapshots.append((view, phi, old))
+        for block in self._blocks:
+            if id(block.tensor) in stepped:
+                snap = snapshot(block, self.last_multipliers_LE)
+                if snap is not None:
+                    self._snapshots.append(snap)
+        nbytes = sum(snap.nbytes for snap in self._snapshots)
         self.last_snapshot_bytes = nbytes
         self.peak_snapshot_bytes = max(self.peak_snapshot_bytes, nbytes)
 
     def _blend(self) -> None:
         """Post-step: new = old + phi * (stepped - old) on every snapshotted slice."""
-        for view, phi, old in self._snapshots:
-            view.copy_(old.lerp_(view, phi))
+        for snap in self._snapshots:
+            blend(snap)
         self._snapshots.clear()
 
     # ------------------------------------------------------------ reporting

@@ -1,0 +1,104 @@
+"""Update blending on expert slices, vectorized: new = old + phi * (stepped - old).
+
+Segments of one tensor that are back to back and equally long (the experts of
+a stacked weight, the rows of a linear layer, the whole experts inside a ZeRO
+partition) form one :class:`SegmentBlock`, viewed as ``[n, length]``. Per step
+a block costs a handful of tensor operations however many experts it holds,
+and only the rows whose multiplier differs from 1 are copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import torch
+
+
+class _Segment(Protocol):
+    tensor: torch.Tensor
+    start: int
+    end: int
+    layer: int
+    expert: int
+
+
+@dataclass
+class SegmentBlock:
+    """``n`` consecutive segments of ``length`` elements from ``start`` in
+    ``tensor.view(-1)``; row i belongs to (layer_N[i], expert_N[i])."""
+
+    tensor: torch.Tensor
+    start: int
+    length: int
+    layer_N: torch.Tensor  # int64, CPU
+    expert_N: torch.Tensor  # int64, CPU
+
+    @property
+    def n(self) -> int:
+        return self.layer_N.numel()
+
+    def rows(self) -> torch.Tensor:
+        """The block as a ``[n, length]`` view of the tensor's storage."""
+        return self.tensor.detach().view(-1)[self.start : self.start + self.n * self.length].view(self.n, self.length)
+
+
+def build_blocks(segments: Iterable[_Segment]) -> list[SegmentBlock]:
+    """Group segments into blocks (segments of one tensor must not overlap)."""
+    by_tensor: dict[int, list[_Segment]] = {}
+    for s in segments:
+        by_tensor.setdefault(id(s.tensor), []).append(s)
+    blocks = []
+    for group in by_tensor.values():
+        group.sort(key=lambda s: s.start)
+        for prev, cur in zip(group, group[1:]):
+            if cur.start < prev.end:
+                raise ValueError(f"expert segments overlap: [{prev.start}, {prev.end}) and [{cur.start}, {cur.end})")
+        run: list[_Segment] = []
+        for s in group + [None]:  # type: ignore[list-item]
+            if run and (s is None or s.start != run[-1].end or s.end - s.start != run[0].end - run[0].start):
+                blocks.append(SegmentBlock(run[0].tensor, run[0].start, run[0].end - run[0].start,
+                                           torch.tensor([r.layer for r in run]), torch.tensor([r.expert for r in run])))
+                run = []
+            if s is not None:
+                run.append(s)
+    return blocks
+
+
+@dataclass
+class Snapshot:
+    """A block's pre-step values of the rows to blend (``rows_S`` None: all rows)."""
+
+    block: SegmentBlock
+    rows_S: torch.Tensor | None
+    phi_S1: torch.Tensor
+    old_SL: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.old_SL.numel() * self.old_SL.element_size()
+
+
+def snapshot(block: SegmentBlock, phi_LE: torch.Tensor) -> Snapshot | None:
+    """Copy the block's rows whose multiplier is not 1 (None if there are none)."""
+    phi_N = phi_LE[block.layer_N, block.expert_N]
+    keep = phi_N != 1.0
+    if not bool(keep.any()):
+        return None
+    view = block.rows()
+    if bool(keep.all()):
+        rows, old = None, view.clone()
+    else:
+        rows = keep.nonzero().squeeze(1).to(view.device)
+        old = view.index_select(0, rows)
+        phi_N = phi_N[keep]
+    return Snapshot(block, rows, phi_N.to(view.device, view.dtype).unsqueeze(1), old)
+
+
+def blend(snap: Snapshot) -> None:
+    """After the optimizer step: rows <- old + phi * (stepped - old)."""
+    view = snap.block.rows()
+    if snap.rows_S is None:
+        view.copy_(snap.old_SL.lerp_(view, snap.phi_S1))
+    else:
+        view.index_copy_(0, snap.rows_S, snap.old_SL.lerp_(view.index_select(0, snap.rows_S), snap.phi_S1))
