@@ -67,11 +67,12 @@ def build_blocks(segments: Iterable[_Segment]) -> list[SegmentBlock]:
 
 @dataclass
 class Snapshot:
-    """A block's pre-step values of the rows to blend (``rows_S`` None: all rows)."""
+    """A block's pre-step values of the rows to blend (``rows_S`` None: all rows)
+    and ``1 - phi`` per row."""
 
     block: SegmentBlock
     rows_S: torch.Tensor | None
-    phi_S1: torch.Tensor
+    one_minus_phi_S1: torch.Tensor
     old_SL: torch.Tensor
 
     @property
@@ -92,13 +93,15 @@ def snapshot(block: SegmentBlock, phi_LE: torch.Tensor) -> Snapshot | None:
         rows = keep.nonzero().squeeze(1).to(view.device)
         old = view.index_select(0, rows)
         phi_N = phi_N[keep]
-    return Snapshot(block, rows, phi_N.to(view.device, view.dtype).unsqueeze(1), old)
+    return Snapshot(block, rows, (1.0 - phi_N).to(view.device, view.dtype).unsqueeze(1), old)
 
 
 def blend(snap: Snapshot) -> None:
-    """After the optimizer step: rows <- old + phi * (stepped - old)."""
+    """After the optimizer step: rows <- old + phi * (stepped - old), computed in
+    place as stepped + (1 - phi) * (old - stepped) (one pass; phi = 0 gives old exactly)."""
     view = snap.block.rows()
     if snap.rows_S is None:
-        view.copy_(snap.old_SL.lerp_(view, snap.phi_S1))
+        view.lerp_(snap.old_SL, snap.one_minus_phi_S1)
     else:
-        view.index_copy_(0, snap.rows_S, snap.old_SL.lerp_(view.index_select(0, snap.rows_S), snap.phi_S1))
+        stepped = view.index_select(0, snap.rows_S)
+        view.index_copy_(0, snap.rows_S, stepped.lerp_(snap.old_SL, snap.one_minus_phi_S1))
