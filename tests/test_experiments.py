@@ -25,8 +25,8 @@ def test_topk_layer_counts_every_unit_as_an_expert():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ex = attach(model, opt, {"strategy": "zerosum"})
     x = torch.randn(10, 8)
+    first = model.hidden[0].linear(x).topk(4, dim=-1).indices  # before the step changes the weights
     model(x).sum().backward()
     opt.step()
     assert ex.last_counts_LE.shape == (2, 16) and ex.last_counts_LE.sum(-1).tolist() == [40, 40]
-    first = model.hidden[0].linear(x).topk(4, dim=-1).indices
     assert torch.equal(ex.last_counts_LE[0], torch.bincount(first.reshape(-1), minlength=16))
