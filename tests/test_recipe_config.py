@@ -23,7 +23,7 @@ def test_every_config_validates(path):
     cfg = load_run_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.gradient_accumulation_steps >= 1
-    if path.name != "tiny_cpu.yaml":
+    if not path.name.startswith("tiny_cpu"):  # the CPU defaults have no published counterpart
         assert cfg.model.source and cfg.device == "cuda" and cfg.parallel.world_size in (8, 64)
 
 

@@ -1,0 +1,297 @@
+"""DeepSpeed backend over gloo, 2 and 4 CPU processes.
+
+For each configuration of the matrix below, an engine with Excitation (A) and a
+reference engine without it (B), in which every expert has its own parameter
+group with learning rate phi * lr, train on the same data. Per optimizer step:
+
+- A's global counts equal the tokens the experts really processed, counted
+  independently at the experts' inputs after dispatch and summed over ranks
+  (``counts="processed"``), or DeepSpeed's own ``exp_counts`` summed over
+  micro-batches and ranks (``counts="routed"``);
+- A's multipliers are the paper's ZeroSum of those counts;
+- exactly one collective on the ``[L, E]`` count buffer (profiler-measured);
+- every parameter of A equals B's (the per-expert learning-rate equivalence),
+  including ZeRO partitions that cut an expert parameter mid-tensor;
+- the expert that no token reaches (phi = 0) stays bit-exactly unchanged,
+  although AdamW's weight decay would move it;
+- expert-data-parallel replicas (and dense replicas) are bit-identical;
+- a step DeepSpeed skips on overflow changes nothing and its counts are dropped
+  (bf16 with check_grad_overflow: this CPU has no fp16 support, DeepSpeed refuses fp16 here).
+
+Matrix (each row one reason):
+  world 2: z2-fp32-ep1-top2-ga2  ZeRO-2 flat partitions split experts; accumulation; checkpoint round trip
+           z1-bf16-ep1-top1      BF16_Optimizer; config optimizer (torch_adam); routed counts
+           z0-fp32-ep2-top3      no ZeRO (params stepped directly); top-k gate; expert parallel
+           z2-fp32-ep1-offload   ZeRO-Offload (fp32 partitions on the CPU optimizer path)
+           z2-bf16-ep1-overflow  ZeRO-2 bf16 with DeepSpeed's overflow check, one forced overflow (skip_step)
+           z0-bf16-ep2-top2      bf16 without ZeRO (FP16_UnfusedOptimizer's fp32 master copies)
+  world 4: z2-fp32-ep2-top2-ga2  EP 2 x EDP 2: expert partitions split across EDP ranks
+           z1-bf16-ep4-top1      BF16_Optimizer with EP 4
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+from excitation_dist.testing import run_distributed  # noqa: E402
+
+from tests.deepspeed_support import Case  # noqa: E402
+
+STEPS = 3
+ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
+
+WORLD2 = [
+    Case("z2-fp32-ep1-top2-ga2", zero=2, k=2, gas=2),
+    Case("z1-bf16-ep1-top1", zero=1, dtype="bf16", bf16_optimizer=True, k=1, config_optimizer=True, counts="routed"),
+    Case("z0-fp32-ep2-top3", zero=0, ep=2, k=3),
+    Case("z2-fp32-ep1-offload", zero=2, k=2, offload=True),
+    Case("z2-bf16-ep1-top2-overflow", zero=2, dtype="bf16", k=2, overflow_step=1),
+    Case("z0-bf16-ep2-top2", zero=0, dtype="bf16", ep=2, k=2),
+]
+WORLD4 = [
+    Case("z2-fp32-ep2-top2-ga2", zero=2, ep=2, k=2, gas=2),
+    Case("z1-bf16-ep4-top1", zero=1, dtype="bf16", bf16_optimizer=True, ep=4, k=1),
+]
+
+
+def _expected_wrapper(case: Case) -> str:
+    if case.bf16_optimizer:
+        return "BF16_Optimizer"
+    if case.zero:
+        return "DeepSpeedZeroOptimizer"
+    return "AdamW" if case.dtype == "fp32" else "FP16_UnfusedOptimizer"
+
+
+def _tolerance(case: Case) -> dict:
+    # fp32: blending vs. a scaled learning rate differ only by fp32 rounding.
+    # bf16/fp16: the model params are low precision; an ulp of 1 in bf16 is 2**-8 relative.
+    return {"rtol": 1e-5, "atol": 1e-6} if case.dtype == "fp32" else {"rtol": 1e-2, "atol": 1e-3}
+
+
+def _all_equal_across(tensor, group) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, tensor.contiguous(), group=group)
+    return all(torch.equal(gathered[0], t) for t in gathered)
+
+
+def _check_replicas(engine, case: Case) -> None:
+    import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    edp = groups._get_expert_data_parallel_group(f"ep_size_{case.ep}")
+    for name, p in engine.module.named_parameters():
+        group = edp if is_moe_param(p) else dist.group.WORLD
+        assert _all_equal_across(p.detach(), group), f"{case.name}: replicas of {name} differ"
+
+
+def _splits_an_expert_mid_tensor(engine) -> bool:
+    import torch
+    import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
+
+    split = 0
+    for p in engine.module.parameters():
+        frag = getattr(p, "_hp_mapping", None)
+        if is_moe_param(p) and frag is not None and frag.lp_fragment_address.numel < p.numel():
+            split = 1
+    flag = torch.tensor([split])
+    dist.all_reduce(flag)
+    return int(flag) > 0
+
+
+def _train_step(engine, case: Case, step: int, before_last_backward=None):
+    import torch
+
+    from tests.deepspeed_support import FF_PER_LAYER, NUM_EXPERTS, tokens
+
+    routed = torch.zeros(len(FF_PER_LAYER), NUM_EXPERTS, dtype=torch.int64)
+    for m in range(case.gas):
+        loss = engine(tokens(step, m))
+        if step == case.overflow_step:
+            loss = loss.float() * 1e30  # inf gradients: DeepSpeed's overflow check skips this step
+        routed += torch.stack(engine.module.routed_counts)
+        if m == case.gas - 1 and before_last_backward is not None:
+            before_last_backward(routed)
+        engine.backward(loss)
+        engine.step()
+    return routed
+
+
+def _run_case(case: Case, checkpoint_dir: str | None) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    import excitation_dist.deepspeed as exds
+    from excitation_dist.testing import count_collectives
+    from tests import deepspeed_support as dc
+
+    a = dc.build_engine(case, per_expert_lr=False)
+    excitation = exds.attach(a, {"strategy": "zerosum", "counts": case.counts})
+    b = dc.build_engine(case, per_expert_lr=True)
+    assert type(a.optimizer).__name__ == _expected_wrapper(case), (case.name, type(a.optimizer))
+    count_a, count_b = dc.ExpertInputCounter(a.module, case), dc.ExpertInputCounter(b.module, case)
+    edp_size = dist.get_world_size() // case.ep
+    if case.zero in (1, 2) and edp_size > 1:
+        assert _splits_an_expert_mid_tensor(a), f"{case.name}: no ZeRO partition boundary inside an expert"
+    assert excitation.owned_expert_numel() > 0
+
+    nl = dc.NUM_EXPERTS // case.ep
+    dead = None
+    if dc.ep_rank(case) == dc.DEAD_EXPERT // nl:
+        dead = list(a.module.moes[0].deepspeed_moe.experts.deepspeed_experts[dc.DEAD_EXPERT % nl].parameters())
+
+    def reference_lrs(routed):
+        counts = count_b.global_counts() if case.counts == "processed" else routed.clone()
+        if case.counts == "routed":
+            dist.all_reduce(counts)
+        dc.set_expert_lrs(b, case, dc.zerosum_gamma1(counts))
+
+    ratios = []
+    for step in range(STEPS):
+        before = dc.flat_params(a)
+        dead_before = [p.detach().clone() for p in dead] if dead else []
+        steps_before = excitation.step
+        with count_collectives() as log:
+            routed = _train_step(a, case, step)
+        assert log.count("all_reduce", (len(dc.FF_PER_LAYER), dc.NUM_EXPERTS)) == 1, (case.name, log.calls)
+        processed = count_a.global_counts()
+        dist.all_reduce(routed)
+        _train_step(b, case, step, before_last_backward=reference_lrs)
+
+        if step == case.overflow_step:
+            assert not a.was_step_applied() and excitation.step == steps_before, case.name
+            after = dc.flat_params(a)
+            assert all(torch.equal(before[n], after[n]) for n in before), f"{case.name}: a skipped step changed params"
+            continue
+        assert a.was_step_applied()
+        expected = processed if case.counts == "processed" else routed
+        assert torch.equal(excitation.last_counts_LE, expected), (case.name, step, excitation.last_counts_LE, expected)
+        assert int(expected[0, dc.DEAD_EXPERT]) == 0
+        phi = dc.zerosum_gamma1(expected)
+        torch.testing.assert_close(excitation.last_multipliers_LE, phi, rtol=1e-12, atol=1e-12)
+        assert float(phi[0, dc.DEAD_EXPERT]) == 0.0
+
+        params_a, params_b = dc.flat_params(a), dc.flat_params(b)
+        for name in params_a:
+            torch.testing.assert_close(params_a[name], params_b[name], **_tolerance(case),
+                                       msg=lambda m: f"{case.name} step {step} {name}: {m}")
+        moved = max(float((params_a[n] - before[n]).abs().max()) for n in params_a)
+        ratios.append(moved)
+        for p, old in zip(dead or [], dead_before):
+            assert torch.equal(p.detach(), old), f"{case.name}: the phi = 0 expert changed"
+        _check_replicas(a, case)
+
+    result = {"case": case.name, "phi_step": excitation.step, "max_update": max(ratios)}
+    if checkpoint_dir is not None:
+        result["checkpoint"] = _checkpoint_round_trip(a, excitation, case, checkpoint_dir)
+    exds.detach(a)
+    return result
+
+
+def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str) -> str:
+    """Save A, load into a differently initialized engine, take one more step on
+    both: the restored Excitation state and rebuilt segment map give equal params."""
+    import torch
+
+    import excitation_dist.deepspeed as exds
+    from tests import deepspeed_support as dc
+
+    a.save_checkpoint(checkpoint_dir, tag="t", client_state={"user": 7})
+    c = dc.build_engine(case, per_expert_lr=False, seed=1)
+    restored = exds.attach(c, {"strategy": "zerosum", "counts": case.counts})
+    _, client_state = c.load_checkpoint(checkpoint_dir, tag="t")
+    assert client_state["user"] == 7 and exds.CLIENT_STATE_KEY not in client_state
+    assert restored.step == excitation.step
+    assert all(s.tensor is not t.tensor for s, t in zip(restored.segments, excitation.segments))  # c's own partitions
+    assert [(s.start, s.end, s.layer, s.expert) for s in restored.segments] == \
+        [(s.start, s.end, s.layer, s.expert) for s in excitation.segments]
+    _train_step(a, case, STEPS)
+    _train_step(c, case, STEPS)
+    assert torch.equal(excitation.last_multipliers_LE, restored.last_multipliers_LE)
+    pa, pc = dc.flat_params(a), dc.flat_params(c)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pc[name], rtol=0, atol=0, msg=lambda m: f"after load {name}: {m}")
+    exds.detach(c)
+    return "ok"
+
+
+def _world(cases, checkpoint_dir):
+    from tests.deepspeed_support import setup_deepspeed
+
+    setup_deepspeed()
+    return [_run_case(case, checkpoint_dir if i == 0 else None) for i, case in enumerate(cases)]
+
+
+def test_deepspeed_two_ranks(tmp_path):
+    results = run_distributed(_world, 2, WORLD2, str(tmp_path / "ckpt"), env=ENV, timeout=400)
+    for rank_results in results:
+        assert [r["case"] for r in rank_results] == [c.name for c in WORLD2]
+        assert all(r["max_update"] > 0 for r in rank_results)
+    assert results[0][0]["checkpoint"] == "ok"
+
+
+def test_deepspeed_four_ranks():
+    results = run_distributed(_world, 4, WORLD4, None, env=ENV, timeout=400)
+    assert all(len(r) == len(WORLD4) for r in results)
+
+
+def test_version_check_names_the_checked_range():
+    from excitation_dist.deepspeed.compat import check_version
+
+    check_version("0.19.8")
+    with pytest.raises(RuntimeError, match="0.19"):
+        check_version("0.20.0")
+
+
+def test_zero3_is_refused_with_advice():
+    import types
+
+    from excitation_dist.deepspeed.backend import _check_engine
+
+    fake = types.SimpleNamespace(zero_optimization_stage=lambda: 3)
+    with pytest.raises(NotImplementedError, match="stage 0, 1 or 2"):
+        _check_engine(fake)
+
+
+def _train_and_resume(checkpoint_dir: str) -> list[int]:
+    from excitation_dist.deepspeed import train
+
+    common = ["--ds-config", "configs/deepspeed/tiny_cpu.json", "--seq-len", "16", "--d-model", "32", "--d-ff", "48",
+              "--ep-size", "2", "--z-loss-coef", "0.001", "--checkpoint-dir", checkpoint_dir]
+    first = train.main(common + ["--steps", "2"])
+    second = train.main(common + ["--steps", "3", "--resume"])
+    return [first, second]
+
+
+def test_train_entry_point_saves_and_resumes(tmp_path):
+    """The training entry (GPT-MoE, ZeRO-2 from configs/deepspeed/tiny_cpu.json, EP 2) runs, saves and resumes."""
+    results = run_distributed(_train_and_resume, 2, str(tmp_path / "ckpt"), env=ENV, timeout=300)
+    assert results == [[0, 0], [0, 0]]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step3"
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gate_counts_sparse_and_dense_outputs_agree(k):
+    """Processed counts read from the gate's sparse routes (what MOELayer uses)
+    equal those read from its dense dispatch mask, never exceed capacity, and
+    exclude capacity-dropped assignments that the routed counts include."""
+    import torch
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    from excitation_dist.deepspeed.compat import gate_processed_counts, gate_routed_counts
+
+    torch.manual_seed(k)
+    gate = TopKGate(8, 4, k, capacity_factor=0.5, min_capacity=1, use_rts=False, top2_2nd_expert_sampling=False)
+    x = torch.randn(40, 8)
+    sparse, dense = gate(x, None, True), gate(x)
+    processed, routed = gate_processed_counts(sparse, 4), gate_routed_counts(sparse)
+    assert torch.equal(processed, gate_processed_counts(dense, 4))
+    assert torch.equal(routed, gate_routed_counts(dense)) and int(routed.sum()) == 40 * k
+    assert bool((processed <= routed).all()) and int(processed.sum()) < int(routed.sum())
+    assert int(processed.max()) <= int(sparse[1])  # capacity
