@@ -3,7 +3,7 @@
 #   make test   set up .venv and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= test
+EXTRAS ?= test,deepspeed
 # Optional: a PyTorch wheel index for machines where plain `pip install torch==2.13.0` would take a CUDA build.
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python

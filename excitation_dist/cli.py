@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="excitation-dist",
         description="Excitation (arXiv 2602.21798) for distributed MoE training.",
     )
+    # The deepspeed launcher passes --local_rank=N before the subcommand; ranks read LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

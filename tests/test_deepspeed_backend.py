@@ -259,21 +259,63 @@ def test_zero3_is_refused_with_advice():
         _check_engine(fake)
 
 
-def _train_and_resume(checkpoint_dir: str) -> list[int]:
-    from excitation_dist.deepspeed import train
+def test_deepspeed_launcher_runs_the_recipe_with_a_json_config(tmp_path):
+    """`deepspeed --num_gpus 2 --module excitation_dist.cli train` (the launcher passes
+    --local_rank): the tiny config with ZeRO-2 and the JSON's own optimizer section."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    common = ["--ds-config", "configs/deepspeed/tiny_cpu.json", "--seq-len", "16", "--d-model", "32", "--d-ff", "48",
-              "--ep-size", "2", "--z-loss-coef", "0.001", "--checkpoint-dir", checkpoint_dir]
-    first = train.main(common + ["--steps", "2"])
-    second = train.main(common + ["--steps", "3", "--resume"])
-    return [first, second]
+    root = Path(__file__).resolve().parents[1]
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", "29617", "--module", "excitation_dist.cli", "train",
+           str(root / "configs/tiny_cpu.yaml"), f"deepspeed_config={root / 'configs/deepspeed/tiny_cpu.json'}",
+           "parallel.zero_stage=2", "schedule.train_steps=3", "schedule.warmup_steps=1", "schedule.eval_interval=0",
+           "logging.interval=1", f"logging.dir={tmp_path / 'log'}", "model.seq_length=32"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step      3/3 | loss" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(r["excitation/multiplier_max"] > 1 for r in records if "loss" in r)
 
 
-def test_train_entry_point_saves_and_resumes(tmp_path):
-    """The training entry (GPT-MoE, ZeRO-2 from configs/deepspeed/tiny_cpu.json, EP 2) runs, saves and resumes."""
-    results = run_distributed(_train_and_resume, 2, str(tmp_path / "ckpt"), env=ENV, timeout=300)
-    assert results == [[0, 0], [0, 0]]
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step3"
+@pytest.mark.parametrize("content, message", [
+    ({"scheduler": {"type": "WarmupLR"}}, "has a 'scheduler'"),
+    ({"train_micro_batch_size_per_gpu": 4}, "sets train_micro_batch_size_per_gpu=4 but the run config gives 8"),
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2 but parallel.zero_stage is 1"),
+    ("{not json", "is not valid JSON"),
+])
+def test_deepspeed_json_conflicts_fail_before_launch(tmp_path, content, message):
+    import json
+    from pathlib import Path
+
+    from excitation_dist.config import ConfigError
+    from excitation_dist.deepspeed.recipe import validate
+    from excitation_dist.recipe.config import load_run_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs/tiny_cpu.yaml", [f"deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match="deepspeed_config") as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+def test_recipe_refuses_what_the_deepspeed_model_cannot_build():
+    from pathlib import Path
+
+    from excitation_dist.config import ConfigError
+    from excitation_dist.deepspeed.recipe import validate
+    from excitation_dist.recipe.config import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs/deepseek-v2-lite/megatron-8gpu.yaml",
+                          ["backend=deepspeed", "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
+                           "parallel.context_parallel=1", "parallel.expert_tensor_parallel=1"])
+    with pytest.raises(ConfigError, match="model.attention: multi-head latent attention"):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -27,6 +27,21 @@ def test_every_config_validates(path):
         assert cfg.model.source and cfg.device == "cuda" and cfg.parallel.world_size in (8, 64)
 
 
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_every_config_passes_its_backends_checks(path):
+    """What `excitation-dist train` checks before launching: the backend can build this model."""
+    import importlib
+
+    from excitation_dist.cli_train import BACKENDS
+
+    cfg = load_run_config(path)
+    try:
+        backend = importlib.import_module(BACKENDS[cfg.backend])
+    except ImportError as exc:
+        pytest.skip(f"backend {cfg.backend} not importable here: {exc}")
+    backend.validate(cfg)
+
+
 def test_published_numbers():
     olmoe = load_run_config(CONFIGS / "olmoe-1b-7b/megatron-8gpu.yaml").model
     assert (olmoe.num_layers, olmoe.hidden_size, olmoe.moe.num_experts, olmoe.moe.top_k) == (16, 2048, 64, 8)

@@ -39,6 +39,26 @@ def check_version(version: str | None = None) -> None:
     )
 
 
+def init_distributed() -> bool:
+    """``deepspeed.init_distributed`` for this machine: NCCL on GPUs; without one,
+    DeepSpeed's CPU accelerator over gloo, one thread per rank unless
+    OMP_NUM_THREADS says otherwise, and no shared-memory op build. Returns
+    True on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:
+        skip_cpu_shm_comm_build()
+        torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    return on_cpu
+
+
 def skip_cpu_shm_comm_build() -> None:
     """Stop DeepSpeed's CPU backend from compiling its shared-memory all-reduce op
     (100-160 s on first use; it only serves inference all-reduce). Call before

@@ -52,6 +52,7 @@ class ModelConfig:
     num_query_groups: int | None = None  # GQA key/value heads; None = MHA
     head_dim: int | None = None  # None = hidden_size / heads
     ffn_hidden_size: int = 256  # dense FFN layers (first_dense_layers)
+    activation: Literal["swiglu", "gelu"] = "swiglu"  # FFN and expert MLPs
     attention: Literal["standard", "mla"] = "standard"
     kv_lora_rank: int | None = None  # MLA only
     qk_rope_head_dim: int | None = None  # MLA only

@@ -28,6 +28,7 @@ def model_config(cfg: RunConfig) -> TinyMoEConfig:
         "model.head_dim": m.head_dim not in (None, m.hidden_size // m.num_attention_heads),
         "model.position_embedding": m.position_embedding != "learned",
         "model.normalization": m.normalization != "layernorm",
+        "model.activation": m.activation != "gelu",
         "model.qk_layernorm": m.qk_layernorm,
         "model.moe.shared_expert_ffn_hidden_size": m.moe.shared_expert_ffn_hidden_size is not None,
         "model.moe.first_dense_layers": m.moe.first_dense_layers != 0,
@@ -37,7 +38,7 @@ def model_config(cfg: RunConfig) -> TinyMoEConfig:
     if bad:
         raise ConfigError(
             f"{', '.join(bad)}: not supported by backend torch (the reference tiny transformer: standard MHA, "
-            "learned positions, LayerNorm, routed experts only); use backend: megatron or deepspeed"
+            "learned positions, LayerNorm, GELU, routed experts only); use backend: megatron or deepspeed"
         )
     return TinyMoEConfig(
         vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,

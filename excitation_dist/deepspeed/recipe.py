@@ -1,0 +1,205 @@
+"""``backend: deepspeed`` for ``excitation-dist train``.
+
+The run config becomes a DeepSpeed engine: the GPT-style MoE of :mod:`.model`
+built from ``model.*`` (expert parallel over ``parallel.expert_parallel``
+ranks), a DeepSpeed JSON config generated from ``schedule``, ``optimizer``,
+``precision`` and ``parallel.zero_stage`` (an optional ``deepspeed_config``
+JSON file is merged under it), and Excitation attached with
+:func:`excitation_dist.deepspeed.attach`. The recipe loop
+(:mod:`excitation_dist.recipe.loop`) owns batches, the learning-rate schedule,
+progress, metrics and atomic checkpoints; checkpoints go through
+``engine.save_checkpoint`` and carry the Excitation state.
+
+Launch with ``excitation-dist train CONFIG`` (one node: re-launches itself
+under torchrun), ``torchrun ... -m excitation_dist.cli train CONFIG``, or the
+DeepSpeed launcher: ``deepspeed [--hostfile H] --module excitation_dist.cli
+train CONFIG`` (see ``launch/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from excitation_dist.config import ConfigError
+from excitation_dist.recipe.config import RunConfig
+from excitation_dist.recipe.loop import run_training
+
+CHECKPOINT_TAG = "deepspeed"
+# The recipe owns these; a deepspeed_config JSON may repeat them only with the same value.
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping")
+
+
+def model_config(cfg: RunConfig):
+    """The :class:`GPTMoEConfig` for ``cfg.model``; refuses what it cannot build."""
+    from excitation_dist.deepspeed.model import GPTMoEConfig
+
+    m = cfg.model
+    if m.attention != "standard":
+        raise ConfigError("model.attention: multi-head latent attention (mla) is not built by backend deepspeed; "
+                          "use backend: megatron")
+    if m.moe.router_dtype != "fp32":
+        raise ConfigError("model.moe.router_dtype: DeepSpeed's TopKGate always routes in fp32; set fp32")
+    try:
+        return GPTMoEConfig(
+            vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,
+            n_heads=m.num_attention_heads, n_kv_heads=m.num_query_groups, head_dim=m.head_dim,
+            d_ff=m.moe.ffn_hidden_size, dense_d_ff=m.ffn_hidden_size, num_experts=m.moe.num_experts,
+            top_k=m.moe.top_k, ep_size=cfg.parallel.expert_parallel, capacity_factor=m.moe.capacity_factor,
+            aux_loss_coef=m.moe.aux_loss_coef, z_loss_coef=m.moe.z_loss_coef, position=m.position_embedding,
+            rope_theta=m.rope_theta, norm=m.normalization, qk_norm=m.qk_layernorm, activation=m.activation,
+            shared_expert_d_ff=m.moe.shared_expert_ffn_hidden_size, first_dense_layers=m.moe.first_dense_layers,
+            tie_embeddings=m.tie_embeddings,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``cfg`` (``cfg.deepspeed_config`` merged under it)."""
+    s, o = cfg.schedule, cfg.optimizer
+    generated: dict[str, Any] = {
+        "train_batch_size": s.global_batch_size,
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": o.clip_grad,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+    }
+    if not cfg.deepspeed_config:
+        return generated
+    path = Path(cfg.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"deepspeed_config: cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {exc}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed_config: {path} must hold a JSON object")
+    if "scheduler" in user:
+        raise ConfigError(f"deepspeed_config: {path} has a 'scheduler'; the recipe sets the learning rate every step "
+                          "from schedule.* and optimizer.lr/min_lr: remove it")
+    for key in _OWNED_KEYS:
+        if key in user and user[key] != generated[key]:
+            raise ConfigError(f"deepspeed_config: {path} sets {key}={user[key]!r} but the run config gives "
+                              f"{generated[key]!r} (from schedule.* / optimizer.clip_grad): remove it from the JSON")
+    stage = user.get("zero_optimization", {}).get("stage", cfg.parallel.zero_stage)
+    if stage != cfg.parallel.zero_stage:
+        raise ConfigError(f"deepspeed_config: {path} sets zero_optimization.stage={stage} but parallel.zero_stage is "
+                          f"{cfg.parallel.zero_stage}: set it in one place")
+    merged = dict(user)
+    for key, value in generated.items():
+        merged[key] = {**user[key], **value} if isinstance(value, dict) and isinstance(user.get(key), dict) else value
+    return merged
+
+
+def validate(cfg: RunConfig) -> None:
+    model_config(cfg)
+    deepspeed_config(cfg)
+
+
+def _client_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from excitation_dist.deepspeed.model import moe_param_groups
+
+    o = cfg.optimizer
+    groups = moe_param_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.beta1)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+class DeepSpeedBackend:
+    """:class:`excitation_dist.recipe.loop.TrainBackend` on a DeepSpeed engine."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import deepspeed
+
+        import excitation_dist.deepspeed as exds
+        from excitation_dist.deepspeed.compat import base_optimizer, check_version
+        from excitation_dist.deepspeed.model import GPTMoE
+
+        check_version()
+        torch.manual_seed(cfg.seed)
+        self.model = GPTMoE(model_config(cfg))
+        ds_config = deepspeed_config(cfg)
+        if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. FusedAdam on GPUs); lr still set every step
+            self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=list(self.model.parameters()),
+                                                   config=ds_config)
+        else:
+            self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=_client_optimizer(cfg, self.model),
+                                                   config=ds_config)
+        self.base_optimizer = base_optimizer(self.engine)
+        self.excitation = exds.attach(self.engine, cfg.excitation)
+        self.data_parallel_rank = dist.get_rank()  # every rank sees distinct tokens (no TP/PP/CP here)
+        self.device = self.engine.device
+
+    def forward_backward(self, tokens: torch.Tensor, last_micro_batch: bool, scale: float) -> torch.Tensor:
+        # DeepSpeed divides the loss by the accumulation steps itself; ``scale`` is not needed.
+        loss = self.engine(tokens)
+        self.engine.backward(loss)
+        if not last_micro_batch:
+            self.engine.step()  # bookkeeping only: not a gradient-accumulation boundary
+        return torch.tensor(self.model.last_losses["ce"])
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        for group in self.base_optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return {"grad_norm": float(norm) if norm is not None else float("nan"),
+                "applied": float(self.engine.was_step_applied())}
+
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            _, ce = self.model.lm_losses(tokens)
+        self.model.train()
+        return ce.detach()
+
+    def _rng_file(self, directory: str) -> Path:
+        return Path(directory) / f"rng_rank{dist.get_rank():05d}.pt"
+
+    def save(self, directory: str, step: int) -> None:
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step})
+        # DeepSpeed's gates draw random numbers (random token selection); keep each rank's generators.
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save(rng, self._rng_file(directory))
+
+    def load(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        if path is None:
+            raise RuntimeError(f"{directory} holds no DeepSpeed checkpoint '{CHECKPOINT_TAG}'")
+        rng_file = self._rng_file(directory)
+        if not rng_file.is_file():
+            raise RuntimeError(f"{rng_file} is missing: the checkpoint was written by a different number of ranks")
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def train(cfg: RunConfig) -> int:
+    validate(cfg)
+    from excitation_dist.deepspeed.compat import init_distributed
+
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_distributed()
+    try:
+        backend = DeepSpeedBackend(cfg)
+        run_training(cfg, backend, backend.device)
+    finally:
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,59 @@
+"""Load the megatron-core CPU shims kept in the repository's ``patches/megatron_cpu``.
+
+They are applied only when asked for: :func:`apply` (explicit), or
+:func:`apply_if_requested` when ``EXCITATION_MEGATRON_CPU=1`` is set. Both
+refuse a process that sees a CUDA device: on a GPU cluster megatron-core runs
+unpatched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ENV = "EXCITATION_MEGATRON_CPU"
+_PACKAGE = "_excitation_megatron_cpu_patches"
+_DIR = Path(__file__).resolve().parents[2] / "patches" / "megatron_cpu"
+
+
+def _load() -> ModuleType:
+    if _PACKAGE in sys.modules:
+        return sys.modules[_PACKAGE]
+    init = _DIR / "__init__.py"
+    if not init.is_file():
+        raise RuntimeError(
+            f"the megatron-core CPU patches are not next to this package ({_DIR} is missing); "
+            "install excitation_dist from a source checkout (pip install -e .) to train Megatron on CPU"
+        )
+    spec = importlib.util.spec_from_file_location(_PACKAGE, init, submodule_search_locations=[str(_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def apply() -> dict[str, str]:
+    """Patch megatron-core to run on CPU over gloo; returns {patch: megatron-core version}.
+
+    Call before building any megatron model (0.19.x: before importing megatron.core).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "refusing to apply the megatron-core CPU patches in a process that sees a GPU; "
+            f"unset {ENV} and run megatron-core unpatched"
+        )
+    return _load().apply_all()
+
+
+def apply_if_requested() -> dict[str, str]:
+    """:func:`apply` when ``EXCITATION_MEGATRON_CPU=1``; otherwise nothing."""
+    return apply() if os.environ.get(ENV) == "1" else {}
+
+
+def applied() -> dict[str, str]:
+    return dict(sys.modules[_PACKAGE].APPLIED) if _PACKAGE in sys.modules else {}

@@ -1,0 +1,25 @@
+"""Shims that let megatron-core train on CPU over gloo (tests, laptops, CI).
+
+Each module patches one CUDA assumption, names the megatron-core versions it
+was checked against (``CHECKED``) and raises ``PatchVersionError`` on any
+other. Load them through ``excitation_dist.megatron.cpu_patches.apply()``,
+which refuses to patch a process that sees a GPU.
+"""
+
+from __future__ import annotations
+
+from . import _common, alltoall_splits, cuda_devices, rng, te_gemm, torch_norm, triton_stub
+
+PatchVersionError = _common.PatchVersionError
+APPLIED = _common.APPLIED
+
+# Order matters: triton_stub before megatron.core is imported (0.19.2 imports triton at import time).
+PATCHES = (triton_stub, cuda_devices, rng, te_gemm, alltoall_splits, torch_norm)
+
+
+def apply_all() -> dict[str, str]:
+    """Apply every patch needed by the installed megatron-core; returns name -> version."""
+    for patch in PATCHES:
+        if getattr(patch, "needed", lambda: True)():
+            patch.apply()
+    return dict(APPLIED)

@@ -1,0 +1,49 @@
+"""Shared helpers of the megatron-core CPU patches: the version gate and the
+record of what was applied (so that applying twice is a no-op)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+APPLIED: dict[str, str] = {}  # patch name -> megatron-core version it was applied for
+
+
+class PatchVersionError(RuntimeError):
+    """The installed megatron-core is not a version a patch was checked against."""
+
+
+def megatron_version() -> str:
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        import megatron.core
+
+        return megatron.core.__version__
+
+
+def require(patch: str, checked: tuple[str, ...]) -> str:
+    """Return the installed megatron-core version if ``patch`` was checked
+    against it (exact ``major.minor.patch``), else raise naming both."""
+    version = megatron_version()
+    if version.split("+")[0] not in checked:
+        raise PatchVersionError(
+            f"CPU patch {patch!r} was checked against megatron-core {', '.join(checked)}; found {version}. "
+            "Read the patch (patches/megatron_cpu/), check it against this version's source, add the version "
+            "to its CHECKED tuple and run tests/test_megatron_*.py."
+        )
+    return version
+
+
+def mark(patch: str, version: str) -> bool:
+    """Record ``patch`` as applied; False if it already was."""
+    if patch in APPLIED:
+        return False
+    APPLIED[patch] = version
+    return True
+
+
+def target(obj: object, name: str, patch: str) -> object:
+    """``getattr(obj, name)``, failing loudly if upstream renamed it."""
+    if not hasattr(obj, name):
+        raise PatchVersionError(f"CPU patch {patch!r}: {getattr(obj, '__name__', obj)!r} has no attribute {name!r}")
+    return getattr(obj, name)
