@@ -35,6 +35,22 @@ def test_sbatch_script_trains_the_tiny_config(tmp_path):
     assert (tmp_path / "log" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.skipif(slurm_missing() is not None, reason=str(slurm_missing()))
+def test_deepspeed_sbatch_script_trains_the_default_config(tmp_path):
+    """launch/slurm/deepspeed.sbatch: hostfile from the allocation, the DeepSpeed launcher, backend deepspeed."""
+    pytest.importorskip("deepspeed")
+    with LocalSlurm(tmp_path / "slurm") as slurm:
+        slurm.env.update(_env())
+        job = slurm.sbatch("--nodes", "1", str(ROOT / "launch/slurm/deepspeed.sbatch"),
+                           str(ROOT / "configs/tiny_cpu.yaml"), *TINY, f"logging.dir={tmp_path / 'log'}", cwd=tmp_path)
+        fields = slurm.wait(job, timeout=600)
+    log = (tmp_path / f"slurm-excitation-ds-{job}.out").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log
+    assert f"job {job}: 1 nodes x 2 processes (deepspeed launcher)" in log
+    assert "backend deepspeed" in log and "step      6/6 | loss" in log
+    assert not list(tmp_path.glob("hostfile-*"))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_two_node_torchrun_rendezvous_between_namespaces(tmp_path):
     """launch/torchrun_multinode.sh on two hosts with their own addresses: 2 nodes x 1 process."""
