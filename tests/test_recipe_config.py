@@ -1,5 +1,6 @@
 """Every shipped config loads and validates; bad configs fail naming the key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,19 @@ def test_every_config_passes_its_backends_checks(path):
     except ImportError as exc:
         pytest.skip(f"backend {cfg.backend} not importable here: {exc}")
     backend.validate(cfg)
+
+
+@pytest.mark.parametrize("name, run_config", [("tiny_cpu.json", "tiny_cpu.yaml"),
+                                              ("gpu_zero1_bf16.json", "olmoe-1b-7b/deepspeed-8gpu.yaml")])
+def test_deepspeed_json_configs_merge_with_their_run_config(name, run_config):
+    from excitation_dist.deepspeed.recipe import deepspeed_config
+
+    json_path = CONFIGS / "deepspeed" / name
+    stage = json.loads(json_path.read_text())["zero_optimization"]["stage"]
+    cfg = load_run_config(CONFIGS / run_config, [f"deepspeed_config={json_path}", f"parallel.zero_stage={stage}"])
+    merged = deepspeed_config(cfg)
+    assert merged["zero_optimization"]["stage"] == stage and "optimizer" in merged
+    assert merged["train_batch_size"] == cfg.schedule.global_batch_size
 
 
 def test_published_numbers():
