@@ -1,9 +1,10 @@
-"""``attach(engine, config)``: Excitation for a DeepSpeed engine with ``deepspeed.moe`` layers.
+"""``attach(engine, config)``: Excitation for a DeepSpeed engine with MoE layers:
+native ``deepspeed.moe`` layers (ZeRO 0/1/2) or AutoEP layers (ZeRO 0-3, :mod:`.autoep`).
 
 What it wires, and why there:
 
-* counts: a forward hook per ``TopKGate`` (:mod:`.counting`), accumulated over
-  the micro-batches of one optimizer step;
+* counts: a forward hook per routing module (``TopKGate``, or AutoEP's
+  router; :mod:`.counting`), accumulated over the micro-batches of one optimizer step;
 * the single count all-reduce: issued by a forward hook on ``engine.module`` in
   the forward of the micro-batch at the gradient-accumulation boundary, so it
   overlaps that micro-batch's backward; reduced over the engine's (sequence-)
@@ -26,10 +27,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from excitation_dist.config import ExcitationConfig
+from excitation_dist.config import ExcitationConfig, as_config
 from excitation_dist.core import Excitation
 from excitation_dist.deepspeed import compat
-from excitation_dist.deepspeed.counting import is_counted_forward, register_gate_counters
+from excitation_dist.deepspeed.counting import is_counted_forward, register_counters
 from excitation_dist.deepspeed.master_segments import owned_expert_segments
 
 CLIENT_STATE_KEY = "excitation_dist"
@@ -46,17 +47,47 @@ class _Attachment:
 
 
 def _check_engine(engine: Any) -> None:
+    """Refuse native-MoE setups this backend cannot map (AutoEP: :func:`.autoep.check_engine`)."""
+    if engine.zero_optimization_stage() == 3:
+        raise NotImplementedError(
+            "Excitation with ZeRO-3 needs AutoEP: DeepSpeed refuses native deepspeed.moe layers under ZeRO-3. "
+            "Use expert_parallel.enabled with a Hugging Face MoE model, or zero_optimization.stage 0, 1 or 2."
+        )
+
+
+@dataclass(frozen=True)
+class _MoEFamily:
+    """How one family of DeepSpeed MoE layers exposes experts and routing."""
+
+    layers: list[Any]
+    num_experts: int
+    expert_params: Callable[[Any], Any]  # layer -> [(param, [ExpertRange])]
+    counter: Callable[[Any], Any]  # layer -> (routing module, output -> tokens per expert [E])
+
+
+def _moe_family(engine: Any, config: ExcitationConfig) -> _MoEFamily:
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     if isinstance(engine, PipelineEngine):
         raise NotImplementedError("excitation_dist.deepspeed does not support DeepSpeed's PipelineEngine yet")
-    if engine.zero_optimization_stage() == 3:
-        raise NotImplementedError(
-            "Excitation with ZeRO-3 is not supported: DeepSpeed refuses native deepspeed.moe layers under ZeRO-3, "
-            "and AutoEP + ZeRO-3 is not wired up in excitation_dist yet. Use zero_optimization.stage 0, 1 or 2."
-        )
     if compat.autoep_layers(engine):
-        raise NotImplementedError("AutoEP MoE layers are not supported by excitation_dist.deepspeed yet; use deepspeed.moe.layer.MoE")
+        from excitation_dist.deepspeed import autoep
+
+        autoep.check_engine(engine)
+        layers = compat.autoep_layers(engine)
+        num_experts, expert_params, counter = autoep.num_global_experts, autoep.expert_params, autoep.router_counter
+    else:
+        _check_engine(engine)
+        layers = compat.native_moe_layers(engine)
+        if not layers:
+            raise ValueError("attach() found no MoE layer in the engine: no deepspeed.moe layer (engine.moe_layers is "
+                             "empty) and no AutoEP layer")
+        num_experts, expert_params = compat.num_global_experts, compat.expert_params
+        counter = lambda layer: compat.gate_counter(layer, config.counts, compat.num_global_experts(layer))  # noqa: E731
+    experts = {num_experts(layer) for layer in layers}
+    if len(experts) != 1:
+        raise ValueError(f"all MoE layers must have the same number of experts, found {sorted(experts)}")
+    return _MoEFamily(layers, experts.pop(), expert_params, counter)
 
 
 def _patch(attachment: _Attachment, obj: Any, name: str, make: Callable[[Callable], Callable]) -> None:
@@ -71,11 +102,12 @@ def attach(
     *,
     overlap: bool = True,
 ) -> Excitation:
-    """Enable Excitation on every ``deepspeed.moe`` layer of ``engine``.
+    """Enable Excitation on every MoE layer of ``engine``.
 
     Args:
-        engine: the ``DeepSpeedEngine`` returned by ``deepspeed.initialize``
-            (ZeRO stage 0, 1 or 2; fp32, bf16 or fp16; any torch base optimizer).
+        engine: the ``DeepSpeedEngine`` returned by ``deepspeed.initialize``:
+            ``deepspeed.moe`` layers with ZeRO stage 0, 1 or 2, or AutoEP layers
+            with ZeRO 0-3; fp32, bf16 or fp16; any torch base optimizer.
         config: :class:`ExcitationConfig` or a mapping of its fields.
         overlap: issue the count all-reduce in the boundary micro-batch's
             forward (default); False leaves it to the optimizer step.
@@ -84,23 +116,19 @@ def attach(
         The :class:`Excitation` controller (metrics, last counts and multipliers).
     """
     compat.check_version()
-    _check_engine(engine)
     if getattr(engine, _ATTACHMENT, None) is not None:
         raise RuntimeError("Excitation is already attached to this engine; call excitation_dist.deepspeed.detach(engine) first")
-    layers = compat.native_moe_layers(engine)
-    if not layers:
-        raise ValueError("attach() found no deepspeed.moe MoE layer in the engine (engine.moe_layers is empty)")
-    experts = {compat.num_global_experts(layer) for layer in layers}
-    if len(experts) != 1:
-        raise ValueError(f"all MoE layers must have the same number of experts, found {sorted(experts)}")
+    excitation_config = as_config(config)
+    family = _moe_family(engine, excitation_config)
+    layers = family.layers
 
     group = getattr(engine, "seq_data_parallel_group", None) or engine.data_parallel_group
-    excitation = Excitation(config, len(layers), experts.pop(), group, device=engine.device)
+    excitation = Excitation(excitation_config, len(layers), family.num_experts, group, device=engine.device)
     attachment = _Attachment(excitation, layers)
     base = compat.base_optimizer(engine)
 
     def rebuild_segments() -> None:
-        expert_params = [compat.local_expert_params(layer) for layer in layers]
+        expert_params = [family.expert_params(layer) for layer in layers]
         excitation.set_segments(owned_expert_segments(expert_params, engine.optimizer, base))
         attachment.stale_segments = False
 
@@ -113,7 +141,7 @@ def attach(
 
     attachment.handles.append(base.register_step_pre_hook(refresh))
     excitation.hook_optimizer(base, end_step_after=False)
-    attachment.handles += register_gate_counters(layers, excitation)
+    attachment.handles += register_counters([family.counter(layer) for layer in layers], excitation)
 
     if overlap:
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from excitation_dist.counting import tokens_per_expert
+from excitation_dist.segments import ExpertRange, stacked_expert_ranges
 
 CHECKED_RANGE = ">=0.19.0,<0.20"
 _SKIP_CHECK_ENV = "EXCITATION_DEEPSPEED_SKIP_VERSION_CHECK"
@@ -100,6 +101,7 @@ def native_moe_layers(engine: Any) -> list[Any]:
 
 
 def autoep_layers(engine: Any) -> list[Any]:
+    """DeepSpeed AutoEP's ``AutoEPMoELayer`` modules (see :mod:`.autoep`), in module order."""
     try:
         from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
     except ImportError:
@@ -107,8 +109,9 @@ def autoep_layers(engine: Any) -> list[Any]:
     return [m for m in engine.module.modules() if isinstance(m, AutoEPMoELayer)]
 
 
-def local_expert_params(layer: Any) -> list[tuple[int, torch.nn.Parameter]]:
-    """(global expert, parameter) for every parameter of this rank's experts.
+def expert_params(layer: Any) -> list[tuple[torch.nn.Parameter, list[ExpertRange]]]:
+    """(parameter, expert ranges) for every parameter of this rank's experts:
+    each ``deepspeed.moe`` expert parameter belongs whole to one global expert.
 
     ``Experts`` holds ``num_local_experts`` deep copies of the expert module;
     the all-to-all sends expert chunk ``e`` of ``[E, C, M]`` to EP rank
@@ -123,8 +126,16 @@ def local_expert_params(layer: Any) -> list[tuple[int, torch.nn.Parameter]]:
     out = []
     for j, expert in enumerate(layer.experts.deepspeed_experts):
         for p in expert.parameters():
-            out.append((ep_rank * layer.num_local_experts + j, p))
+            out.append((p, stacked_expert_ranges(p.numel(), 1, first_expert=ep_rank * layer.num_local_experts + j)))
     return out
+
+
+def gate_counter(layer: Any, counts: str, num_experts: int) -> tuple[torch.nn.Module, Any]:
+    """(the layer's ``TopKGate``, output -> tokens per global expert) for
+    ``counts`` = "processed" (after capacity dropping) or "routed"."""
+    if counts == "routed":
+        return layer.gate, gate_routed_counts
+    return layer.gate, lambda output: gate_processed_counts(output, num_experts)
 
 
 def num_global_experts(layer: Any) -> int:

@@ -1,21 +1,25 @@
-"""Per-step token counts from the gates of ``deepspeed.moe`` layers.
+"""Per-step token counts from the routing modules of DeepSpeed MoE layers.
 
-A forward hook on each ``TopKGate`` reads its routing and adds this rank's
-tokens per global expert to the controller. Counted: training forwards with
-grad enabled, outside backward. Not counted: evaluation (``module.training``
-False), ``no_grad`` forwards, and forwards that run inside backward
-(activation recompute), so a recomputed layer counts once.
+A forward hook on each layer's routing module (``TopKGate`` of
+``deepspeed.moe``, ``TokenChoiceTopKRouter`` of AutoEP) reads this rank's
+tokens per global expert from the module's output and adds them to the
+controller. Counted: training forwards with grad enabled, outside backward.
+Not counted: evaluation (``module.training`` False), ``no_grad`` forwards,
+and forwards that run inside backward (activation recompute), so a recomputed
+layer counts once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from excitation_dist.core import Excitation
-from excitation_dist.deepspeed import compat
+
+# (routing module of Excitation layer i, output -> int64 tokens per global expert [E])
+Counter = tuple[torch.nn.Module, Callable[[Any], torch.Tensor]]
 
 
 def in_backward() -> bool:
@@ -27,22 +31,18 @@ def is_counted_forward(module: torch.nn.Module) -> bool:
     return module.training and torch.is_grad_enabled() and not in_backward()
 
 
-def register_gate_counters(layers: list[Any], excitation: Excitation) -> list[RemovableHandle]:
-    """Hook every layer's gate; ``layers[i]`` is Excitation layer ``i``."""
-    routed = excitation.config.counts == "routed"
+def register_counters(counters: Sequence[Counter], excitation: Excitation) -> list[RemovableHandle]:
+    """Hook every routing module; ``counters[i]`` feeds Excitation layer ``i``."""
     handles = []
-    for index, layer in enumerate(layers):
+    for index, (module, tokens_per_expert) in enumerate(counters):
 
-        def count(gate: torch.nn.Module, args: Any, output: Any, index: int = index) -> None:
-            if not is_counted_forward(gate):
-                if gate.training and torch.is_grad_enabled():
+        def count(module: torch.nn.Module, args: Any, output: Any, index: int = index,
+                  tokens_per_expert: Callable[[Any], torch.Tensor] = tokens_per_expert) -> None:
+            if not is_counted_forward(module):
+                if module.training and torch.is_grad_enabled():
                     excitation.note_uncounted_recompute()
                 return
-            if routed:
-                tokens_E = compat.gate_routed_counts(output)
-            else:
-                tokens_E = compat.gate_processed_counts(output, excitation.num_experts)
-            excitation.record(index, tokens_E)
+            excitation.record(index, tokens_per_expert(output))
 
-        handles.append(layer.gate.register_forward_hook(count))
+        handles.append(module.register_forward_hook(count))
     return handles

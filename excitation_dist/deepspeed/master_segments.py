@@ -2,6 +2,11 @@
 
 DeepSpeed steps fp32 tensors that are not the model's parameters:
 
+* ZeRO-3: per sub-group one flat fp32 tensor ``fp32_partitioned_groups_flat[i]``
+  that concatenates each parameter's partition (``partition_numel()`` elements,
+  the last rank's padded); ``grad_position[param_id] = [i, offset, numel]``
+  locates it, and partition rank ``r`` owns elements ``[r * numel, (r + 1) * numel)``
+  of the flattened parameter (clipped to ``ds_numel``).
 * ZeRO-1/2 and ``BF16_Optimizer``: one flat fp32 partition per parameter group
   per rank; ``param._hp_mapping`` names the piece of ``param`` this rank owns
   (``lp_fragment_address``: start and length inside the flattened parameter)
@@ -11,77 +16,96 @@ DeepSpeed steps fp32 tensors that are not the model's parameters:
 * fp16/bf16 without ZeRO: fp32 master copies kept by the FP16 wrappers.
 * fp32 without ZeRO: the parameters themselves.
 
-Each expert parameter of ``deepspeed.moe`` belongs to one global expert, so
-its expert range is the whole parameter; :func:`owned_expert_ranges` cuts it to
-what this rank steps.
+Callers say which elements of each expert parameter belong to which global
+expert (a whole ``deepspeed.moe`` expert parameter, or one chunk of an AutoEP
+stacked weight); :func:`owned_expert_ranges` cuts that to what this rank steps.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 import torch
 
 from excitation_dist.core import ExpertSegment
 from excitation_dist.deepspeed import compat
-from excitation_dist.segments import owned_expert_ranges, stacked_expert_ranges
+from excitation_dist.segments import ExpertRange, owned_expert_ranges
+
+# Per MoE layer: (parameter, its expert ranges in flattened-parameter coordinates).
+ExpertParams = Sequence[tuple[torch.nn.Parameter, Sequence[ExpertRange]]]
 
 
-def _by_storage(tensors: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
-    return {t.untyped_storage().data_ptr(): t for t in tensors}
+def is_zero3(wrapper: Any) -> bool:
+    return hasattr(wrapper, "fp32_partitioned_groups_flat") and hasattr(wrapper, "grad_position")
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
+def zero3_owned_range(optimizer: Any, p: torch.nn.Parameter) -> tuple[torch.Tensor, int, int, int]:
+    """ZeRO-3: (flat fp32 tensor the base optimizer steps, offset of ``p``'s
+    partition in it, owned start, owned end in flattened-``p`` coordinates)."""
+    group, offset, numel = optimizer.grad_position[optimizer.get_param_id(p)]
+    flat = optimizer.fp32_partitioned_groups_flat[group]
+    if flat.numel() < offset + numel:
+        raise NotImplementedError(
+            "the ZeRO-3 fp32 partition is not resident (NVMe optimizer swapping); excitation_dist does not support it"
+        )
+    start = optimizer._get_param_partition_rank(p) * numel
+    end = min(start + numel, int(p.ds_numel))
+    return flat, int(offset), start, max(start, end)
 
 
 def owned_expert_segments(
-    expert_params_by_layer: list[list[tuple[int, torch.nn.Parameter]]],
+    expert_params_by_layer: Sequence[ExpertParams],
     wrapper: Any,
     base: torch.optim.Optimizer,
 ) -> list[ExpertSegment]:
     """Segments of the base optimizer's tensors that this rank steps, for every
-    (global expert, parameter) of every MoE layer (index = Excitation layer).
+    expert parameter of every MoE layer (list index = Excitation layer).
 
     Args:
-        expert_params_by_layer: per MoE layer, this rank's (global expert, param).
+        expert_params_by_layer: per MoE layer, this rank's (parameter, expert ranges).
         wrapper: ``engine.optimizer`` (ZeRO, BF16_Optimizer, FP16 wrapper, or the base).
         base: the torch optimizer it wraps (``engine.basic_optimizer``).
     """
-    stepped = _optimizer_tensors(base)
+    zero3 = is_zero3(wrapper)
+    stepped = [t for group in base.param_groups for t in group["params"]]
     stepped_ids = {id(t) for t in stepped}
-    storages = _by_storage(stepped)
+    storages = {t.untyped_storage().data_ptr(): t for t in stepped}
     masters = {id(lp): (hp, offset) for lp, hp, offset in (compat.wrapper_master_copies(wrapper) or [])}
 
     segments = []
     for layer, params in enumerate(expert_params_by_layer):
-        for expert, p in params:
-            whole = stacked_expert_ranges(p.numel(), 1, first_expert=expert)
-            if hasattr(p, "_hp_mapping"):  # ZeRO-1/2, BF16_Optimizer
+        for p, experts in params:
+            if not p.requires_grad:
+                continue
+            numel = int(getattr(p, "ds_numel", p.numel()))
+            if zero3:
+                if not hasattr(p, "ds_id"):
+                    raise RuntimeError(f"MoE layer {layer}: ZeRO-3 optimizer but an expert weight is not a ZeRO-3 parameter")
+                tensor, offset, start, end = zero3_owned_range(wrapper, p)
+                ranges = owned_expert_ranges(experts, start, end, offset=offset)
+            elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, BF16_Optimizer
                 frag = p._hp_mapping
                 if frag is None:
                     continue  # another rank of the (expert-)data-parallel group steps it
-                lp_start, numel = frag.lp_fragment_address.start, frag.lp_fragment_address.numel
+                lp_start, n = frag.lp_fragment_address.start, frag.lp_fragment_address.numel
                 hp_start = frag.get_hp_fragment_address().start
                 tensor = storages.get(frag.hp_fragment.untyped_storage().data_ptr())
                 if tensor is None or frag.hp_fragment.storage_offset() != tensor.storage_offset() + hp_start:
                     raise RuntimeError(
-                        f"MoE layer {layer}, expert {expert}: the fp32 partition behind param._hp_mapping is not a "
-                        "tensor of the base optimizer; DeepSpeed's partition layout changed (see compat.py)"
+                        f"MoE layer {layer}: the fp32 partition behind param._hp_mapping is not a tensor of the "
+                        "base optimizer; DeepSpeed's partition layout changed (see compat.py)"
                     )
-                ranges = owned_expert_ranges(whole, lp_start, lp_start + numel, offset=hp_start)
+                ranges = owned_expert_ranges(experts, lp_start, lp_start + n, offset=hp_start)
             elif id(p) in masters:  # FP16_Optimizer / FP16_UnfusedOptimizer
                 tensor, offset = masters[id(p)]
-                ranges = owned_expert_ranges(whole, 0, p.numel(), offset=offset)
+                ranges = owned_expert_ranges(experts, 0, numel, offset=offset)
             elif id(p) in stepped_ids:  # fp32, no ZeRO
-                tensor, ranges = p, whole
-            elif not p.requires_grad:
-                continue
+                tensor, ranges = p, list(experts)
             else:
                 raise ValueError(
-                    f"MoE layer {layer}, expert {expert}: a trainable expert parameter is stepped by no tensor of the "
-                    f"base optimizer ({type(base).__name__} wrapped in {type(wrapper).__name__}); pass all expert "
-                    "parameters to deepspeed.initialize"
+                    f"MoE layer {layer}: a trainable expert parameter is stepped by no tensor of the base optimizer "
+                    f"({type(base).__name__} wrapped in {type(wrapper).__name__}); pass all expert parameters to "
+                    "deepspeed.initialize"
                 )
             segments += [ExpertSegment(tensor, r.start, r.end, layer, r.expert) for r in ranges]
     return segments
