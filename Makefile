@@ -3,14 +3,14 @@
 #   make test   set up .venv and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= test,deepspeed
+EXTRAS ?= test,deepspeed,megatron
 # Optional: a PyTorch wheel index for machines where plain `pip install torch==2.13.0` would take a CUDA build.
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup demo test clean system-deps
+.PHONY: setup demo test clean system-deps megatron-0.19.2
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,19 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-setup: $(VENV)/.installed-$(EXTRAS)
+# megatron-core 0.19.2 (the one with Megatron-LM's training loop) ships only a cp312 wheel; the
+# 0.19.2 tests put this unpacked copy first on their workers' sys.path (tests/test_megatron_0192.py).
+MEGATRON_0192 := .megatron-0.19.2
+$(MEGATRON_0192)/.unpacked: | $(VENV)/.installed-$(EXTRAS)
+	rm -rf $(MEGATRON_0192) && mkdir -p $(MEGATRON_0192)/.wheel
+	$(PY) -m pip download -q megatron-core==0.19.2 --python-version 3.12 --only-binary=:all: --no-deps -d $(MEGATRON_0192)/.wheel
+	$(PY) -m zipfile -e $(MEGATRON_0192)/.wheel/megatron_core-0.19.2-*.whl $(MEGATRON_0192)
+	rm -rf $(MEGATRON_0192)/.wheel
+	touch $@
+
+megatron-0.19.2: $(MEGATRON_0192)/.unpacked
+
+setup: $(VENV)/.installed-$(EXTRAS) $(MEGATRON_0192)/.unpacked
 
 demo: setup
 	$(VENV)/bin/excitation-dist demo
@@ -32,4 +44,4 @@ system-deps:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge iproute2 >/dev/null; }
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(MEGATRON_0192)

@@ -169,6 +169,14 @@ class Excitation:
         if self._phase is _Phase.READY:
             self._reset_counts()
 
+    def finish_step(self, applied: bool) -> None:
+        """For backends that wrap their framework's step: end the step if the
+        framework applied it, else :meth:`skip_step` (nothing applied, counts dropped)."""
+        if applied:
+            self.end_step()
+        else:
+            self.skip_step()
+
     def _reset_counts(self) -> None:
         self._counts_LE.zero_()
         self._uncounted_recomputes = 0

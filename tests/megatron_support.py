@@ -8,6 +8,10 @@ the base optimizer steps sits in its own parameter group with learning rate
 local expert receives (``tokens_per_expert`` at the experts' input, after
 dispatch), summed over all ranks.
 
+:func:`run_cases` is the worker entry of the backend tests: per case and step it
+checks counts, multipliers, parameters against the reference, the phi = 0
+expert, and the number of count collectives (see tests/test_megatron_backend.py).
+
 Layer 0's pre-MLP norm feeds the router a constant coordinate (norm weight 0,
 bias 30 in coordinate 0) that the router maps to -30 for the last expert and
 +30 for the others, so no token ever reaches that expert: ZeroSum gives it
@@ -16,7 +20,7 @@ phi = 0 and its parameters must stay bit-exactly unchanged.
 
 from __future__ import annotations
 
-import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,7 @@ HIDDEN, HEADS, FFN, MOE_FFN = 16, 2, 24, 12
 NUM_LAYERS, NUM_EXPERTS = 2, 4
 LR, WEIGHT_DECAY = 1e-2, 0.1
 DEAD_EXPERT = NUM_EXPERTS - 1  # in (global) layer 0
+STEPS = 3
 ENV = {"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "EXCITATION_MEGATRON_CPU": "1"}
 
 
@@ -42,10 +47,16 @@ class Case:
     gas: int = 1  # micro-batches per optimizer step
     topk: int = 2
     recompute: bool = False
+    skipped_step: int = -1  # megatron reports this step unsuccessful (found inf)
+    vpp: int = 1  # virtual pipeline stages (model chunks) per rank
 
     @property
     def sequence_parallel(self) -> bool:
         return self.tp > 1
+
+    @property
+    def num_layers(self) -> int:
+        return NUM_LAYERS * self.vpp
 
 
 def setup(case: Case) -> None:
@@ -54,13 +65,17 @@ def setup(case: Case) -> None:
     cpu_patches.apply_if_requested()
     from megatron.core import parallel_state as ps
 
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    get_moe_layer_wise_logging_tracker().clear()  # aux-loss tracker sized by the previous case's layer count
     ps.initialize_model_parallel(
         tensor_model_parallel_size=case.tp,
         pipeline_model_parallel_size=case.pp,
         expert_model_parallel_size=case.ep,
         expert_tensor_parallel_size=1,
+        virtual_pipeline_model_parallel_size=case.vpp if case.vpp > 1 else None,
     )
 
 
@@ -71,8 +86,10 @@ def transformer_config(case: Case):
     extra = {}
     if case.recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if case.vpp > 1:
+        extra.update(virtual_pipeline_model_parallel_size=case.vpp)
     return TransformerConfig(
-        num_layers=NUM_LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
+        num_layers=case.num_layers, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
         num_moe_experts=NUM_EXPERTS, moe_ffn_hidden_size=MOE_FFN, moe_router_topk=case.topk,
         moe_token_dispatcher_type=case.dispatcher, moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=1e-2, tensor_model_parallel_size=case.tp, sequence_parallel=case.sequence_parallel,
@@ -101,7 +118,8 @@ def _make_dead_expert(model) -> None:
 
 
 def build(case: Case, *, per_expert_lr: bool, seed: int = 1234):
-    """(model chunk wrapped in DDP, megatron optimizer) for this rank's pipeline stage."""
+    """(model chunks wrapped in DDP, megatron optimizer) of this rank's pipeline
+    stage: one chunk, or ``case.vpp`` chunks (virtual pipeline stages)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
@@ -112,37 +130,42 @@ def build(case: Case, *, per_expert_lr: bool, seed: int = 1234):
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     config = transformer_config(case)
-    model = GPTModel(
-        config, get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False), vocab_size=VOCAB,
-        max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type="learned_absolute",
-    )
-    _make_dead_expert(model)
-    if case.dtype == "bf16":
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(config, model)  # casts params and inputs, as Megatron-LM's get_model does
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=case.dist_opt, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, use_distributed_optimizer=case.dist_opt, overlap_grad_reduce=case.dist_opt,
+        bucket_size=100 if case.dist_opt else None,  # small buckets: every bucket, and expert, is split over DP ranks
     )
-    model = DistributedDataParallel(config, ddp_config, model)
+    chunks = []
+    for vp in range(case.vpp):
+        stage = {"ignore_virtual": False, "vp_stage": vp} if case.vpp > 1 else {}
+        model = GPTModel(
+            config, get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False), vocab_size=VOCAB,
+            max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(**stage),
+            post_process=ps.is_pipeline_last_stage(**stage), position_embedding_type="learned_absolute",
+            vp_stage=vp if case.vpp > 1 else None,
+        )
+        _make_dead_expert(model)
+        if case.dtype == "bf16":
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(config, model)  # casts params and inputs, as Megatron-LM's get_model does
+        chunks.append(DistributedDataParallel(config, ddp_config, model, disable_bucketing=vp > 0))
     config.finalize_model_grads_func = finalize_model_grads
     opt_config = OptimizerConfig(
         optimizer="adam", lr=LR, weight_decay=WEIGHT_DECAY, bf16=case.dtype == "bf16",
         use_distributed_optimizer=case.dist_opt, clip_grad=0.0, adam_beta1=0.9, adam_beta2=0.99,
     )
-    optimizer = get_megatron_optimizer(opt_config, [model])
+    optimizer = get_megatron_optimizer(opt_config, chunks)
     if per_expert_lr:
-        split_expert_param_groups(model, optimizer)
-    return model, optimizer
+        split_expert_param_groups(chunks, optimizer)
+    return chunks, optimizer
 
 
 # ----------------------------------------------------------------- reference
-def expert_params(model):
+def expert_params(chunks):
     """(global layer index, global expert, parameter) of this rank's routed experts."""
     from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
-    for module in model.modules():
+    for module in (m for chunk in chunks for m in chunk.modules()):
         if isinstance(module, BaseMoELayer):
             for j, expert in enumerate(module.experts.local_experts):
                 for p in expert.parameters():
@@ -164,10 +187,10 @@ def _belongs_to(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     return lo <= tensor.storage_offset() < lo + param.numel()
 
 
-def split_expert_param_groups(model, optimizer) -> None:
+def split_expert_param_groups(chunks, optimizer) -> None:
     """Give every stepped tensor of a routed expert its own param group
     (``group["slot"] = (global layer, global expert)``)."""
-    experts = list(expert_params(model))
+    experts = list(expert_params(chunks))
     for leaf in _leaf_optimizers(optimizer):
         groups = []
         for group in leaf.optimizer.param_groups:
@@ -202,11 +225,11 @@ class ExpertInputCounter:
     """Tokens each local expert receives (``tokens_per_expert`` passed to the
     experts module), indexed by (global layer, global expert)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, chunks, num_layers: int) -> None:
         from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
-        self.counts_LE = torch.zeros(NUM_LAYERS, NUM_EXPERTS, dtype=torch.int64)
-        for module in model.modules():
+        self.counts_LE = torch.zeros(num_layers, NUM_EXPERTS, dtype=torch.int64)
+        for module in (m for chunk in chunks for m in chunk.modules()):
             if isinstance(module, BaseMoELayer):
                 module.experts.register_forward_pre_hook(self._hook(module))
 
@@ -235,12 +258,13 @@ def batch(case: Case, step: int, micro: int) -> dict:
     return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
 
 
-def train_step(model, optimizer, case: Case, step: int, before_step=None):
+def train_step(chunks, optimizer, case: Case, step: int, before_step=None):
     """One optimizer step of ``case.gas`` micro-batches through megatron's schedule.
     Returns ``optimizer.step()``'s result."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    data = iter([batch(case, step, m) for m in range(case.gas)])
+    batches = [batch(case, step, m) for m in range(case.gas)]
+    data = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)  # one iterator per chunk
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO, SEQ)
 
@@ -255,9 +279,10 @@ def train_step(model, optimizer, case: Case, step: int, before_step=None):
         return out, loss_func
 
     optimizer.zero_grad()
-    model.zero_grad_buffer()
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data, model=[model], num_microbatches=case.gas,
+        forward_step_func=forward_step, data_iterator=data, model=chunks, num_microbatches=case.gas,
         seq_length=SEQ, micro_batch_size=MICRO, forward_only=False,
     )
     if before_step is not None:
@@ -265,13 +290,122 @@ def train_step(model, optimizer, case: Case, step: int, before_step=None):
     return optimizer.step()
 
 
-def flat_params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+def flat_params(chunks) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": p.detach().float().clone() for i, chunk in enumerate(chunks) for n, p in chunk.named_parameters()}
 
 
-def worker_env() -> dict[str, str]:
-    return dict(ENV)
+# ---------------------------------------------------------------- the check
+def _expected_wrappers(case: Case) -> set[str]:
+    if case.dist_opt:
+        return {"DistributedOptimizer"}
+    return {"FP32Optimizer"} if case.dtype == "fp32" else {"Float16OptimizerWithFloat16Params"}
 
 
-if __name__ == "__main__":  # pragma: no cover
-    print(os.environ.get("EXCITATION_MEGATRON_CPU"))
+def _tolerance(case: Case) -> dict:
+    # fp32: blending vs. a scaled learning rate differ by fp32 rounding only.
+    # bf16: the model params are bf16 copies of the fp32 main params (2**-8 relative).
+    return {"rtol": 1e-5, "atol": 1e-6} if case.dtype == "fp32" else {"rtol": 1e-2, "atol": 1e-3}
+
+
+def _splits_an_expert(excitation) -> bool:
+    """True if some rank steps only part of an expert parameter (linear_fc1 and
+    linear_fc2 weights both hold HIDDEN x MOE_FFN elements)."""
+    split = any(s.end - s.start < HIDDEN * MOE_FFN for s in excitation.segments)
+    flag = torch.tensor([int(split)])
+    dist.all_reduce(flag)
+    return int(flag) > 0
+
+
+def _force_skipped_step(optimizer):
+    """Make megatron's optimizer report found-inf for one step (what fp16 overflow does)."""
+    optimizer.prepare_grads = lambda: True
+    return lambda: delattr(optimizer, "prepare_grads")
+
+
+def _run_case(case: Case) -> dict:
+    """The checks of tests/test_megatron_backend.py for one case (all ranks)."""
+    import excitation_dist.megatron as exmeg
+    from excitation_dist.megatron import compat
+    from excitation_dist.testing import count_collectives
+
+    setup(case)
+    a_chunks, a_opt = build(case, per_expert_lr=False)
+    excitation = exmeg.attach(a_chunks, a_opt, {"strategy": "zerosum"})
+    b_chunks, b_opt = build(case, per_expert_lr=True)
+    kinds = {type(leaf).__name__ for leaf in compat.leaf_optimizers(a_opt)}
+    assert kinds == _expected_wrappers(case), (case.name, kinds)
+    count_a, count_b = ExpertInputCounter(a_chunks, case.num_layers), ExpertInputCounter(b_chunks, case.num_layers)
+    layers = compat.moe_layers(a_chunks)
+    stage_layers = [layer.layer_number - 1 for layer in layers]
+    assert excitation.owned_expert_numel() > 0
+    split = _splits_an_expert(excitation)
+    if case.dist_opt:
+        assert split, f"{case.name}: no DistributedOptimizer shard boundary inside an expert"
+
+    dead = []
+    if 0 in stage_layers and DEAD_EXPERT in layers[0].local_expert_indices:
+        j = layers[0].local_expert_indices.index(DEAD_EXPERT)
+        dead = list(layers[0].experts.local_experts[j].parameters())
+
+    no_grad_forwards = []  # with recompute: the original forwards run under no_grad and must not count
+    for layer in layers:
+        layer.router.register_forward_hook(
+            lambda m, args, out: no_grad_forwards.append(1) if m.training and not torch.is_grad_enabled() else None)
+
+    skipped_at = case.skipped_step
+    max_update = 0.0
+    for step in range(STEPS):
+        before = flat_params(a_chunks)
+        dead_before = [p.detach().clone() for p in dead]
+        steps_before = excitation.step
+        restore = [_force_skipped_step(a_opt), _force_skipped_step(b_opt)] if step == skipped_at else []
+        with count_collectives() as log:
+            result = train_step(a_chunks, a_opt, case, step)
+        assert excitation.reduce  # every case has > 1 rank holding distinct tokens per stage
+        assert log.count("all_reduce", (len(layers), NUM_EXPERTS)) == 1, (case.name, step, log.calls)
+        processed = count_a.global_counts()
+
+        def reference_lrs():
+            set_expert_lrs(b_opt, zerosum_gamma1(count_b.global_counts()))
+
+        train_step(b_chunks, b_opt, case, step, before_step=reference_lrs)
+        for undo in restore:
+            undo()
+
+        if step == skipped_at:
+            assert result[0] is False and excitation.step == steps_before, case.name
+            after = flat_params(a_chunks)
+            assert all(torch.equal(before[n], after[n]) for n in before), f"{case.name}: a skipped step changed params"
+            continue
+        assert result[0] is True
+        expected = processed[stage_layers]
+        assert torch.equal(excitation.last_counts_LE, expected), (case.name, step, excitation.last_counts_LE, expected)
+        phi = zerosum_gamma1(expected)
+        torch.testing.assert_close(excitation.last_multipliers_LE, phi, rtol=1e-12, atol=1e-12)
+        if 0 in stage_layers:
+            assert int(expected[stage_layers.index(0), DEAD_EXPERT]) == 0
+            assert float(phi[stage_layers.index(0), DEAD_EXPERT]) == 0.0
+
+        params_a, params_b = flat_params(a_chunks), flat_params(b_chunks)
+        for name in params_a:
+            torch.testing.assert_close(params_a[name], params_b[name], **_tolerance(case),
+                                       msg=lambda m: f"{case.name} step {step} {name}: {m}")
+        max_update = max(max_update, max(float((params_a[n] - before[n]).abs().max()) for n in params_a))
+        for p, old in zip(dead, dead_before):
+            assert torch.equal(p.detach(), old), f"{case.name}: the phi = 0 expert changed"
+
+    assert bool(no_grad_forwards) == case.recompute, (case.name, len(no_grad_forwards))
+    exmeg.detach(a_opt)
+    return {"case": case.name, "phi_step": excitation.step, "max_update": max_update, "split": split,
+            "megatron_core": compat.installed_version()}
+
+
+def run_cases(cases, megatron_path: str | None = None) -> list[dict]:
+    """Worker entry: run every case; ``megatron_path`` (an unpacked megatron-core
+    wheel) goes first on sys.path, before anything imports megatron."""
+    if megatron_path is not None:
+        sys.path.insert(0, megatron_path)
+        from excitation_dist.megatron import compat
+
+        compat.backfill_typing_override()
+    return [_run_case(case) for case in cases]

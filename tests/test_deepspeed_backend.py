@@ -25,6 +25,7 @@ Matrix (each row one reason):
            z2-fp32-ep1-offload   ZeRO-Offload (fp32 partitions on the CPU optimizer path)
            z2-bf16-ep1-overflow  ZeRO-2 bf16 with DeepSpeed's overflow check, one forced overflow (skip_step)
            z0-bf16-ep2-top2      bf16 without ZeRO (FP16_UnfusedOptimizer's fp32 master copies)
+           z2-fp32-ep2-top2      ZeRO-2 with EP 2 on 2 ranks (experts not partitioned, dense params are)
   world 4: z2-fp32-ep2-top2-ga2  EP 2 x EDP 2: expert partitions split across EDP ranks
            z1-bf16-ep4-top1      BF16_Optimizer with EP 4
 """
@@ -49,6 +50,7 @@ WORLD2 = [
     Case("z2-fp32-ep1-offload", zero=2, k=2, offload=True),
     Case("z2-bf16-ep1-top2-overflow", zero=2, dtype="bf16", k=2, overflow_step=1),
     Case("z0-bf16-ep2-top2", zero=0, dtype="bf16", ep=2, k=2),
+    Case("z2-fp32-ep2-top2", zero=2, ep=2, k=2),
 ]
 WORLD4 = [
     Case("z2-fp32-ep2-top2-ga2", zero=2, ep=2, k=2, gas=2),

@@ -156,10 +156,7 @@ def attach(
             steps_before = engine.global_steps
             result = step(*args, **kwargs)
             if engine.global_steps != steps_before:  # an optimizer step ran (or was skipped on overflow)
-                if engine.was_step_applied():
-                    excitation.end_step()
-                else:
-                    excitation.skip_step()
+                excitation.finish_step(engine.was_step_applied())
             return result
 
         return step_with_excitation

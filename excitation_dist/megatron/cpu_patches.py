@@ -35,19 +35,21 @@ def _load() -> ModuleType:
     return module
 
 
-def apply() -> dict[str, str]:
+def apply(*, training_loop: bool = False) -> dict[str, str]:
     """Patch megatron-core to run on CPU over gloo; returns {patch: megatron-core version}.
 
     Call before building any megatron model (0.19.x: before importing megatron.core).
+    ``training_loop``: also what Megatron-LM's ``pretrain`` needs (it then sees one
+    pretend CUDA device; only for a process that runs ``pretrain`` on CPU).
     """
     import torch
 
-    if torch.cuda.is_available():
+    if not applied() and torch.cuda.is_available():
         raise RuntimeError(
             "refusing to apply the megatron-core CPU patches in a process that sees a GPU; "
             f"unset {ENV} and run megatron-core unpatched"
         )
-    return _load().apply_all()
+    return _load().apply_all(training_loop)
 
 
 def apply_if_requested() -> dict[str, str]:

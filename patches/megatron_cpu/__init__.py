@@ -8,8 +8,9 @@ which refuses to patch a process that sees a GPU.
 
 from __future__ import annotations
 
-from . import _common, alltoall_splits, cuda_devices, rng, te_gemm, torch_norm, triton_stub
+from . import _common, alltoall_splits, cuda_devices, rng, te_gemm, torch_norm, training_loop, triton_stub
 
+training_loop_patch = training_loop
 PatchVersionError = _common.PatchVersionError
 APPLIED = _common.APPLIED
 
@@ -17,9 +18,12 @@ APPLIED = _common.APPLIED
 PATCHES = (triton_stub, cuda_devices, rng, te_gemm, alltoall_splits, torch_norm)
 
 
-def apply_all() -> dict[str, str]:
-    """Apply every patch needed by the installed megatron-core; returns name -> version."""
+def apply_all(training_loop: bool = False) -> dict[str, str]:
+    """Apply every patch needed by the installed megatron-core (and, with
+    ``training_loop``, the ones Megatron-LM's ``pretrain`` needs); returns name -> version."""
     for patch in PATCHES:
         if getattr(patch, "needed", lambda: True)():
             patch.apply()
+    if training_loop:
+        training_loop_patch.apply()
     return dict(APPLIED)

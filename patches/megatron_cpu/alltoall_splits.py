@@ -36,7 +36,7 @@ def apply() -> None:
     all_to_all = _common.target(mappings, "_AllToAll", NAME)
     original = all_to_all.forward
 
-    def forward(ctx, group, input, output_split_sizes, input_split_sizes):
-        return original(ctx, group, input, _as_list(output_split_sizes), _as_list(input_split_sizes))
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes, *rest):  # 0.19: + use_nccl_stream
+        return original(ctx, group, input, _as_list(output_split_sizes), _as_list(input_split_sizes), *rest)
 
     all_to_all.forward = staticmethod(forward)

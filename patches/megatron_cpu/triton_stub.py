@@ -1,12 +1,12 @@
 """megatron-core 0.19.x imports ``triton`` at import time without a GPU.
 
-``transformer/moe/paged_stash.py`` (pulled in by the MoE layer) does
-``import triton`` / ``import triton.language as tl`` and decorates kernels with
+``transformer/moe/ops/paged_stash.py`` (pulled in by ``import megatron.core``
+through ``transformer/moe/paged_stash.py``) does ``import triton`` / ``import triton.language as tl`` and decorates kernels with
 ``@triton.jit``. Those kernels only run for paged stashing on GPUs. A fake
 top-level ``triton`` package would break ``torch._dynamo`` (it probes for
 triton), so instead this patch pre-registers a stand-in for that single
 megatron module when triton is not installed: importing its names works, calling
-one of them raises.
+one of them raises. ``GLOBAL_BLOCK_SIZE`` keeps its upstream value (1024).
 
 Checked against megatron-core 0.19.2 (0.16.1 has no such import).
 """
@@ -21,7 +21,7 @@ from . import _common
 
 NAME = "triton_stub"
 CHECKED = ("0.19.2",)
-MODULE = "megatron.core.transformer.moe.paged_stash"
+MODULE = "megatron.core.transformer.moe.ops.paged_stash"
 
 
 def needed() -> bool:
@@ -48,4 +48,6 @@ def apply() -> None:
         return
     if MODULE in sys.modules:
         raise _common.PatchVersionError(f"CPU patch {NAME!r} must run before {MODULE} is imported")
-    sys.modules[MODULE] = _Unavailable(MODULE)
+    stand_in = _Unavailable(MODULE)
+    stand_in.GLOBAL_BLOCK_SIZE = 1024
+    sys.modules[MODULE] = stand_in

@@ -1,0 +1,222 @@
+"""Megatron-LM GPT(-MoE) pretraining with Excitation (megatron-core 0.19.x, ``megatron.training``).
+
+    torchrun --nproc-per-node 8 -m excitation_dist.megatron.pretrain_gpt \\
+        <the usual Megatron-LM GPT arguments: --num-layers ... --num-experts 8 ...> \\
+        --excitation-strategy positivesum --excitation-gamma 1.0
+
+Runs ``megatron.training.pretrain`` unchanged. Excitation is enabled by
+``--excitation-strategy`` (the other ``--excitation-*`` flags are the fields of
+:class:`ExcitationConfig`) and attached by wrapping
+``megatron.training.training.get_megatron_optimizer``, which the loop looks up by
+name when it builds the optimizer: no Megatron-LM code is copied or forked.
+After every optimizer step Excitation's metrics go to Megatron's TensorBoard
+writer (the last rank's; with pipeline parallelism that is the last stage's
+layers). Data: ``--mock-data`` gives the random-token dataset below; otherwise
+Megatron's GPTDataset from ``--data-path``. On a machine without a GPU the
+CPU patches (``patches/megatron_cpu``) are applied first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from functools import partial
+from typing import Any
+
+import torch
+
+from excitation_dist.config import ExcitationConfig
+
+_FLAG = "--excitation-"
+_STATE: dict[str, Any] = {}
+
+
+# ------------------------------------------------------------- arguments
+def add_excitation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--excitation-<field>`` for every field of :class:`ExcitationConfig`
+    (``extra_args_provider`` of Megatron's argument parser)."""
+    group = parser.add_argument_group("excitation", "Excitation (arXiv 2602.21798); off unless --excitation-strategy")
+    defaults = ExcitationConfig()
+    for f in dataclasses.fields(ExcitationConfig):
+        flag, default = _FLAG + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if f.name == "strategy":
+            group.add_argument(flag, default=None, help="enable Excitation with this strategy (zerosum, positivesum, ...)")
+        elif isinstance(default, bool):
+            group.add_argument(flag, action="store_true", help=f"ExcitationConfig.{f.name}")
+        elif f.name in ("floor", "ceiling"):
+            group.add_argument(flag, type=float, default=None, help=f"ExcitationConfig.{f.name}")
+        else:
+            group.add_argument(flag, type=type(default), default=default, help=f"ExcitationConfig.{f.name} (default {default})")
+    return parser
+
+
+def excitation_config_from_args(args: argparse.Namespace) -> ExcitationConfig | None:
+    if getattr(args, "excitation_strategy", None) is None:
+        return None
+    return ExcitationConfig(**{f.name: getattr(args, f"excitation_{f.name}") for f in dataclasses.fields(ExcitationConfig)})
+
+
+# ------------------------------------------------------------ integration
+def install_excitation(config: ExcitationConfig) -> None:
+    """Wrap ``megatron.training.training.get_megatron_optimizer`` so that the
+    optimizer Megatron-LM builds comes back with Excitation attached."""
+    from megatron.training import training
+
+    from excitation_dist.megatron import compat
+    from excitation_dist.megatron.backend import attach
+
+    compat.check_version()
+    build = getattr(training, "get_megatron_optimizer", None)
+    if build is None or not callable(build):
+        raise RuntimeError("megatron.training.training has no get_megatron_optimizer; this Megatron-LM loop is not supported")
+
+    def get_megatron_optimizer_with_excitation(opt_config: Any, model_chunks: Any, *args: Any, **kwargs: Any) -> Any:
+        optimizer = build(opt_config, model_chunks, *args, **kwargs)
+        _STATE["excitation"] = attach(model_chunks, optimizer, config)
+        _log_metrics_after_each_step(optimizer, _STATE["excitation"])
+        return optimizer
+
+    training.get_megatron_optimizer = get_megatron_optimizer_with_excitation
+
+
+def _log_metrics_after_each_step(optimizer: Any, excitation: Any) -> None:
+    step = optimizer.step
+
+    def step_and_log(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        from megatron.training.global_vars import get_args, get_tensorboard_writer
+
+        writer = get_tensorboard_writer()
+        if writer is not None and excitation.step > 0:
+            iteration = getattr(get_args(), "curr_iteration", excitation.step) + 1
+            for name, value in excitation.metrics().items():
+                writer.add_scalar(name, value, iteration)
+        return result
+
+    optimizer.step = step_and_log
+
+
+def excitation() -> Any:
+    """The controller of this process (after the optimizer was built)."""
+    return _STATE.get("excitation")
+
+
+# ------------------------------------------------------------------ data
+class RandomTokens(torch.utils.data.Dataset):
+    """``num_samples`` sequences of uniform random tokens, sample ``i`` seeded by ``i``
+    (identical on every rank; Megatron's sampler gives each DP rank its own indices)."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int) -> None:
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = num_samples, seq_length, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
+        text = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=g)
+        return {
+            "tokens": text[:-1],
+            "labels": text[1:],
+            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+            "position_ids": torch.arange(self.seq_length),
+        }
+
+
+def datasets_provider(train_val_test_num_samples: list[int], vp_stage: int | None = None):
+    from megatron.training import get_args
+
+    args = get_args()
+    if not args.mock_data:
+        return _gpt_datasets(train_val_test_num_samples, args)
+    vocab = args.padded_vocab_size
+    return tuple(RandomTokens(max(int(n), 1), args.seq_length, vocab, args.seed + split)
+                 for split, n in enumerate(train_val_test_num_samples))
+
+
+datasets_provider.is_distributed = True  # every rank builds its own (cheap) dataset
+
+
+def _gpt_datasets(num_samples: list[int], args: argparse.Namespace):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.training import get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, blend_per_split=blend_per_split,
+        split=args.split, path_to_cache=args.data_cache_path, tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+    )
+    return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+
+
+# ---------------------------------------------------------------- model step
+def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(output.reshape(-1).float() * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1).float()])}
+
+
+def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = False):
+    batch = next(data_iterator) if data_iterator is not None else None
+    device = next(model.parameters()).device
+    if batch is None:  # a middle pipeline stage: its input comes from the previous stage
+        return model(None, None, None), partial(_loss, torch.ones(1, device=device))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    seq = batch["tokens"].shape[1]
+    causal = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device), diagonal=1)
+    output = model(batch["tokens"], batch["position_ids"], causal, labels=batch["labels"], loss_mask=batch["loss_mask"])
+    return output, partial(_loss, batch["loss_mask"])
+
+
+# ------------------------------------------------------------------- main
+def _skip_dataset_helper_build() -> None:
+    """``initialize_megatron`` compiles Megatron's C++ dataset index helpers
+    (pybind11, make) on rank 0; :class:`RandomTokens` does not use them."""
+    from megatron.core.datasets import utils
+
+    utils.compile_helpers = lambda: None
+
+
+def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
+    """Parse Megatron-LM's arguments plus ``--excitation-*`` and run ``pretrain``."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        from excitation_dist.megatron import cpu_patches
+
+        cpu_patches.apply(training_loop=True)
+
+    from excitation_dist.megatron import compat
+
+    compat.backfill_typing_override()
+    if not compat.has_training_loop():
+        raise RuntimeError(
+            f"megatron.training is not installed: Megatron-LM's loop ships with megatron-core 0.19.x "
+            f"(found {compat.installed_version()}); use excitation_dist.megatron.attach() in your own loop instead"
+        )
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=add_excitation_args,
+                                   args_defaults={"tokenizer_type": "NullTokenizer"})
+    config = excitation_config_from_args(args)
+    if config is not None:
+        install_excitation(config)
+    if args.mock_data:
+        _skip_dataset_helper_build()
+    container = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+    pretrain(container, datasets_provider, ModelType.encoder_or_decoder, forward_step)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""``backend: megatron`` for ``excitation-dist train``: a megatron-core GPT-MoE
+(TP/SP, PP, EP, DistributedOptimizer, bf16) driven by the recipe's loop.
+
+The recipe's loop hands over one micro-batch at a time; megatron's schedules
+(pipeline parallelism in particular) run all micro-batches of a step in one
+call. :class:`MegatronBackend` therefore collects the micro-batches of a step
+and runs ``get_forward_backward_func()`` on the last one; the earlier calls
+return a loss tensor that is filled in then (the loop reads the losses only
+after the step). Works with megatron-core 0.16.1 and 0.19.x; on CPU the
+``patches/megatron_cpu`` shims are applied.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from excitation_dist.config import ConfigError
+from excitation_dist.recipe.config import RunConfig
+from excitation_dist.recipe.loop import run_training
+
+
+def validate(cfg: RunConfig) -> None:
+    m, p = cfg.model, cfg.parallel
+    unsupported = {
+        "model.attention: mla": m.attention != "standard",
+        "parallel.context_parallel > 1": p.context_parallel != 1,
+    }
+    bad = [key for key, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: not wired into the megatron recipe yet; "
+                          "use Megatron-LM (python -m excitation_dist.megatron.pretrain_gpt)")
+    if cfg.device == "cpu" and p.expert_tensor_parallel != 1:
+        raise ConfigError("parallel.expert_tensor_parallel: must be 1 on CPU (gloo cannot all-gather unevenly)")
+    if p.tensor_parallel > 1 and p.expert_parallel == 1 and p.expert_tensor_parallel != p.tensor_parallel:
+        raise ConfigError(
+            "parallel.expert_parallel: with tensor_parallel > 1 and expert_tensor_parallel != tensor_parallel, "
+            "megatron-core only synchronizes expert gradients when expert_parallel > 1; raise expert_parallel "
+            "or set expert_tensor_parallel = tensor_parallel"
+        )
+
+
+def transformer_config(cfg: RunConfig):
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, kv_channels=m.head_dim, ffn_hidden_size=m.ffn_hidden_size,
+        gated_linear_unit=m.activation == "swiglu", activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        normalization="RMSNorm" if m.normalization == "rmsnorm" else "LayerNorm", qk_layernorm=m.qk_layernorm,
+        num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_layer_freq=[0] * moe.first_dense_layers + [1] * (m.num_layers - moe.first_dense_layers),
+        moe_expert_capacity_factor=moe.capacity_factor, moe_aux_loss_coeff=moe.aux_loss_coef,
+        moe_z_loss_coeff=moe.z_loss_coef or None, moe_router_load_balancing_type="aux_loss",
+        moe_router_dtype="fp32" if moe.router_dtype == "fp32" else None,
+        moe_token_dispatcher_type=p.token_dispatcher,
+        tensor_model_parallel_size=p.tensor_parallel, pipeline_model_parallel_size=p.pipeline_parallel,
+        sequence_parallel=p.sequence_parallel, expert_model_parallel_size=p.expert_parallel,
+        expert_tensor_parallel_size=p.expert_tensor_parallel,
+        pipeline_dtype=dtype, params_dtype=torch.float32, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
+        use_cpu_initialization=cfg.device == "cpu", hidden_dropout=0.0, attention_dropout=0.0,
+        add_bias_linear=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+    )
+
+
+class MegatronBackend:
+    """:class:`excitation_dist.recipe.loop.TrainBackend` on megatron-core."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        from excitation_dist.megatron.backend import attach
+
+        self.cfg, self.device = cfg, device
+        p, m, o = cfg.parallel, cfg.model, cfg.optimizer
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_parallel, pipeline_model_parallel_size=p.pipeline_parallel,
+            expert_model_parallel_size=p.expert_parallel, expert_tensor_parallel_size=p.expert_tensor_parallel,
+        )
+        torch.manual_seed(cfg.seed)
+        model_parallel_cuda_manual_seed(cfg.seed)
+        config = transformer_config(cfg)
+        use_te = device.type == "cuda" and _has_transformer_engine()
+        model = GPTModel(
+            config, get_gpt_decoder_block_spec(config, use_transformer_engine=use_te), vocab_size=m.vocab_size,
+            max_sequence_length=m.max_position_embeddings or m.seq_length,
+            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            position_embedding_type="rope" if m.position_embedding == "rope" else "learned_absolute",
+            rotary_base=int(m.rope_theta),
+        )
+        if device.type == "cuda":
+            model.cuda(device)
+        if cfg.precision != "fp32":
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(config, model)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=p.distributed_optimizer)
+        self.model = DistributedDataParallel(config, ddp_config, model)
+        config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="sgd" if o.name == "sgd" else "adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, sgd_momentum=o.beta1, clip_grad=o.clip_grad,
+            decoupled_weight_decay=o.name != "adam", bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
+            use_distributed_optimizer=p.distributed_optimizer,
+        ), [self.model])
+        if cfg.precision == "fp16":
+            config.grad_scale_func = self.optimizer.scale_loss
+        self.config = config
+        self.excitation = attach([self.model], self.optimizer, cfg.excitation)
+        self.data_parallel_rank = ps.get_data_parallel_rank()
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens, loss slot) of this step
+
+    # ---------------------------------------------------------------- steps
+    def _run(self, tokens_list: list[torch.Tensor], forward_only: bool) -> list[torch.Tensor]:
+        """Megatron's schedule over these micro-batches; per-micro-batch LM loss
+        (on every rank: the last pipeline stage broadcasts it)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq = tokens_list[0].shape[1] - 1
+        micro = tokens_list[0].shape[0]
+        causal = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=self.device), diagonal=1)
+        position_ids = torch.arange(seq, device=self.device).unsqueeze(0).expand(micro, seq)
+
+        def forward_step(data_iterator: Any, model: Any):
+            tokens = next(data_iterator)
+            out = model(tokens[:, :-1], position_ids, causal, labels=tokens[:, 1:])
+
+            def loss_func(output: torch.Tensor):
+                loss = output.float().mean()
+                return loss, {"lm": loss.detach()}
+
+            return out, loss_func
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(tokens_list), model=[self.model],
+            num_microbatches=len(tokens_list), seq_length=seq, micro_batch_size=micro, forward_only=forward_only,
+        )
+        losses = torch.zeros(len(tokens_list), device=self.device)
+        if ps.is_pipeline_last_stage():
+            losses = torch.stack([o["lm"].float().reshape(()) for o in outputs]).to(self.device)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(losses, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        return list(losses)
+
+    def forward_backward(self, tokens: torch.Tensor, last_micro_batch: bool, scale: float) -> torch.Tensor:
+        slot = torch.zeros((), device=self.device)  # filled when the step's schedule has run
+        self._pending.append((tokens, slot))
+        if last_micro_batch:
+            self.optimizer.zero_grad()
+            self.model.zero_grad_buffer()
+            losses = self._run([t for t, _ in self._pending], forward_only=False)  # averages over micro-batches itself
+            for (_, s), loss in zip(self._pending, losses):
+                s.fill_(loss)
+            self._pending = []
+        return slot
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        applied, grad_norm, _ = self.optimizer.step()
+        return {"grad_norm": float(grad_norm or 0.0), "applied": float(bool(applied))}
+
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            loss = self._run([tokens], forward_only=True)[0]
+        self.model.train()
+        return loss
+
+    # ----------------------------------------------------------- checkpoints
+    def _file(self, directory: str) -> Path:
+        return Path(directory) / f"rank{dist.get_rank():05d}.pt"
+
+    def save(self, directory: str, step: int) -> None:
+        """Every rank writes its own file: model state, and per megatron optimizer
+        the tensors its torch optimizer steps (fp32 main params or shards) and that
+        optimizer's state. Resume needs the same parallel layout."""
+        from excitation_dist.megatron import compat
+
+        leaves = []
+        for leaf in compat.leaf_optimizers(self.optimizer):
+            base = compat.base_optimizer(leaf)
+            if base is None:
+                leaves.append(None)
+                continue
+            scaler = getattr(leaf, "grad_scaler", None)
+            leaves.append({"main": [t.detach().clone() for g in base.param_groups for t in g["params"]],
+                           "state": base.state_dict(), "grad_scaler": scaler.state_dict() if scaler else None})
+        torch.save({"model": self.model.state_dict(), "optimizers": leaves, "excitation": self.excitation.state_dict(),
+                    "step": step}, self._file(directory))
+
+    def load(self, directory: str) -> None:
+        from excitation_dist.megatron import compat
+
+        state = torch.load(self._file(directory), map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        for leaf, saved in zip(compat.leaf_optimizers(self.optimizer), state["optimizers"]):
+            base = compat.base_optimizer(leaf)
+            if base is None or saved is None:
+                continue
+            with torch.no_grad():
+                for t, value in zip((t for g in base.param_groups for t in g["params"]), saved["main"]):
+                    t.copy_(value)
+            base.load_state_dict(saved["state"])
+            if saved["grad_scaler"] is not None:
+                leaf.grad_scaler.load_state_dict(saved["grad_scaler"])
+        self.excitation.load_state_dict(state["excitation"])
+
+
+def _has_transformer_engine() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def train(cfg: RunConfig) -> int:
+    validate(cfg)
+    if cfg.device == "cpu":
+        from excitation_dist.megatron import cpu_patches
+
+        cpu_patches.apply()
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    try:
+        run_training(cfg, MegatronBackend(cfg, device), device)
+    finally:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,102 @@
+"""megatron-core 0.19.2 (Megatron-LM's training loop) over gloo on CPU.
+
+0.19.2 ships only a Python 3.12 wheel; ``make setup`` (target ``megatron-0.19.2``)
+unpacks it into ``.megatron-0.19.2/``, and these tests' workers put that folder
+first on ``sys.path`` (with a ``typing.override`` backfill for Python 3.11). If
+the folder is missing, the tests download it themselves and skip only if that
+is impossible.
+
+- the backend checks of tests/test_megatron_backend.py (counts vs. the experts'
+  inputs, per-expert learning-rate reference, phi = 0 expert unchanged, one
+  count collective, a skipped step) on three cases: EP 2 alltoall FP32Optimizer with
+  accumulation and a skipped step; DistributedOptimizer fp32 shards splitting experts;
+  TP 2 + sequence parallel, EP 2, allgather, bf16 Float16Optimizer;
+- ``python -m excitation_dist.megatron.pretrain_gpt`` (Megatron-LM's ``pretrain``,
+  GPT-MoE, EP 2, mock data) for 3 iterations with ``--excitation-strategy``: the
+  controller stepped 3 times, counted every (token, expert) assignment of the
+  global batch, and its metrics reached Megatron's TensorBoard writer.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from excitation_dist.testing import run_distributed
+from tests.megatron_support import ENV, Case, run_cases
+
+ROOT = Path(__file__).resolve().parents[1]
+MEGATRON_0192 = ROOT / ".megatron-0.19.2"
+CASES = [
+    Case("ep2-a2a-fp32-ga2", ep=2, gas=2, skipped_step=1),
+    Case("ep1-distopt-fp32", ep=1, dist_opt=True),
+    Case("tp2sp-ep2-ag-bf16", tp=2, ep=2, dispatcher="allgather", dtype="bf16"),
+]
+
+
+@pytest.fixture(scope="module")
+def megatron_0192() -> str:
+    if not (MEGATRON_0192 / "megatron" / "training").is_dir():
+        wheels = MEGATRON_0192 / ".wheel"
+        download = [sys.executable, "-m", "pip", "download", "-q", "megatron-core==0.19.2", "--python-version", "3.12",
+                    "--only-binary=:all:", "--no-deps", "-d", str(wheels)]
+        if subprocess.run(download, capture_output=True).returncode != 0:
+            pytest.skip("megatron-core 0.19.2 is not unpacked in .megatron-0.19.2/ and cannot be downloaded "
+                        "(run `make megatron-0.19.2` where PyPI is reachable)")
+        with zipfile.ZipFile(next(wheels.glob("megatron_core-0.19.2-*.whl"))) as wheel:
+            wheel.extractall(MEGATRON_0192)
+    return str(MEGATRON_0192)
+
+
+def test_backend_on_megatron_0192(megatron_0192):
+    results = run_distributed(run_cases, 2, CASES, megatron_0192, env=ENV, timeout=400)
+    for rank_results in results:
+        assert [r["case"] for r in rank_results] == [c.name for c in CASES]
+        assert rank_results[0]["megatron_core"] == "0.19.2"
+
+
+SEQ, GLOBAL_BATCH, TOPK, ITERS = 16, 8, 2, 3
+PRETRAIN_ARGS = [
+    "--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--ffn-hidden-size", "32",
+    "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ), "--micro-batch-size", "2",
+    "--global-batch-size", str(GLOBAL_BATCH), "--train-iters", str(ITERS), "--lr", "1e-3",
+    "--num-experts", "4", "--moe-router-topk", str(TOPK), "--moe-ffn-hidden-size", "12",
+    "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--num-workers", "0",
+    "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization",
+    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
+    "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm", "--disable-bias-linear",
+    "--position-embedding-type", "learned_absolute", "--eval-iters", "0", "--eval-interval", "1000",
+    "--log-interval", "1",
+    "--excitation-strategy", "positivesum", "--excitation-gamma", "1.0",
+]
+
+
+def _pretrain(megatron_path: str, argv: list[str]):
+    sys.path.insert(0, megatron_path)
+    from excitation_dist.megatron import pretrain_gpt
+
+    pretrain_gpt.main(argv, cpu=True)
+    excitation = pretrain_gpt.excitation()
+    return excitation.step, excitation.last_counts_LE.tolist(), excitation.config.strategy
+
+
+def test_pretrain_gpt_with_excitation(megatron_0192, tmp_path):
+    argv = PRETRAIN_ARGS + ["--tensorboard-dir", str(tmp_path / "tb")]
+    results = run_distributed(_pretrain, 2, megatron_0192, argv, env=ENV, timeout=400)
+    for step, counts_LE, strategy in results:
+        assert step == ITERS and strategy == "positivesum"
+        assert [sum(layer) for layer in counts_LE] == [GLOBAL_BATCH * SEQ * TOPK] * 2  # every assignment, once
+    assert results[0][1] == results[1][1]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tags = events.Tags()["scalars"]
+    assert any(t.startswith("excitation/") for t in tags), tags
+    steps = [e.step for e in events.Scalars(next(t for t in tags if t.startswith("excitation/")))]
+    assert steps == list(range(1, ITERS + 1))

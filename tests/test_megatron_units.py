@@ -1,0 +1,136 @@
+"""Megatron backend pieces that need no process group: counts at the router
+(padding excluded), expert ranges of the three expert layouts, main-shard
+segments that cut a stacked expert tensor, refusals, version gates."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from excitation_dist.megatron import compat
+from excitation_dist.segments import ExpertRange
+
+
+def test_router_counts_exclude_padding():
+    # routing_map [tokens=4 (seq 2 x batch 2), E=3]; megatron's padding mask is [seq, batch], True = padding
+    routing_map = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    padding = torch.tensor([[False, True], [False, False]])
+    assert compat.routed_tokens_per_expert(routing_map, None).tolist() == [3, 3, 2]
+    assert compat.routed_tokens_per_expert(routing_map, padding).tolist() == [3, 2, 1]
+    mask = compat.router_padding_mask((torch.zeros(1), padding), {})
+    assert mask is padding and compat.router_padding_mask((torch.zeros(1),), {"padding_mask": padding}) is padding
+
+
+def test_router_output_layout_is_checked():
+    with pytest.raises(RuntimeError, match="TopKRouter"):
+        compat.router_routing_map((torch.zeros(4, 3),))
+
+
+def _fake_layer(kind: str, experts_module, local_expert_indices):
+    experts = type(kind, (), {})()
+    experts.__dict__.update(experts_module)
+    return types.SimpleNamespace(experts=experts, local_expert_indices=local_expert_indices)
+
+
+def test_expert_ranges_of_the_three_layouts():
+    lin = [torch.nn.Linear(4, 3, bias=False) for _ in range(2)]
+    seq = _fake_layer("SequentialMLP", {"local_experts": [torch.nn.Sequential(lin[0]), torch.nn.Sequential(lin[1])]}, [2, 3])
+    assert [(p is lin[i].weight, r) for i, (p, r) in enumerate(compat.local_expert_ranges(seq))] == [
+        (True, [ExpertRange(2, 0, 12)]), (True, [ExpertRange(3, 0, 12)])]
+
+    fc1, fc2 = torch.nn.Module(), torch.nn.Module()
+    for i in range(2):
+        fc1.register_parameter(f"weight{i}", torch.nn.Parameter(torch.zeros(6, 4)))
+        fc2.register_parameter(f"weight{i}", torch.nn.Parameter(torch.zeros(4, 3)))
+    te = _fake_layer("TEGroupedMLP", {"linear_fc1": fc1, "linear_fc2": fc2}, [4, 5])
+    got = [(tuple(p.shape), r) for p, r in compat.local_expert_ranges(te)]
+    assert got == [((6, 4), [ExpertRange(4, 0, 24)]), ((6, 4), [ExpertRange(5, 0, 24)]),
+                   ((4, 3), [ExpertRange(4, 0, 12)]), ((4, 3), [ExpertRange(5, 0, 12)])]
+
+    w1, w2 = torch.nn.Parameter(torch.zeros(4, 2 * 6)), torch.nn.Parameter(torch.zeros(2 * 6, 4))
+    grouped = _fake_layer("GroupedMLP", {"weight1": w1, "weight2": w2, "num_local_experts": 2}, [2, 3])
+    assert compat.local_expert_ranges(grouped) == [
+        (w1, [ExpertRange(2, 0, 24), ExpertRange(3, 24, 48)]), (w2, [ExpertRange(2, 0, 24), ExpertRange(3, 24, 48)])]
+
+
+def test_distributed_optimizer_shard_cutting_a_stacked_expert_tensor():
+    """A DistributedOptimizer rank owning elements [10, 40) of a legacy GroupedMLP
+    weight (2 experts of 24 elements) steps expert 2's tail and expert 3's head."""
+    from excitation_dist.megatron.master_segments import owned_expert_segments
+
+    w1 = torch.nn.Parameter(torch.zeros(4, 12))
+    shard = torch.zeros(30)
+    layer = _fake_layer("GroupedMLP", {"weight1": w1, "weight2": torch.nn.Parameter(torch.zeros(12, 4)),
+                                       "num_local_experts": 2}, [2, 3])
+    leaf = type("DistributedOptimizer", (), {})()
+    leaf.__dict__.update(
+        optimizer=torch.optim.SGD([shard], lr=0.1), is_stub_optimizer=False,
+        model_float16_groups=[[]], shard_fp32_from_float16_groups=[[]],
+        model_fp32_groups=[[w1]], shard_fp32_groups=[[shard]],
+        _get_model_param_range_map=lambda p: {"param": types.SimpleNamespace(start=10, end=40)},
+    )
+    chained = types.SimpleNamespace(chained_optimizers=[leaf])
+    segments = owned_expert_segments([layer], chained)
+    assert [(s.tensor is shard, s.start, s.end, s.layer, s.expert) for s in segments] == [
+        (True, 0, 14, 0, 2), (True, 14, 30, 0, 3)]
+
+
+@pytest.mark.parametrize("setting", ["use_precision_aware_optimizer", "optimizer_cpu_offload"])
+def test_unsupported_optimizer_settings_are_refused_by_name(setting):
+    optimizer = types.SimpleNamespace(config=types.SimpleNamespace(**{setting: True}), chained_optimizers=[])
+    with pytest.raises(NotImplementedError, match=setting):
+        compat.check_supported([torch.nn.Linear(1, 1)], optimizer)
+
+
+def test_megatron_fsdp_is_refused_by_name():
+    chunk = torch.nn.Linear(1, 1)
+    chunk.ddp_config = types.SimpleNamespace(use_megatron_fsdp=True)
+    with pytest.raises(NotImplementedError, match="use_megatron_fsdp"):
+        compat.check_supported([chunk], types.SimpleNamespace(config=None, chained_optimizers=[]))
+
+
+def test_tensor_parallel_experts_without_expert_parallelism_are_refused():
+    chunk = torch.nn.Linear(1, 1)
+    chunk.config = types.SimpleNamespace(tensor_model_parallel_size=2, expert_model_parallel_size=1,
+                                         expert_tensor_parallel_size=1)
+    with pytest.raises(NotImplementedError, match="expert_tensor_parallel_size=1"):
+        compat.check_supported([chunk], types.SimpleNamespace(config=None, chained_optimizers=[]))
+
+
+def test_unknown_optimizer_wrapper_is_refused():
+    leaf = type("LayerWiseDistributedOptimizer", (), {})()
+    with pytest.raises(NotImplementedError, match="LayerWiseDistributedOptimizer"):
+        compat.check_supported([torch.nn.Linear(1, 1)], types.SimpleNamespace(config=None, chained_optimizers=[leaf]))
+
+
+def test_version_check_names_the_checked_range():
+    compat.check_version("0.16.1")
+    compat.check_version("0.19.2")
+    for version in ("0.15.0", "0.20.0"):
+        with pytest.raises(RuntimeError, match="0.16.1"):
+            compat.check_version(version)
+
+
+def test_step_result_is_read_as_update_successful():
+    assert compat.step_succeeded((True, 1.0, 0)) and not compat.step_succeeded((False, None, None))
+
+
+def test_cpu_patches_refuse_a_gpu_process(monkeypatch):
+    from excitation_dist.megatron import cpu_patches
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="sees a GPU"):
+        cpu_patches.apply()
+
+
+def test_cpu_patches_fail_loudly_on_an_unchecked_version(monkeypatch):
+    from excitation_dist.megatron import cpu_patches
+
+    patches = cpu_patches._load()
+    common = patches._common
+    monkeypatch.setattr(common, "megatron_version", lambda: "0.18.0")
+    for module in patches.PATCHES:
+        with pytest.raises(patches.PatchVersionError, match=r"0\.18\.0"):
+            common.require(module.NAME, module.CHECKED)
