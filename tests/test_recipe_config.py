@@ -101,3 +101,13 @@ def test_bad_files(tmp_path):
     typo.write_text("modle: {num_layers: 2}\n")
     with pytest.raises(ConfigError, match="unknown key.*modle"):
         load_run_config(typo)
+
+
+def test_megatron_refuses_latent_attention_on_cpu():
+    """DeepSeek's MLA needs Transformer Engine's attention: refused before launch on CPU, accepted for GPUs."""
+    from excitation_dist.megatron.recipe import validate
+
+    mla = ["backend=megatron", "model.attention=mla", "model.kv_lora_rank=16", "model.qk_rope_head_dim=8"]
+    with pytest.raises(ConfigError, match="model.attention: mla needs Transformer Engine"):
+        validate(load_run_config(CONFIGS / "tiny_cpu.yaml", mla))
+    validate(load_run_config(CONFIGS / "tiny_cpu.yaml", [*mla, "device=cuda"]))

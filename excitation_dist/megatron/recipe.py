@@ -27,13 +27,15 @@ from excitation_dist.recipe.loop import run_training
 def validate(cfg: RunConfig) -> None:
     m, p = cfg.model, cfg.parallel
     unsupported = {
-        "model.attention: mla": m.attention != "standard",
         "parallel.context_parallel > 1": p.context_parallel != 1,
     }
     bad = [key for key, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: not wired into the megatron recipe yet; "
                           "use Megatron-LM (python -m excitation_dist.megatron.pretrain_gpt)")
+    if m.attention == "mla" and cfg.device == "cpu":
+        raise ConfigError("model.attention: mla needs Transformer Engine's attention (megatron-core's local "
+                          "DotProductAttention cannot run latent attention); use device: cuda with Transformer Engine")
     if cfg.device == "cpu" and p.expert_tensor_parallel != 1:
         raise ConfigError("parallel.expert_tensor_parallel: must be 1 on CPU (gloo cannot all-gather unevenly)")
     if p.tensor_parallel > 1 and p.expert_parallel == 1 and p.expert_tensor_parallel != p.tensor_parallel:
@@ -45,12 +47,22 @@ def validate(cfg: RunConfig) -> None:
 
 
 def transformer_config(cfg: RunConfig):
+    """megatron-core's TransformerConfig for ``cfg`` (MLATransformerConfig for
+    ``model.attention: mla``: DeepSeek-V2 latent attention with YaRN rotary
+    embeddings at megatron's DeepSeek defaults)."""
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    return TransformerConfig(
+    config_class, attention = TransformerConfig, {}
+    if m.attention == "mla":
+        head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+        config_class = MLATransformerConfig
+        attention = dict(q_lora_rank=None, kv_lora_rank=m.kv_lora_rank, qk_head_dim=head_dim,
+                         qk_pos_emb_head_dim=m.qk_rope_head_dim, v_head_dim=head_dim, rotary_base=m.rope_theta)
+    return config_class(
+        **attention,
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, kv_channels=m.head_dim, ffn_hidden_size=m.ffn_hidden_size,
         gated_linear_unit=m.activation == "swiglu", activation_func=F.silu if m.activation == "swiglu" else F.gelu,
@@ -95,6 +107,9 @@ class MegatronBackend:
         model_parallel_cuda_manual_seed(cfg.seed)
         config = transformer_config(cfg)
         use_te = device.type == "cuda" and _has_transformer_engine()
+        if m.attention == "mla" and not use_te:
+            raise RuntimeError("model.attention: mla needs Transformer Engine (import transformer_engine failed); "
+                               "use NVIDIA's PyTorch container (docker/)")
         model = GPTModel(
             config, get_gpt_decoder_block_spec(config, use_transformer_engine=use_te), vocab_size=m.vocab_size,
             max_sequence_length=m.max_position_embeddings or m.seq_length,
