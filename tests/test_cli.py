@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "excitation_dist.cli", *args], capture_output=True, text=True, timeout=timeout)
@@ -48,3 +50,12 @@ def test_demo_rejects_bad_arguments_with_a_clear_message():
 def test_help_lists_subcommands():
     proc = _cli("--help")
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_report_names_runs_apart_by_their_parents(tmp_path):
+    from excitation_dist.recipe.report import run_names
+
+    assert run_names([tmp_path / "a" / "log", tmp_path / "b" / "log"]) == ["a-log", "b-log"]
+    assert run_names([tmp_path / "zerosum", tmp_path / "baseline"]) == ["zerosum", "baseline"]
+    with pytest.raises(ValueError, match="twice"):
+        run_names([tmp_path / "x", tmp_path / "x"])

@@ -18,6 +18,17 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Short distinct names: the directory name, with as many parent directories
+    as it takes to tell runs apart (``a/log`` and ``b/log`` become ``a-log``, ``b-log``)."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["-".join(p[-depth:]).lstrip("/") or "/" for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"the same run directory is given twice: {[str(d) for d in run_dirs]}")
+
+
 def make_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -26,7 +37,7 @@ def make_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     import numpy as np
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {Path(d).name or str(d): read_metrics(d) for d in run_dirs}
+    runs = {name: read_metrics(d) for name, d in zip(run_names(run_dirs), run_dirs)}
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
