@@ -6,6 +6,8 @@
 2. The counts path alone (record every layer, one all-reduce, multipliers) for
    up to 64 layers x 256 experts; collectives and bytes per step (profiler).
 3. Transient snapshot memory against the expert parameter bytes the rank owns.
+4. The update blending alone against the AdamW step it wraps, on up to 16M
+   expert elements: what Excitation adds where the optimizer dominates a step.
 
     python benchmarks/core_overhead.py            # 2 processes
     python benchmarks/core_overhead.py --quick    # smaller sizes, for a smoke run
@@ -86,6 +88,34 @@ def _counts_path(layers: int, experts: int, steps: int) -> dict:
             "collectives": log.count(), "bytes": layers * experts * 8}
 
 
+def _blend_vs_optimizer(experts: int, per_expert: int, steps: int) -> dict:
+    """The update blending alone against the base optimizer step it wraps: AdamW
+    on one stacked [experts, per_expert] fp32 weight, with and without
+    Excitation's hooks (ZeroSum of random counts: every expert's phi != 1, so
+    every element is snapshotted and blended), steps interleaved."""
+    from excitation_dist import ExpertSegment
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(experts, per_expert, generator=g)) for _ in range(2)]
+    opts = [torch.optim.AdamW([w], lr=1e-3) for w in weights]
+    ex = Excitation({"strategy": "zerosum"}, 1, experts, reduce=False)
+    ex.set_segments(ExpertSegment(weights[1], e * per_expert, (e + 1) * per_expert, 0, e) for e in range(experts))
+    ex.hook_optimizer(opts[1])
+    times = {0: [], 1: []}
+    for step in range(steps + 2):
+        for w in weights:
+            w.grad = torch.randn(w.shape, generator=g)
+        ex.record(0, torch.randint(1, 100, (experts,), generator=g))
+        for i in ((0, 1) if step % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            opts[i].step()
+            if step >= 2:
+                times[i].append(time.perf_counter() - t0)
+    base, excited = statistics.median(times[0]), statistics.median(times[1])
+    return {"elements": experts * per_expert, "adamw_ms": 1e3 * base, "with_ms": 1e3 * excited,
+            "added_ms": 1e3 * (excited - base), "ratio": excited / base, "snapshot_MB": ex.peak_snapshot_bytes / 2**20}
+
+
 def _worker(quick: bool) -> list:
     torch.set_num_threads(1)
     sizes = ["S", "M"] if quick else list(SIZES)
@@ -93,6 +123,8 @@ def _worker(quick: bool) -> list:
     rows = [("step", _step_times(s, steps)) for s in sizes]
     grid = [(2, 8), (16, 64)] if quick else [(2, 8), (16, 64), (32, 128), (64, 256)]
     rows += [("counts", _counts_path(layers, experts, steps)) for layers, experts in grid]
+    blends = [(8, 2**14), (16, 2**17)] if quick else [(8, 2**14), (16, 2**17), (32, 2**19)]
+    rows += [("blend", _blend_vs_optimizer(e, n, steps)) for e, n in blends]
     return rows
 
 
@@ -113,6 +145,12 @@ def main() -> None:
     for kind, r in rows:
         if kind == "counts":
             print(f"{r['layers']:>6} {r['experts']:>8} {r['ms']:>8.3f} {r['collectives']:>12} {r['bytes']:>14,}")
+    print("\nUpdate blending alone vs. the AdamW step it wraps (one stacked fp32 expert weight, every phi != 1)")
+    print(f"{'elements':>11} {'AdamW ms':>9} {'+Excitation ms':>15} {'added ms':>9} {'ratio':>7} {'snapshot MB':>12}")
+    for kind, r in rows:
+        if kind == "blend":
+            print(f"{r['elements']:>11,} {r['adamw_ms']:>9.2f} {r['with_ms']:>15.2f} {r['added_ms']:>9.2f} "
+                  f"{r['ratio']:>7.3f} {r['snapshot_MB']:>12.1f}")
 
 
 if __name__ == "__main__":
