@@ -65,11 +65,17 @@ def setup(case: Case) -> None:
     cpu_patches.apply_if_requested()
     from megatron.core import parallel_state as ps
 
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    get_moe_layer_wise_logging_tracker().clear()  # aux-loss tracker sized by the previous case's layer count
+    # megatron's aux-loss tracker is per process and sized by the first model's layer count: start afresh
+    try:  # 0.19: a tracker object
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+        destroy_moe_metrics_tracker()
+    except ImportError:  # 0.16: a module-level dict
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=case.tp,
         pipeline_model_parallel_size=case.pp,

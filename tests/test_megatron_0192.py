@@ -10,7 +10,10 @@ is impossible.
   inputs, per-expert learning-rate reference, phi = 0 expert unchanged, one
   count collective, a skipped step) on three cases: EP 2 alltoall FP32Optimizer with
   accumulation and a skipped step; DistributedOptimizer fp32 shards splitting experts;
-  TP 2 + sequence parallel, EP 2, allgather, bf16 Float16Optimizer;
+  TP 2 + sequence parallel, EP 2, allgather, bf16 Float16Optimizer; and on 4 ranks
+  the 4-rank matrix of tests/test_megatron_backend.py (TP 2 + SP, EP 2 x expert-DP 2,
+  DistributedOptimizer bf16; EP 4 allgather with accumulation; PP 2 with virtual
+  stages and full recompute);
 - ``python -m excitation_dist.megatron.pretrain_gpt`` (Megatron-LM's ``pretrain``,
   GPT-MoE, EP 2, mock data) for 3 iterations with ``--excitation-strategy``: the
   controller stepped 3 times, counted every (token, expert) assignment of the
@@ -36,6 +39,11 @@ CASES = [
     Case("ep1-distopt-fp32", ep=1, dist_opt=True),
     Case("tp2sp-ep2-ag-bf16", tp=2, ep=2, dispatcher="allgather", dtype="bf16"),
 ]
+CASES4 = [
+    Case("tp2sp-ep2-distopt-bf16", tp=2, ep=2, dist_opt=True, dtype="bf16"),
+    Case("ep4-ag-fp32-ga2", ep=4, dispatcher="allgather", gas=2),
+    Case("pp2-vpp2-dp2-ep2-ga2-recompute", pp=2, vpp=2, ep=2, gas=2, recompute=True),
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +64,13 @@ def test_backend_on_megatron_0192(megatron_0192):
     results = run_distributed(run_cases, 2, CASES, megatron_0192, env=ENV, timeout=400)
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in CASES]
+        assert rank_results[0]["megatron_core"] == "0.19.2"
+
+
+def test_backend_on_megatron_0192_four_ranks(megatron_0192):
+    results = run_distributed(run_cases, 4, CASES4, megatron_0192, env=ENV, timeout=500)
+    for rank_results in results:
+        assert [r["case"] for r in rank_results] == [c.name for c in CASES4]
         assert rank_results[0]["megatron_core"] == "0.19.2"
 
 
