@@ -187,11 +187,11 @@ def _expert_code_maps(engine, case: Case) -> list:
     where no expert lives. Written through DeepSpeed's safe_set_full_fp32_param
     (without ZeRO the stepped tensors are the parameters themselves)."""
     import torch
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
     if case.zero == 0:
         safe_get_full_fp32_param = lambda p: p.detach().clone()  # noqa: E731
         safe_set_full_fp32_param = lambda p, value: p.data.copy_(value)  # noqa: E731
+    else:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     flats = _stepped_fp32(engine)
     saved = [f.detach().clone() for f in flats]

@@ -25,8 +25,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import torch
-
 from excitation_dist.config import ExcitationConfig, as_config
 from excitation_dist.core import Excitation
 from excitation_dist.deepspeed import compat

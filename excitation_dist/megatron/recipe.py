@@ -12,7 +12,6 @@ after the step). Works with megatron-core 0.16.1 and 0.19.x; on CPU the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch.distributed as dist
 
 from excitation_dist.config import ConfigError
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.loop import run_training
+from excitation_dist.recipe.loop import init_process_group, run_training
 
 
 def validate(cfg: RunConfig) -> None:
@@ -251,11 +250,7 @@ def train(cfg: RunConfig) -> int:
         from excitation_dist.megatron import cpu_patches
 
         cpu_patches.apply()
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    device = init_process_group(cfg)
     try:
         run_training(cfg, MegatronBackend(cfg, device), device)
     finally:

@@ -45,6 +45,18 @@ class TrainBackend(Protocol):
         """Restore the state written by :meth:`save`."""
 
 
+def init_process_group(cfg: RunConfig) -> torch.device:
+    """This rank's device (``cuda:LOCAL_RANK``, made current, or the CPU) and the
+    default process group on it (NCCL or gloo), for backends that start torch.distributed themselves."""
+    if cfg.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    return device
+
+
 def learning_rate(cfg: RunConfig, step: int) -> float:
     """Linear warm-up to ``optimizer.lr``, then cosine/linear decay to ``min_lr`` (step is 1-based)."""
     o, s = cfg.optimizer, cfg.schedule

@@ -4,7 +4,6 @@ transformer under DDP (experts replicated), any process count, CPU or CUDA."""
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ import torch.distributed as dist
 from excitation_dist.config import ConfigError
 from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, lm_loss
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.loop import run_training
+from excitation_dist.recipe.loop import init_process_group, run_training
 from excitation_dist.torch.backend import attach
 
 STATE_FILE = "state.pt"
@@ -109,10 +108,7 @@ class TorchDDPBackend:
 
 def train(cfg: RunConfig) -> int:
     validate(cfg)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cfg.device == "cuda" else torch.device("cpu")
-    if cfg.device == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    device = init_process_group(cfg)
     try:
         run_training(cfg, TorchDDPBackend(cfg, device), device)
     finally:
