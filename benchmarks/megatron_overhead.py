@@ -188,24 +188,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from excitation_dist.testing import run_distributed
+    from overhead_table import print_overhead_table
     from tests.megatron_support import ENV
 
     results = run_distributed(_worker, args.world_size, args.sizes, args.ep_size, args.steps, args.warmup,
                               args.micro, args.seq_len, env=dict(ENV), timeout=3600)[0]
-    print(f"megatron-core, DistributedOptimizer fp32, {args.world_size} ranks (CPU, gloo), EP {args.ep_size}, "
-          f"micro-batch {args.micro} x {args.seq_len} tokens, {args.steps} interleaved steps per model")
-    header = (f"{'size':<8}{'params':>10}{'ms w/o':>9}{'ms with':>9}{'ratio':>8}{'pair':>8}"
-              f"{'+coll':>7}{'+bytes':>8}{'snap B':>11}{'owned el':>10}{'snap B/el':>10}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        per_el = r["peak_snapshot_bytes"] / max(r["owned_expert_elements"], 1)
-        print(f"{r['size']:<8}{r['params']:>10}{r['step_ms_without']:>9.1f}{r['step_ms_with']:>9.1f}"
-              f"{r['ratio']:>8.3f}{r['pair_ratio']:>8.3f}{r['extra_collectives']:>7}{r['extra_bytes']:>8}"
-              f"{r['peak_snapshot_bytes']:>11}{r['owned_expert_elements']:>10}{per_el:>10.2f}")
-    print("params: whole model (all EP ranks' experts); ratio: median step time with / without; pair: median of "
-          "per-step-pair ratios; +coll/+bytes: collectives and bytes Excitation adds per optimizer step; snap B: peak "
-          "transient snapshot bytes (max over ranks); owned el: expert parameter elements this rank steps (max over ranks)")
+    print_overhead_table(f"megatron-core, DistributedOptimizer fp32, {args.world_size} ranks (CPU, gloo), "
+                         f"EP {args.ep_size}, micro-batch {args.micro} x {args.seq_len} tokens, {args.steps} interleaved "
+                         "steps per model", results, note="params: whole model (all EP ranks' experts); ")
     return 0
 
 

@@ -59,6 +59,19 @@ class Case:
         return NUM_LAYERS * self.vpp
 
 
+# The backend matrix (see tests/test_megatron_backend.py), run on megatron-core 0.16.1 and 0.19.2.
+WORLD2 = [  # 2 ranks
+    Case("ep2-a2a-fp32-ga2", ep=2, gas=2, skipped_step=1),
+    Case("ep1-distopt-fp32", ep=1, dist_opt=True),
+    Case("tp2sp-ep2-ag-bf16", tp=2, ep=2, dispatcher="allgather", dtype="bf16"),
+]
+WORLD4 = [  # 4 ranks
+    Case("tp2sp-ep2-distopt-bf16", tp=2, ep=2, dist_opt=True, dtype="bf16"),
+    Case("ep4-ag-fp32-ga2", ep=4, dispatcher="allgather", gas=2),
+    Case("pp2-vpp2-dp2-ep2-ga2-recompute", pp=2, vpp=2, ep=2, gas=2, recompute=True),
+]
+
+
 def setup(case: Case) -> None:
     from excitation_dist.megatron import cpu_patches
 

@@ -30,20 +30,10 @@ from pathlib import Path
 import pytest
 
 from excitation_dist.testing import run_distributed
-from tests.megatron_support import ENV, Case, run_cases
+from tests.megatron_support import ENV, WORLD2, WORLD4, run_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_0192 = ROOT / ".megatron-0.19.2"
-CASES = [
-    Case("ep2-a2a-fp32-ga2", ep=2, gas=2, skipped_step=1),
-    Case("ep1-distopt-fp32", ep=1, dist_opt=True),
-    Case("tp2sp-ep2-ag-bf16", tp=2, ep=2, dispatcher="allgather", dtype="bf16"),
-]
-CASES4 = [
-    Case("tp2sp-ep2-distopt-bf16", tp=2, ep=2, dist_opt=True, dtype="bf16"),
-    Case("ep4-ag-fp32-ga2", ep=4, dispatcher="allgather", gas=2),
-    Case("pp2-vpp2-dp2-ep2-ga2-recompute", pp=2, vpp=2, ep=2, gas=2, recompute=True),
-]
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +51,16 @@ def megatron_0192() -> str:
 
 
 def test_backend_on_megatron_0192(megatron_0192):
-    results = run_distributed(run_cases, 2, CASES, megatron_0192, env=ENV, timeout=400)
+    results = run_distributed(run_cases, 2, WORLD2, megatron_0192, env=ENV, timeout=400)
     for rank_results in results:
-        assert [r["case"] for r in rank_results] == [c.name for c in CASES]
+        assert [r["case"] for r in rank_results] == [c.name for c in WORLD2]
         assert rank_results[0]["megatron_core"] == "0.19.2"
 
 
 def test_backend_on_megatron_0192_four_ranks(megatron_0192):
-    results = run_distributed(run_cases, 4, CASES4, megatron_0192, env=ENV, timeout=500)
+    results = run_distributed(run_cases, 4, WORLD4, megatron_0192, env=ENV, timeout=500)
     for rank_results in results:
-        assert [r["case"] for r in rank_results] == [c.name for c in CASES4]
+        assert [r["case"] for r in rank_results] == [c.name for c in WORLD4]
         assert rank_results[0]["megatron_core"] == "0.19.2"
 
 

@@ -46,18 +46,8 @@ pytest.importorskip("megatron.core")
 
 from excitation_dist.testing import run_distributed  # noqa: E402
 
-from tests.megatron_support import ENV, Case, run_cases  # noqa: E402
+from tests.megatron_support import ENV, WORLD2, WORLD4, run_cases  # noqa: E402
 
-WORLD2 = [
-    Case("ep2-a2a-fp32-ga2", ep=2, gas=2, skipped_step=1),
-    Case("ep1-distopt-fp32", ep=1, dist_opt=True),
-    Case("tp2sp-ep2-ag-bf16", tp=2, ep=2, dispatcher="allgather", dtype="bf16"),
-]
-WORLD4 = [
-    Case("tp2sp-ep2-distopt-bf16", tp=2, ep=2, dist_opt=True, dtype="bf16"),
-    Case("ep4-ag-fp32-ga2", ep=4, dispatcher="allgather", gas=2),
-    Case("pp2-vpp2-dp2-ep2-ga2-recompute", pp=2, vpp=2, ep=2, gas=2, recompute=True),
-]
 
 
 def test_megatron_two_ranks():
