@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
     p.add_argument("--aux-coefs", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.0])
-    p.add_argument("--gammas", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 2.0])
+    p.add_argument("--gammas", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.5, 2.0],
+                   help="PositiveSum gamma sweep (\"\" for none)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
 
