@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,23 +83,10 @@ def _measure(size: str, ep_size: int, zero: int, steps: int, warmup: int, micro:
         _step(with_ex, batch)
     with count_collectives() as log_b:
         _step(without, batch)
-    L, E = excitation.num_layers, excitation.num_experts
-    count_buffer = log_a.count("all_reduce", (L, E))
-    max_snapshot = torch.tensor([excitation.peak_snapshot_bytes, excitation.owned_expert_numel()], dtype=torch.float64)
-    dist.all_reduce(max_snapshot, op=dist.ReduceOp.MAX)
-    return {
-        "size": size,
-        "params": sum(p.numel() for p in with_ex.module.parameters()),
-        "step_ms_without": 1000 * statistics.median(times_b),
-        "step_ms_with": 1000 * statistics.median(times_a),
-        "ratio": statistics.median(times_a) / statistics.median(times_b),
-        "pair_ratio": statistics.median(a / b for a, b in zip(times_a, times_b)),
-        "extra_collectives": len(log_a.calls) - len(log_b.calls),
-        "count_allreduces": count_buffer,
-        "extra_bytes": count_buffer * L * E * 8,  # int64 [L, E] counts
-        "peak_snapshot_bytes": int(max_snapshot[0]),
-        "owned_expert_elements": int(max_snapshot[1]),
-    }
+    from overhead_table import overhead_row
+
+    params = sum(p.numel() for p in with_ex.module.parameters())
+    return overhead_row(size, params, times_a, times_b, log_a, log_b, excitation)
 
 
 def _worker(sizes, ep_size, zero, steps, warmup, micro, seq_len):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,24 +148,11 @@ def _measure(size: str, ep_size: int, steps: int, warmup: int, micro: int, seq_l
     dist.barrier()
     with count_collectives() as log_b:
         _step(b_chunks, b_opt, tokens, seq_len)
-    L, E = excitation.num_layers, excitation.num_experts
-    count_buffer = log_a.count("all_reduce", (L, E))
-    maxima = torch.tensor([excitation.peak_snapshot_bytes, excitation.owned_expert_numel()], dtype=torch.float64)
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    from overhead_table import overhead_row
+
+    row = overhead_row(size, _global_params(a_chunks), times_a, times_b, log_a, log_b, excitation)
     exmeg.detach(a_opt)
-    return {
-        "size": size,
-        "params": _global_params(a_chunks),
-        "step_ms_without": 1000 * statistics.median(times_b),
-        "step_ms_with": 1000 * statistics.median(times_a),
-        "ratio": statistics.median(times_a) / statistics.median(times_b),
-        "pair_ratio": statistics.median(a / b for a, b in zip(times_a, times_b)),
-        "extra_collectives": len(log_a.calls) - len(log_b.calls),
-        "count_allreduces": count_buffer,
-        "extra_bytes": count_buffer * L * E * 8,  # int64 [L, E] counts
-        "peak_snapshot_bytes": int(maxima[0]),
-        "owned_expert_elements": int(maxima[1]),
-    }
+    return row
 
 
 def _worker(sizes, ep_size, steps, warmup, micro, seq_len):
