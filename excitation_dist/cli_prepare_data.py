@@ -35,5 +35,17 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"excitation-dist prepare-data: {exc}") from None
     print(f"tokenizer: {result.tokenizer_model} ({result.vocab_size} tokens)")
     print(f"dataset:   {result.data_prefix}.bin/.idx ({result.documents} documents, {result.tokens:,} tokens)")
-    print(f"train with: data.path={result.data_prefix} data.tokenizer={result.tokenizer_model}")
+    print(f"train with: excitation-dist train {_example_config()} data.path={result.data_prefix} "
+          f"data.tokenizer={result.tokenizer_model} model.vocab_size=auto")
     return 0
+
+
+def _example_config() -> str:
+    """The tiny CPU config of this checkout, as a path the user can type from here."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    if not config.is_file():
+        return "CONFIG.yaml"
+    try:
+        return str(config.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(config)

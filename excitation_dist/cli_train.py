@@ -13,11 +13,14 @@ import importlib
 import os
 import sys
 
+from excitation_dist.recipe.parent_watch import exit_with_parent
+
 BACKENDS = {
     "deepspeed": "excitation_dist.deepspeed.recipe",
     "megatron": "excitation_dist.megatron.recipe",
     "torch": "excitation_dist.torch.recipe",
 }
+_HELD: list = []  # the checkpoint-directory lock rank 0 holds for the rest of its life
 _PRINTABLE = ("gpus_per_node", "nodes", "world_size", "backend", "data_parallel", "gradient_accumulation_steps")
 
 
@@ -45,10 +48,20 @@ def _layout(cfg) -> str:
     )
 
 
+def _fail(config: str, problems: list[str]) -> SystemExit:
+    """One line per problem, no traceback, exit code 1."""
+    return SystemExit("\n".join(f"excitation-dist train: {config}: {p}" for p in problems))
+
+
 def run(args: argparse.Namespace) -> int:
     from excitation_dist.config import ConfigError
+    from excitation_dist.recipe import preflight
     from excitation_dist.recipe.config import load_run_config
+    from excitation_dist.recipe.run_lock import HELD_BY_LAUNCHER_ENV, CheckpointLocked, RunLock, held_by_our_launcher
 
+    launched = _launched()
+    if launched:
+        exit_with_parent()  # a rank never outlives its launcher
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -61,29 +74,43 @@ def run(args: argparse.Namespace) -> int:
                  "gradient_accumulation_steps": cfg.gradient_accumulation_steps}[args.print_field]
         print(value)
         return 0
-    if args.dry_run:
-        print(_layout(cfg))
-        return 0
 
+    rank = int(os.environ.get("RANK", 0))
+    # Every rank checks (cheap, and each resolves model.vocab_size: auto); only the first reports.
+    problems = preflight.check_run(cfg, launching_locally=not launched and cfg.parallel.nodes == 1,
+                                   check_lock=not launched)
     try:
         backend = importlib.import_module(BACKENDS[cfg.backend])
-    except ImportError as exc:
-        raise SystemExit(
-            f"excitation-dist train: backend '{cfg.backend}' cannot be imported ({exc}); "
-            f"install it with: pip install -e '.[{cfg.backend}]'"
-        ) from None
-    try:
         if hasattr(backend, "validate"):
             backend.validate(cfg)
+    except ImportError as exc:
+        problems.append(f"backend: '{cfg.backend}' cannot be imported ({exc}); install it with: "
+                        f"pip install -e '.[{cfg.backend}]'")
     except ConfigError as exc:
-        raise SystemExit(f"excitation-dist train: {args.config}: {exc}") from None
+        problems.append(str(exc))
+    if problems:
+        if launched and rank != 0:
+            raise SystemExit(1)
+        raise _fail(args.config, problems)
+    if args.dry_run:
+        print(_layout(cfg))
+        print(f"excitation-dist train: {args.config}: checked data, tokenizer (model.vocab_size "
+              f"{cfg.model.vocab_size}), directories, device and backend: ready to launch")
+        return 0
 
-    if not _launched():
+    if not launched:
         if cfg.parallel.nodes > 1:
             raise SystemExit(
                 f"excitation-dist train: {args.config} asks for {cfg.parallel.nodes} nodes; launch it with "
                 "launch/slurm/train.sbatch, launch/torchrun_multinode.sh or launch/deepspeed_hostfile.sh"
             )
+        if cfg.checkpoint.dir is not None:
+            # held across exec by torchrun (this pid) until the job ends, however it ends
+            try:
+                lock = RunLock(cfg.checkpoint.dir).acquire(inheritable=True)
+            except CheckpointLocked as exc:
+                raise _fail(args.config, [str(exc)]) from None
+            os.environ[HELD_BY_LAUNCHER_ENV] = lock.holder.key
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                "--nproc-per-node", str(cfg.parallel.gpus_per_node),
                "-m", "excitation_dist.cli", "train", args.config, *args.overrides]
@@ -97,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
             f"excitation-dist train: the launcher started {world} processes but the config asks for "
             f"parallel.nodes x parallel.gpus_per_node = {cfg.parallel.world_size}; make them agree"
         )
-    if int(os.environ["RANK"]) == 0:
+    if rank == 0:
+        if cfg.checkpoint.dir is not None and not held_by_our_launcher(cfg.checkpoint.dir):
+            try:
+                _HELD.append(RunLock(cfg.checkpoint.dir).acquire())  # released when this rank exits
+            except CheckpointLocked as exc:
+                raise _fail(args.config, [str(exc)]) from None
         print(_layout(cfg), flush=True)
     return int(backend.train(cfg) or 0)

@@ -56,7 +56,7 @@ class ModelConfig:
     attention: Literal["standard", "mla"] = "standard"
     kv_lora_rank: int | None = None  # MLA only
     qk_rope_head_dim: int | None = None  # MLA only
-    vocab_size: int = 256
+    vocab_size: int | Literal["auto"] = 256  # auto: the tokenizer's vocabulary padded to 128 x tensor_parallel
     seq_length: int = 64
     max_position_embeddings: int | None = None
     position_embedding: Literal["rope", "learned"] = "rope"
@@ -77,7 +77,8 @@ class ModelConfig:
         if self.attention == "mla":
             _require(self.kv_lora_rank is not None and self.qk_rope_head_dim is not None, "attention",
                      "mla needs kv_lora_rank and qk_rope_head_dim")
-        _require(self.vocab_size >= 2 and self.seq_length >= 2, "vocab_size", "vocab_size and seq_length must be >= 2")
+        _require(self.vocab_size == "auto" or self.vocab_size >= 2, "vocab_size", "must be >= 2, or auto")
+        _require(self.seq_length >= 2, "seq_length", "must be >= 2")
 
     @property
     def num_moe_layers(self) -> int:

@@ -1,0 +1,185 @@
+"""Everything about a run that one process can check before any rank starts.
+
+``excitation-dist train`` (and ``--dry-run``) calls :func:`check_run` after the
+config loaded: the data prefix exists and parses, the tokenizer loads and fits
+``model.vocab_size`` (``auto`` is resolved here, padded as Megatron pads), the
+checkpoint and log directories are writable and the checkpoint directory is not
+held by another live run, and the device and framework are there. Every
+problem is one line naming the key, what is wrong and the fix; all of them are
+reported together.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from excitation_dist.config import ConfigError
+from excitation_dist.recipe.config import DataConfig, RunConfig
+from excitation_dist.recipe.run_lock import held_by_our_launcher, locked_by, locked_message
+
+EMBEDDED_VOCAB = 256  # the embedded corpus is byte-level
+VOCAB_PADDING = 128  # Megatron's --make-vocab-size-divisible-by default (times tensor_parallel)
+_TOKEN_SAMPLE = 1 << 20  # tokens read to check the data against the tokenizer
+
+
+def padded_vocab_size(vocab: int, tensor_parallel: int = 1) -> int:
+    """``vocab`` rounded up to a multiple of 128 x tensor_parallel (Megatron's padding)."""
+    multiple = VOCAB_PADDING * tensor_parallel
+    return -(-vocab // multiple) * multiple
+
+
+def tokenizer_vocab_size(data: DataConfig) -> int:
+    """Vocabulary of the run's tokenizer (256 for the byte-level embedded corpus)."""
+    if data.path == "embedded":
+        return EMBEDDED_VOCAB
+    path = Path(str(data.tokenizer))
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer: {path} does not exist; pass the .model file that prepare-data wrote "
+                          "(its 'tokenizer:' line)")
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        raise ConfigError("data.tokenizer: the sentencepiece package is missing; pip install sentencepiece") from None
+    try:
+        return int(spm.SentencePieceProcessor(model_file=str(path)).vocab_size())
+    except (RuntimeError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"data.tokenizer: {path} is not a sentencepiece model ({reason}); pass the .model file "
+                          "that prepare-data wrote") from None
+
+
+def resolve_vocab_size(cfg: RunConfig, vocab: int) -> None:
+    """Set ``model.vocab_size: auto`` to the padded tokenizer vocabulary, or
+    check that an explicit size holds every token id."""
+    m = cfg.model
+    if m.vocab_size == "auto":
+        m.vocab_size = padded_vocab_size(vocab, cfg.parallel.tensor_parallel)
+    elif vocab > m.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary of {vocab} tokens; set "
+            f"model.vocab_size=auto (pads it to {padded_vocab_size(vocab, cfg.parallel.tensor_parallel)}) "
+            f"or at least {vocab}"
+        )
+
+
+def check_data(cfg: RunConfig, vocab: int | None) -> None:
+    """The indexed dataset at ``data.path`` parses, is complete, holds more than one
+    sequence per split, and its first tokens are ids of the tokenizer."""
+    if cfg.data.path == "embedded":
+        return
+    from excitation_dist.data.indexed import IndexedDataset
+
+    prefix = cfg.data.path
+    hint = ("give the prefix prepare-data printed (its 'dataset:' line, e.g. data/corpus_text_document, "
+            "without .bin/.idx)")
+    if prefix.endswith((".bin", ".idx")):
+        raise ConfigError(f"data.path: {prefix} ends with {prefix[-4:]}; {hint}")
+    try:
+        dataset = IndexedDataset(prefix)
+    except FileNotFoundError as exc:
+        missing = str(exc).split(" not found", 1)[0]
+        raise ConfigError(f"data.path: {missing} does not exist; {hint}") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"data.path: {exc}; write the dataset again with excitation-dist prepare-data") from None
+    expected = dataset.num_tokens * dataset.dtype.itemsize
+    actual = os.path.getsize(f"{prefix}.bin")
+    if actual != expected:
+        raise ConfigError(f"data.path: {prefix}.bin has {actual} bytes but its .idx describes {expected}; the files "
+                          "do not belong together (or one is truncated): write the dataset again with prepare-data")
+    tokens = dataset.num_tokens
+    validation = tokens - int(tokens * (1 - cfg.data.validation_fraction))
+    seq = cfg.model.seq_length
+    if min(tokens - validation, validation) <= seq + 1:
+        raise ConfigError(f"data.path: {prefix} holds {tokens} tokens; its training and validation splits "
+                          f"(data.validation_fraction={cfg.data.validation_fraction}) each need more than one "
+                          f"sequence of model.seq_length={seq}: use more data or a shorter sequence")
+    if vocab is not None and tokens:
+        largest = int(np.max(dataset.tokens()[:_TOKEN_SAMPLE]))
+        if largest >= vocab:
+            raise ConfigError(f"data.path: {prefix} holds token id {largest} but data.tokenizer has {vocab} tokens: "
+                              "the dataset was written with another tokenizer; pass that tokenizer or run "
+                              "prepare-data again")
+
+
+def _writable(path: Path) -> bool:
+    """``path`` exists as a writable directory, or could be created."""
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def check_directories(cfg: RunConfig, *, check_lock: bool = True) -> None:
+    for key, value in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
+        if value is None:
+            continue
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: {path} exists and is not a directory; choose another path")
+        if not _writable(path):
+            raise ConfigError(f"{key}: {path} is not writable by this user; choose a directory you can write")
+    if check_lock and cfg.checkpoint.dir is not None:
+        holder = locked_by(cfg.checkpoint.dir)
+        if holder is not None and not held_by_our_launcher(cfg.checkpoint.dir):
+            raise ConfigError(locked_message(cfg.checkpoint.dir, holder))
+
+
+def check_device_and_backend(cfg: RunConfig, *, launching_locally: bool) -> None:
+    """The device exists (enough GPUs for a one-node launch) and the backend's
+    framework is installed in a version the project was checked against."""
+    import torch
+
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda, but this machine has no usable GPU (torch.cuda.is_available() is "
+                              "False); set device=cpu, or run on a GPU node with a CUDA build of torch")
+        if launching_locally and torch.cuda.device_count() < cfg.parallel.gpus_per_node:
+            raise ConfigError(f"parallel.gpus_per_node: {cfg.parallel.gpus_per_node}, but this node has "
+                              f"{torch.cuda.device_count()} GPU(s); lower it to the GPUs present")
+    if cfg.backend == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("backend: deepspeed is not installed; DS_BUILD_OPS=0 pip install -e '.[deepspeed]', "
+                              "or set backend=torch")
+        from excitation_dist.deepspeed.compat import check_version
+
+        version = importlib.metadata.version("deepspeed")
+        try:
+            check_version(version)
+        except RuntimeError as exc:
+            raise ConfigError(f"backend: {exc}") from None
+    elif cfg.backend == "megatron":
+        if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+            raise ConfigError("backend: megatron-core is not installed; pip install -e '.[megatron]', "
+                              "or set backend=deepspeed")
+        from excitation_dist.megatron import compat
+
+        try:
+            compat.check_version()
+        except RuntimeError as exc:
+            raise ConfigError(f"backend: {exc}") from None
+
+
+def check_run(cfg: RunConfig, *, launching_locally: bool, check_lock: bool = True) -> list[str]:
+    """Run every check; resolves ``model.vocab_size: auto`` in place. Returns the
+    problems found (empty when the run can start), one message each. Ranks pass
+    ``check_lock=False``: rank 0 takes the lock itself, and the others would see it."""
+    problems: list[str] = []
+    vocab = None
+    try:
+        vocab = tokenizer_vocab_size(cfg.data)
+        resolve_vocab_size(cfg, vocab)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    for check in (lambda: check_data(cfg, vocab), lambda: check_directories(cfg, check_lock=check_lock),
+                  lambda: check_device_and_backend(cfg, launching_locally=launching_locally)):
+        try:
+            check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems

@@ -1,0 +1,149 @@
+"""``excitation-dist train --dry-run`` (and the launcher) check what one process can
+check before any rank starts: every bad input is one line naming the key, the
+problem and the fix, with a non-zero exit code and no traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from excitation_dist.cli import main
+from excitation_dist.data.indexed import IndexedDatasetWriter
+from excitation_dist.recipe.preflight import padded_vocab_size
+from excitation_dist.recipe.run_lock import CheckpointLocked, RunLock, locked_by
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_CONFIG = str(ROOT / "configs" / "tiny_cpu_torch.yaml")
+VOCAB = 500
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A real prepare-data output (sentencepiece model of 500 tokens + indexed dataset)."""
+    out = tmp_path_factory.mktemp("data")
+    proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "prepare-data", "--embedded-corpus",
+                           "--max-documents", "60", "--vocab-size", str(VOCAB), "--output-prefix", str(out / "c")],
+                          capture_output=True, text=True, timeout=300, cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    hint = next(line for line in proc.stdout.splitlines() if line.startswith("train with: "))
+    (out / "hint").write_text(hint[len("train with: "):])
+    return out
+
+
+def _dry_run(*overrides: str, config: str = TORCH_CONFIG) -> tuple[int, str]:
+    """In-process ``train --dry-run``: (exit code, stdout or the error message)."""
+    try:
+        code = main(["train", config, "--dry-run", *overrides])
+    except SystemExit as exc:
+        return (exc.code if isinstance(exc.code, int) else 1), str(exc.code)
+    return code, "ok"
+
+
+def _data(prepared: Path, **paths: str) -> list[str]:
+    values = {"path": str(prepared / "c_text_document"), "tokenizer": str(prepared / "c.model"), **paths}
+    return [f"data.{k}={v}" for k, v in values.items()]
+
+
+def test_vocab_padding_is_megatrons():
+    assert [padded_vocab_size(v) for v in (1, 128, 129, 32000, 50257)] == [128, 128, 256, 32000, 50304]
+    assert padded_vocab_size(32001, tensor_parallel=2) == 32256
+
+
+def test_good_prepared_data_passes_and_auto_pads_the_vocabulary(prepared, capsys):
+    code, _ = _dry_run(*_data(prepared), "model.vocab_size=auto")
+    assert code == 0
+    assert "model.vocab_size 512" in capsys.readouterr().out  # 500 padded to a multiple of 128
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"path": "missing/corpus_text_document"}, "data.path: missing/corpus_text_document.idx does not exist; give the prefix"),
+    ({"path": "DATA/c_text_document.bin"}, "ends with .bin; give the prefix prepare-data printed"),
+    ({"tokenizer": "missing.model"}, "data.tokenizer: missing.model does not exist; pass the .model file"),
+    ({"tokenizer": "DATA/junk.model"}, "is not a sentencepiece model (INTERNAL: could not parse ModelProto"),
+])
+def test_bad_data_or_tokenizer_is_named(prepared, bad, message):
+    (prepared / "junk.model").write_text("not a model")
+    paths = {k: v.replace("DATA", str(prepared)) for k, v in bad.items()}
+    code, err = _dry_run(*_data(prepared, **paths), "model.vocab_size=auto")
+    assert code != 0 and message.replace("DATA", str(prepared)) in err, err
+
+
+def test_vocabulary_larger_than_the_model_is_refused_with_the_fix(prepared):
+    code, err = _dry_run(*_data(prepared), "model.vocab_size=256")
+    assert code != 0
+    assert ("model.vocab_size: 256 is smaller than the tokenizer's vocabulary of 500 tokens; set "
+            "model.vocab_size=auto (pads it to 512) or at least 500") in err
+
+
+def test_truncated_or_foreign_dataset_is_refused(prepared, tmp_path):
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"t_text_document{suffix}").write_bytes((prepared / f"c_text_document{suffix}").read_bytes())
+    with open(tmp_path / "t_text_document.bin", "r+b") as f:
+        f.truncate(1000)
+    code, err = _dry_run(*_data(prepared, path=str(tmp_path / "t_text_document")), "model.vocab_size=auto")
+    assert code != 0 and "t_text_document.bin has 1000 bytes but its .idx describes" in err, err
+
+    with IndexedDatasetWriter(tmp_path / "foreign", np.uint16) as writer:  # ids of a bigger vocabulary
+        writer.add_document(np.arange(5000) % 1000)
+    code, err = _dry_run(*_data(prepared, path=str(tmp_path / "foreign")), "model.vocab_size=auto")
+    assert code != 0 and "holds token id 999 but data.tokenizer has 500 tokens" in err, err
+
+    with IndexedDatasetWriter(tmp_path / "short", np.uint16) as writer:
+        writer.add_document([1, 2, 3])
+    code, err = _dry_run(*_data(prepared, path=str(tmp_path / "short")), "model.vocab_size=auto")
+    assert code != 0 and "holds 3 tokens; its training and validation splits" in err, err
+
+
+def test_unwritable_or_locked_checkpoint_directory(tmp_path):
+    (tmp_path / "file").write_text("")
+    code, err = _dry_run(f"checkpoint.dir={tmp_path / 'file' / 'ckpt'}")
+    assert code != 0 and "checkpoint.dir: " in err and "is not writable by this user" in err, err
+    code, err = _dry_run(f"checkpoint.dir={tmp_path / 'file'}")
+    assert code != 0 and "exists and is not a directory" in err, err
+
+    with RunLock(tmp_path / "ckpt"):
+        code, err = _dry_run(f"checkpoint.dir={tmp_path / 'ckpt'}")
+        assert code != 0
+        assert f"is in use by another run, pid {os.getpid()} on host {socket.gethostname()}" in err, err
+        assert f"stop it (kill {os.getpid()} on {socket.gethostname()})" in err
+        with pytest.raises(CheckpointLocked, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path / "ckpt").acquire()
+    assert locked_by(tmp_path / "ckpt") is None  # released with the holder
+    assert _dry_run(f"checkpoint.dir={tmp_path / 'ckpt'}")[0] == 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused():
+    code, err = _dry_run("device=cuda")
+    assert code != 0 and "device: cuda, but this machine has no usable GPU" in err and "set device=cpu" in err
+
+
+def test_the_real_launch_fails_before_starting_processes_and_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", TORCH_CONFIG,
+                           "data.path=nowhere/x_text_document", "data.tokenizer=nowhere/x.model"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and "launching" not in proc.stdout
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2, proc.stderr  # one line per problem: the tokenizer and the data prefix
+    assert "data.tokenizer: nowhere/x.model does not exist" in lines[0]
+    assert "data.path: nowhere/x_text_document.idx does not exist" in lines[1]
+
+
+def test_prepare_data_hint_trains_as_printed(prepared):
+    """The printed command, run as printed (plus a few steps' worth of overrides), trains."""
+    command = (prepared / "hint").read_text().split()
+    assert command[:2] == ["excitation-dist", "train"] and "model.vocab_size=auto" in command
+    tiny = ["schedule.train_steps=2", "schedule.warmup_steps=1", "schedule.eval_interval=0", "logging.interval=1",
+            f"logging.dir={prepared / 'log'}"]
+    exe = Path(sys.executable).with_name("excitation-dist")
+    proc = subprocess.run([str(exe), *command[1:], *tiny], capture_output=True, text=True, timeout=300, cwd=prepared,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step      2/2 | loss" in proc.stdout
