@@ -1,0 +1,84 @@
+"""A run owns its checkpoint directory, and its ranks die with their launcher.
+
+``excitation-dist train`` (2 CPU ranks, backend torch) is started; while it
+trains, a second run on the same checkpoint directory is refused (dry run and
+real launch) with the holder's host and pid; then the launcher alone is
+SIGKILLed and its ranks must be gone within a few seconds, which frees the
+directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from excitation_dist.recipe.run_lock import locked_by
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny_cpu_torch.yaml")
+LONG = ["schedule.train_steps=100000", "schedule.warmup_steps=1", "schedule.eval_interval=0", "logging.interval=1",
+        "checkpoint.interval=100000", "model.hidden_size=32", "model.moe.ffn_hidden_size=32", "model.seq_length=32"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited
+
+
+def _train(tmp: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "excitation_dist.cli", "train", CONFIG, *LONG,
+            f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'log'}", *extra]
+
+
+def test_second_run_refused_and_workers_die_with_the_launcher(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers: list[int] = []
+    launcher = subprocess.Popen(_train(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True, env=env)
+    try:
+        seen = []
+        for line in launcher.stdout:
+            seen.append(line)
+            if line.startswith("step ") and "| loss" in line:
+                break
+        assert launcher.poll() is None, "".join(seen)
+        holder = f"pid {launcher.pid} on host {socket.gethostname()}"
+
+        for extra in (["--dry-run"], []):
+            second = subprocess.run(_train(tmp_path, *extra), cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=120, env=env)
+            assert second.returncode != 0 and "launching" not in second.stdout, second.stdout + second.stderr
+            assert f"checkpoint.dir: {tmp_path / 'ckpt'} is in use by another run, {holder}" in second.stderr
+            assert "Traceback" not in second.stderr
+
+        workers += _children(launcher.pid)  # torchrun's agent is the launcher (exec'd in place)
+        assert len(workers) == 2 and all(_alive(w) for w in workers), workers
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "ranks outlived their launcher"
+        assert locked_by(tmp_path / "ckpt") is None
+    finally:  # torchrun starts each rank in its own session: clean up by pid
+        for pid in [launcher.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.stdout.close()
