@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. schedule.train_steps=50")
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print the layout, and exit")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="one-node launch: restart all ranks up to N times after a failure, resuming from the "
+                             "latest checkpoint (torchrun --max-restarts)")
     parser.add_argument("--print", choices=_PRINTABLE, dest="print_field",
                         help="print one derived value of the config (for launch scripts) and exit")
 
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 raise _fail(args.config, [str(exc)]) from None
             os.environ[HELD_BY_LAUNCHER_ENV] = lock.holder.key
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(cfg.parallel.gpus_per_node),
+               "--nproc-per-node", str(cfg.parallel.gpus_per_node), "--max-restarts", str(args.max_restarts),
                "-m", "excitation_dist.cli", "train", args.config, *args.overrides]
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         print(f"excitation-dist train: launching {cfg.parallel.gpus_per_node} processes: {' '.join(cmd[1:])}", flush=True)

@@ -18,8 +18,11 @@ train CONFIG`` (see ``launch/``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import torch.distributed as dist
 
 from excitation_dist.config import ConfigError
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.loop import run_training
+from excitation_dist.recipe.loop import init_process_group, run_training
 
 CHECKPOINT_TAG = "deepspeed"
 # The recipe owns these; a deepspeed_config JSON may repeat them only with the same value.
@@ -132,12 +135,15 @@ class DeepSpeedBackend:
         torch.manual_seed(cfg.seed)
         self.model = GPTMoE(model_config(cfg))
         ds_config = deepspeed_config(cfg)
-        if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. FusedAdam on GPUs); lr still set every step
-            self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=list(self.model.parameters()),
-                                                   config=ds_config)
-        else:
-            self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=_client_optimizer(cfg, self.model),
-                                                   config=ds_config)
+        # DeepSpeed prints (not logs) each expert group it creates, on every rank: let rank 0 speak for all.
+        quiet = contextlib.redirect_stdout(io.StringIO()) if dist.get_rank() != 0 else contextlib.nullcontext()
+        with quiet:
+            if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. FusedAdam on GPUs); lr still set every step
+                self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=list(self.model.parameters()),
+                                                       config=ds_config)
+            else:
+                self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=_client_optimizer(cfg, self.model),
+                                                       config=ds_config)
         self.base_optimizer = base_optimizer(self.engine)
         self.excitation = exds.attach(self.engine, cfg.excitation)
         self.data_parallel_rank = dist.get_rank()  # every rank sees distinct tokens (no TP/PP/CP here)
@@ -192,11 +198,13 @@ def train(cfg: RunConfig) -> int:
     validate(cfg)
     from excitation_dist.deepspeed.compat import init_distributed
 
-    if cfg.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    elif torch.cuda.is_available():
+    if cfg.device == "cpu" and torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The process group first (timeout, restart-safe rendezvous); DeepSpeed adopts it.
+    init_process_group(cfg)
     init_distributed()
+    # DeepSpeed 0.19's ZeRO all-gathers call torch's deprecated all_gather_into_tensor on every step.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     try:
         backend = DeepSpeedBackend(cfg)
         run_training(cfg, backend, backend.device)

@@ -140,9 +140,19 @@ class ParallelConfig:
     expert_parallel: int = 1
     expert_tensor_parallel: int = 1
     sequence_parallel: bool = False
-    zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed
+    zero_stage: int = 1  # DeepSpeed: 0, 1 or 2
     distributed_optimizer: bool = True  # Megatron
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # Megatron
+    timeout_minutes: float = 10.0  # a rank waiting this long for its peers (start-up, a collective) fails
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_minutes > 0, "timeout_minutes", "must be > 0")
+        _require(self.zero_stage != 3, "zero_stage",
+                 "3 is not available in the recipe: Excitation with ZeRO-3 needs DeepSpeed AutoEP (Hugging Face MoE "
+                 "models with stacked experts), and the recipe's model uses deepspeed.moe layers, which DeepSpeed "
+                 "refuses under ZeRO-3; use 0, 1 or 2, or AutoEP through excitation_dist.deepspeed.attach in your "
+                 "own loop (README: Use it from DeepSpeed)")
+        _require(self.zero_stage in (0, 1, 2), "zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
 
     @property
     def world_size(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from datetime import timedelta
 from typing import Protocol
 
 import torch
@@ -45,15 +46,43 @@ class TrainBackend(Protocol):
         """Restore the state written by :meth:`save`."""
 
 
+def restart_safe_store(timeout: timedelta) -> dist.Store | None:
+    """The store ranks rendezvous through, in a namespace of their own per torchrun restart.
+
+    torchrun (torch >= 2.4) lets its workers share the agent's rendezvous
+    TCPStore (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps that store across
+    ``--max-restarts``; the keys a process group writes there carry no attempt
+    number. A restarted rank then reads the previous attempt's peer addresses:
+    gloo's ``connectFullMesh`` connects to dead ports (``Connection refused``) or
+    waits for a peer that connects elsewhere (a hang until the timeout). A
+    ``PrefixStore`` per ``TORCHELASTIC_RESTART_COUNT`` gives every attempt fresh
+    keys. None when not under a torchrun agent store (env:// is then fine)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"excitation_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_process_group(cfg: RunConfig) -> torch.device:
     """This rank's device (``cuda:LOCAL_RANK``, made current, or the CPU) and the
-    default process group on it (NCCL or gloo), for backends that start torch.distributed themselves."""
+    default process group on it (NCCL or gloo), for every recipe backend: a
+    rank waiting longer than ``parallel.timeout_minutes`` for its peers (at
+    start-up or in a collective) fails instead of hanging, and restarts under
+    ``torchrun --max-restarts`` rendezvous afresh (:func:`restart_safe_store`)."""
     if cfg.device == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    store = restart_safe_store(timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     return device
 
 
