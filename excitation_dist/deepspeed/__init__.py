@@ -13,8 +13,32 @@ Supported: ZeRO stage 0/1/2, fp32/bf16/fp16 (incl. BF16_Optimizer and CPU
 optimizer offload), client torch optimizers and config optimizers, gradient
 accumulation, any ep_size, top-1/top-2/top-k gates. See :mod:`.backend` for
 where each piece is wired and :mod:`.compat` for the DeepSpeed facts used.
+
+On a machine without a GPU, importing this package stops DeepSpeed from
+compiling its shared-memory all-reduce op (100-160 s on the first run; it only
+serves inference all-reduce, which then falls back to torch.distributed), so
+import it before ``deepspeed.initialize``. ``init_distributed()`` starts
+torch.distributed the way DeepSpeed wants it on this machine (NCCL on GPUs,
+gloo on CPU).
 """
 
-from excitation_dist.deepspeed.backend import CLIENT_STATE_KEY, attach, attached, detach
+import importlib.util
+import os
 
-__all__ = ["attach", "attached", "detach", "CLIENT_STATE_KEY"]
+from excitation_dist.deepspeed.backend import CLIENT_STATE_KEY, attach, attached, detach
+from excitation_dist.deepspeed.compat import init_distributed, skip_cpu_shm_comm_build
+
+__all__ = ["attach", "attached", "detach", "CLIENT_STATE_KEY", "init_distributed", "skip_cpu_shm_comm_build"]
+
+
+def _skip_shm_build_without_gpu() -> None:
+    import torch
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    skip_cpu_shm_comm_build()
+
+
+_skip_shm_build_without_gpu()

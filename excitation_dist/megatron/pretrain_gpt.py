@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,32 +185,91 @@ def _skip_dataset_helper_build() -> None:
     utils.compile_helpers = lambda: None
 
 
+# Megatron-LM flags a CPU run needs (gloo, no Transformer Engine, no fused CUDA kernels); put before the
+# user's own flags, so that an explicit flag of the user still wins.
+CPU_ARGS = [
+    "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization", "--num-workers", "0",
+    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
+    "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+]
+TRAINING_LOOP_VERSION = "0.19.2"  # the megatron-core whose megatron.training the CPU patches were checked against
+UNPACKED = Path(__file__).resolve().parents[2] / ".megatron-0.19.2"  # `make megatron-0.19.2` (Python 3.11)
+
+
+def use_megatron_with_training_loop() -> str:
+    """Make a megatron-core that ships Megatron-LM's loop importable, before anything imports megatron.
+
+    Python 3.11 installs megatron-core 0.16.1 (no ``megatron.training``); ``make
+    setup`` unpacks the 0.19.2 wheel into ``.megatron-0.19.2/`` of the checkout,
+    which is put first on ``sys.path`` here (its ``typing.override`` backfilled).
+    Returns the megatron-core version in use; raises with what to install otherwise."""
+    import importlib.metadata
+    import importlib.util
+
+    from excitation_dist.megatron import compat
+
+    def installed() -> str | None:
+        try:
+            return importlib.metadata.version("megatron-core")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    how = (f"Megatron-LM's training loop (megatron.training) ships with megatron-core 0.19.x; "
+           f"excitation_dist.megatron.pretrain_gpt was checked with {TRAINING_LOOP_VERSION}. Get it with "
+           f"`pip install megatron-core=={TRAINING_LOOP_VERSION}` on Python >= 3.12, or on Python 3.11 run "
+           f"`make megatron-{TRAINING_LOOP_VERSION}` in the project checkout (unpacks the wheel into "
+           f"{UNPACKED.name}/, which pretrain_gpt then uses by itself)")
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        if not (UNPACKED / "megatron" / "training").is_dir():
+            raise SystemExit(f"pretrain_gpt: megatron-core is not installed. {how}")
+    if not compat.has_training_loop() and (UNPACKED / "megatron" / "training").is_dir():
+        if "megatron.core" in sys.modules:
+            raise SystemExit(f"pretrain_gpt: megatron {installed()} was imported before pretrain_gpt could switch to "
+                             f"{UNPACKED}; run pretrain_gpt in a fresh process (python -m / torchrun -m)")
+        sys.path.insert(0, str(UNPACKED))
+        importlib.invalidate_caches()
+    compat.backfill_typing_override()
+    version = installed() or "unknown"
+    if not compat.has_training_loop():
+        raise SystemExit(f"pretrain_gpt: megatron-core {version} has no megatron.training. {how}")
+    if version.split("+")[0] != TRAINING_LOOP_VERSION:
+        try:
+            compat.check_version(version)
+        except RuntimeError as exc:
+            raise SystemExit(f"pretrain_gpt: {exc}") from None
+    return version
+
+
 def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
-    """Parse Megatron-LM's arguments plus ``--excitation-*`` and run ``pretrain``."""
+    """Parse Megatron-LM's arguments plus ``--excitation-*`` and run ``pretrain``.
+    Without a GPU (``cpu``): the CPU flags above, TorchDynamo off (megatron's
+    jit fusions would compile with inductor) and the CPU patches, all automatic."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    version = use_megatron_with_training_loop()  # before the patches: they check this version
     if cpu:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        if os.environ["TORCHDYNAMO_DISABLE"] == "1":
+            from torch import _dynamo
+
+            _dynamo.config.disable = True
+        sys.argv = [sys.argv[0], *CPU_ARGS, *sys.argv[1:]]
         from excitation_dist.megatron import cpu_patches
 
-        cpu_patches.apply(training_loop=True)
+        try:
+            cpu_patches.apply(training_loop=True)
+        except RuntimeError as exc:  # PatchVersionError: a version the CPU shims were not checked against
+            raise SystemExit(f"pretrain_gpt on CPU with megatron-core {version}: {exc}") from None
 
-    from excitation_dist.megatron import compat
-
-    compat.backfill_typing_override()
-    if not compat.has_training_loop():
-        raise RuntimeError(
-            f"megatron.training is not installed: Megatron-LM's loop ships with megatron-core 0.19.x "
-            f"(found {compat.installed_version()}); use excitation_dist.megatron.attach() in your own loop instead"
-        )
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=add_excitation_args,
-                                   args_defaults={"tokenizer_type": "NullTokenizer"})
+                                   args_defaults={"tokenizer_type": "NullTokenizer", "eval_interval": 1000})
     config = excitation_config_from_args(args)
     if config is not None:
         install_excitation(config)

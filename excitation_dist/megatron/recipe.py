@@ -101,6 +101,7 @@ class MegatronBackend:
         ps.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_parallel, pipeline_model_parallel_size=p.pipeline_parallel,
             expert_model_parallel_size=p.expert_parallel, expert_tensor_parallel_size=p.expert_tensor_parallel,
+            distributed_timeout_minutes=max(1, round(p.timeout_minutes)),
         )
         torch.manual_seed(cfg.seed)
         model_parallel_cuda_manual_seed(cfg.seed)

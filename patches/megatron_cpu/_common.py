@@ -27,9 +27,10 @@ def require(patch: str, checked: tuple[str, ...]) -> str:
     version = megatron_version()
     if version.split("+")[0] not in checked:
         raise PatchVersionError(
-            f"CPU patch {patch!r} was checked against megatron-core {', '.join(checked)}; found {version}. "
-            "Read the patch (patches/megatron_cpu/), check it against this version's source, add the version "
-            "to its CHECKED tuple and run tests/test_megatron_*.py."
+            f"the CPU patch {patch!r} (patches/megatron_cpu/) supports megatron-core {' and '.join(checked)}; "
+            f"found {version}. Install a supported version: pip install megatron-core=={checked[-1]} "
+            f"(Python >= 3.12; on Python 3.11 `make megatron-0.19.2` in the project checkout provides 0.19.2, "
+            f"and 0.16.1 installs with pip), or run on a GPU machine, where no CPU patch is applied."
         )
     return version
 
