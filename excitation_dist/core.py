@@ -54,6 +54,23 @@ class ExpertSegment:
     expert: int
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation recompute happens)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
+    """The device a collective over ``process_group`` needs its tensors on: the
+    current CUDA device when the group's backend is NCCL, else the CPU (gloo,
+    or no initialized process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    backend = str(dist.get_backend(process_group)).lower()
+    if backend == "nccl" or ("nccl" in backend and "gloo" not in backend):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class _Phase(enum.Enum):
     COUNTING = "counting"  # micro-batches are adding counts
     REDUCING = "reducing"  # the all-reduce was issued; counts are frozen
@@ -74,7 +91,10 @@ class Excitation:
             initialized default group means the whole world.
         reduce: all-reduce the counts (default: when torch.distributed is
             initialized and the group has more than one rank).
-        device: device of the count buffer (the collective's device: CUDA for NCCL).
+        device: device of the count buffer. Default: the device the group's
+            collective backend runs on (the current CUDA device for NCCL, the
+            CPU for gloo; :func:`collective_device`); without a reduction, the
+            device of the first counts recorded.
     """
 
     def __init__(
@@ -96,7 +116,12 @@ class Excitation:
         if reduce is None:
             reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
         self.reduce = reduce
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # The count buffer lives where the collective runs; without a reduction, where the first counts arrive.
+        self._device_fixed = device is not None or reduce
+        if device is not None:
+            self.device = torch.device(device)
+        else:
+            self.device = collective_device(process_group) if reduce else torch.device("cpu")
 
         self._counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
         self._phase = _Phase.COUNTING
@@ -105,7 +130,10 @@ class Excitation:
         self._blocks = []
         self._snapshots: list[Snapshot] = []
         self._hook_handles: list[Any] = []
-        self._uncounted_recomputes = 0
+        # Host-side tallies per layer for this step (Python ints: no device sync), see count_this_forward().
+        self._counted_forwards_L = [0] * num_layers
+        self._uncounted_recomputes_L = [0] * num_layers
+        self._uncounted_originals_L = [0] * num_layers
 
         self.step = 0  # optimizer steps that computed multipliers (excluding skipped steps)
         self.utilization_ema_LE: torch.Tensor | None = None
@@ -134,21 +162,62 @@ class Excitation:
             raise ValueError(
                 f"layer {layer}: expected counts of shape [{self.num_experts}], got {tuple(tokens_per_expert_E.shape)}"
             )
+        if not self._device_fixed:
+            self._device_fixed = True
+            self.device = tokens_per_expert_E.device
+            self._counts_LE = self._counts_LE.to(self.device)
         self._counts_LE[layer].add_(tokens_per_expert_E.to(self._counts_LE.device, torch.int64))
 
-    def note_uncounted_recompute(self) -> None:
-        """A backend saw a training forward it did not count because it ran inside
-        backward (activation recompute). Used to refuse silently empty counts."""
-        self._uncounted_recomputes += 1
+    def count_this_forward(self, layer: int, training: bool) -> bool:
+        """Decide whether a routing forward of ``layer`` counts, and remember it.
 
-    def reduce_counts_async(self) -> None:
+        Every backend's counter asks this (the one backward guard of the project):
+
+        * evaluation (``training`` False): never counted;
+        * a forward outside backward with grad enabled: counted (the usual case,
+          and the original forward of non-reentrant activation checkpointing);
+        * a training-mode forward outside backward under ``no_grad``: not counted
+          now, remembered as an *uncounted original* (reentrant checkpointing:
+          ``torch.utils.checkpoint(use_reentrant=True)``, DeepSpeed's and
+          megatron's checkpoint functions run the original forward so);
+        * a forward inside backward (activation recompute): counted only when it
+          replays an uncounted original of the same layer, so each token counts
+          once whichever checkpointing each layer uses. A recompute with nothing
+          to replay (its original was counted) is only tallied.
+
+        All bookkeeping is in Python integers: no device synchronization.
+        """
+        if not training:
+            return False
+        if in_backward():  # an activation recompute
+            if torch.is_grad_enabled() and self._uncounted_originals_L[layer] > 0:
+                self._uncounted_originals_L[layer] -= 1
+                self._counted_forwards_L[layer] += 1
+                return True
+            self._uncounted_recomputes_L[layer] += 1
+            return False
+        if torch.is_grad_enabled():
+            self._uncounted_originals_L[layer] = 0  # earlier no_grad forwards of this layer were not checkpoint originals
+            self._counted_forwards_L[layer] += 1
+            return True
+        self._uncounted_originals_L[layer] += 1
+        return False
+
+    def counts_final(self) -> bool:
+        """False while some layer still owes a recompute that will be counted in
+        backward (reentrant checkpointing): the count all-reduce must wait."""
+        return not any(self._uncounted_originals_L)
+
+    def reduce_counts_async(self, *, final: bool = False) -> None:
         """Issue this step's single count all-reduce now (non-blocking).
 
         Call when the counts are final (after the last micro-batch's forward)
         to overlap the collective with backward; otherwise the optimizer step
-        issues it. Calling it again in the same step does nothing.
+        issues it (``final=True``). An early call while a layer still awaits its
+        counted recompute (:meth:`counts_final` False) is deferred to the step.
+        Calling it again in the same step does nothing.
         """
-        if self._phase is not _Phase.COUNTING:
+        if self._phase is not _Phase.COUNTING or (not final and not self.counts_final()):
             return
         if self.reduce:
             self._pending = dist.all_reduce(self._counts_LE, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True)
@@ -171,34 +240,48 @@ class Excitation:
 
     def finish_step(self, applied: bool) -> None:
         """For backends that wrap their framework's step: end the step if the
-        framework applied it, else :meth:`skip_step` (nothing applied, counts dropped)."""
-        if applied:
+        framework applied it and the base optimizer really ran (its pre-hook
+        computed this step's multipliers), else :meth:`skip_step` (nothing
+        applied, counts dropped). A wrapper can call a step applied that never
+        reached the base optimizer: a GradScaler that skipped it on overflow
+        (DeepSpeed ZeRO-0 with ``torch_autocast`` fp16), or a rank whose base
+        optimizer has nothing to step."""
+        if applied and self._phase is _Phase.READY:
             self.end_step()
         else:
             self.skip_step()
 
     def _reset_counts(self) -> None:
         self._counts_LE.zero_()
-        self._uncounted_recomputes = 0
+        for tally in (self._counted_forwards_L, self._uncounted_recomputes_L, self._uncounted_originals_L):
+            tally[:] = [0] * self.num_layers
         self._phase = _Phase.COUNTING
 
     # ----------------------------------------------------------- multipliers
     def _finalize(self) -> None:
-        self.reduce_counts_async()
+        self._check_every_layer_counted()
+        self.reduce_counts_async(final=True)
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
         counts = self._counts_LE.detach().cpu()
-        if int(counts.sum()) == 0 and self._uncounted_recomputes:
-            raise RuntimeError(
-                "Excitation saw only recomputed forwards this step (reentrant activation checkpointing runs the "
-                "original forward under no_grad), so no tokens were counted. Use "
-                "torch.utils.checkpoint(..., use_reentrant=False) so that the original forward is the one counted."
-            )
         self.last_counts_LE = counts.clone()
         self.last_multipliers_LE = self.compute_multipliers(counts)
         self.step += 1
         self._phase = _Phase.READY
+
+    def _check_every_layer_counted(self) -> None:
+        """Refuse a step in which a layer ran only recomputes that replayed no
+        uncounted original: its tokens would be silently missing (phi = 1)."""
+        missing = [layer for layer in range(self.num_layers)
+                   if self._uncounted_recomputes_L[layer] and not self._counted_forwards_L[layer]]
+        if missing:
+            raise RuntimeError(
+                f"Excitation counted no forward of MoE layer(s) {missing} this step: they ran only as activation "
+                "recompute inside backward, and no original forward of theirs was seen in training mode. Run the "
+                "original forward with the model in train() mode, through torch.utils.checkpoint (either "
+                "use_reentrant setting) or the framework's checkpoint function, so that each token is counted once."
+            )
 
     def compute_multipliers(self, counts_LE: torch.Tensor) -> torch.Tensor:
         """Multipliers for this step's global counts, with the configured

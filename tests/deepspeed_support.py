@@ -37,6 +37,10 @@ class Case:
     bf16_optimizer: bool = False  # bf16 + ZeRO-1 + fp32 gradient accumulation -> BF16_Optimizer
     counts: str = "processed"
     overflow_step: int = -1  # fp16: inject an overflow at this step
+    overflow_scale: float = 1e30  # the loss is multiplied by this at overflow_step
+    # DeepSpeed calls the overflow step applied although the base optimizer never ran
+    # (ZeRO-0 + torch_autocast fp16: its GradScaler skips optimizer.step())
+    overflow_reported_applied: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -197,3 +201,30 @@ def set_expert_lrs(engine, case: Case, phi_LE: torch.Tensor) -> None:
 
 def flat_params(engine) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+
+
+def fp32_masters(engine) -> dict[str, torch.Tensor]:
+    """The fp32 master copy of every parameter, whole (a collective under ZeRO):
+    ZeRO-1/2 and BF16_Optimizer partitions assembled by DeepSpeed's
+    ``safe_get_full_fp32_param``; the FP16 wrappers' fp32 copies; fp32 params themselves."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    opt = engine.optimizer
+    copies = {}
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups_flat"):  # FP16_Optimizer: one flat copy per group
+        for lp_group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+            offset = 0
+            for lp in lp_group:
+                copies[id(lp)] = flat[offset:offset + lp.numel()]
+                offset += lp.numel()
+    elif hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer
+        for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+            copies.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            full = copies.get(id(p), p)
+        assert full.dtype == torch.float32, (name, full.dtype)
+        out[name] = full.detach().reshape(p.shape).clone()
+    return out

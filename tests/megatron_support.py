@@ -20,6 +20,7 @@ phi = 0 and its parameters must stay bit-exactly unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ class Case:
     recompute: bool = False
     skipped_step: int = -1  # megatron reports this step unsuccessful (found inf)
     vpp: int = 1  # virtual pipeline stages (model chunks) per rank
+    capacity: float | None = None  # moe_expert_capacity_factor: routes beyond capacity are dropped
+    pad: bool = False  # moe_pad_expert_input_to_capacity (the reference B runs the same model unpadded)
+    drop_policy: str = "probs"  # moe_token_drop_policy
 
     @property
     def sequence_parallel(self) -> bool:
@@ -64,6 +68,9 @@ WORLD2 = [  # 2 ranks
     Case("ep2-a2a-fp32-ga2", ep=2, gas=2, skipped_step=1),
     Case("ep1-distopt-fp32", ep=1, dist_opt=True),
     Case("tp2sp-ep2-ag-bf16", tp=2, ep=2, dispatcher="allgather", dtype="bf16"),
+    Case("ep2-a2a-cap1-pad-fp32-ga2", ep=2, gas=2, capacity=1.0, pad=True),
+    Case("ep1-ag-cap1-drop-position-distopt", ep=1, dispatcher="allgather", dist_opt=True, capacity=1.0,
+         drop_policy="position"),
 ]
 WORLD4 = [  # 4 ranks
     Case("tp2sp-ep2-distopt-bf16", tp=2, ep=2, dist_opt=True, dtype="bf16"),
@@ -117,7 +124,8 @@ def transformer_config(case: Case):
         params_dtype=torch.float32, use_cpu_initialization=True,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        moe_router_dtype="fp32", **extra,
+        moe_router_dtype="fp32", moe_expert_capacity_factor=case.capacity,
+        moe_pad_expert_input_to_capacity=case.pad, moe_token_drop_policy=case.drop_policy, **extra,
     )
 
 
@@ -350,7 +358,8 @@ def _run_case(case: Case) -> dict:
     setup(case)
     a_chunks, a_opt = build(case, per_expert_lr=False)
     excitation = exmeg.attach(a_chunks, a_opt, {"strategy": "zerosum"})
-    b_chunks, b_opt = build(case, per_expert_lr=True)
+    # B never pads to capacity: its experts receive exactly the real (kept) assignments
+    b_chunks, b_opt = build(dataclasses.replace(case, pad=False), per_expert_lr=True)
     kinds = {type(leaf).__name__ for leaf in compat.leaf_optimizers(a_opt)}
     assert kinds == _expected_wrappers(case), (case.name, kinds)
     count_a, count_b = ExpertInputCounter(a_chunks, case.num_layers), ExpertInputCounter(b_chunks, case.num_layers)
@@ -382,12 +391,19 @@ def _run_case(case: Case) -> dict:
             result = train_step(a_chunks, a_opt, case, step)
         assert excitation.reduce  # every case has > 1 rank holding distinct tokens per stage
         assert log.count("all_reduce", (len(layers), NUM_EXPERTS)) == 1, (case.name, step, log.calls)
-        processed = count_a.global_counts()
+        received_a = count_a.global_counts()
+        reference = {}
 
         def reference_lrs():
-            set_expert_lrs(b_opt, zerosum_gamma1(count_b.global_counts()))
+            reference["counts"] = count_b.global_counts()
+            set_expert_lrs(b_opt, zerosum_gamma1(reference["counts"]))
 
         train_step(b_chunks, b_opt, case, step, before_step=reference_lrs)
+        processed = reference["counts"]  # tokens B's experts received: A's real assignments
+        if case.pad:  # A's experts also received padding up to capacity, which must not count
+            assert bool((received_a >= processed).all()) and not torch.equal(received_a, processed), case.name
+        else:
+            assert torch.equal(received_a, processed), (case.name, received_a, processed)
         for undo in restore:
             undo()
 
@@ -398,6 +414,9 @@ def _run_case(case: Case) -> dict:
             continue
         assert result[0] is True
         expected = processed[stage_layers]
+        if case.capacity is not None:  # capacity really dropped routes (else the case tests nothing)
+            dp = dist.get_world_size() // (case.tp * case.pp)
+            assert int(expected.sum()) < len(stage_layers) * case.topk * MICRO * SEQ * case.gas * dp, case.name
         assert torch.equal(excitation.last_counts_LE, expected), (case.name, step, excitation.last_counts_LE, expected)
         phi = zerosum_gamma1(expected)
         torch.testing.assert_close(excitation.last_multipliers_LE, phi, rtol=1e-12, atol=1e-12)

@@ -158,3 +158,57 @@ def test_bad_segments_are_rejected():
         ex.set_segments([ExpertSegment(t, 2, 6, 0, 0)])
     with pytest.raises(ValueError, match="expert 5"):
         ex.set_segments([ExpertSegment(t, 0, 2, 0, 5)])
+
+
+def test_step_called_applied_but_never_run_is_a_skipped_step():
+    """A wrapper can report a step applied whose base optimizer never ran (a
+    GradScaler skipping it on overflow): nothing is applied, the counts are
+    dropped, and the next step counts afresh instead of failing."""
+    params, opt, ex = _sgd_setup({"strategy": "zerosum"})
+    ex.record(0, torch.tensor([3, 1]))
+    ex.reduce_counts_async()
+    ex.finish_step(True)  # opt.step() was never called
+    assert ex.step == 0
+    _step(params, opt, ex, [[1, 1]])
+    assert ex.last_counts_LE.tolist() == [[1, 1]] and ex.step == 1
+    assert params[0].tolist() == [1.0] * 6
+
+
+def test_count_reduction_waits_for_counted_recomputes():
+    """With reentrant checkpointing a layer's counts arrive in backward: an early
+    reduce_counts_async() (e.g. after the last forward) defers to the step."""
+    params, opt, ex = _sgd_setup({"strategy": "zerosum"}, L=2)
+    with torch.no_grad():  # layer 0's original forward under reentrant checkpointing
+        assert not ex.count_this_forward(0, training=True)
+    assert ex.count_this_forward(1, training=True)
+    ex.record(1, torch.tensor([1, 1]))
+    assert not ex.counts_final()
+    ex.reduce_counts_async()  # deferred: layer 0 still owes its recompute
+    ex.record(0, torch.tensor([3, 1]))  # ... which would otherwise be refused here
+    for p in params:
+        p.grad = -torch.ones_like(p)
+    opt.step()
+    assert ex.last_counts_LE.tolist() == [[3, 1], [1, 1]]
+    assert not ex.count_this_forward(0, training=False)  # evaluation never counts
+
+
+def test_count_buffer_device_follows_the_collective_backend(monkeypatch):
+    import torch.distributed as dist
+
+    from excitation_dist.core import collective_device
+
+    assert collective_device(None) == torch.device("cpu")  # no process group
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend, device in [("nccl", "cuda:3"), ("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu")]:
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert collective_device(None) == torch.device(device), backend
+
+
+def test_count_buffer_without_reduction_moves_to_the_first_counts():
+    ex = Excitation({}, 1, 2, reduce=False)
+    ex.record(0, torch.tensor([1, 2], device="meta"))
+    assert ex.device.type == "meta" and ex._counts_LE.device.type == "meta"
+    pinned = Excitation({}, 1, 2, reduce=False, device="cpu")
+    pinned.record(0, torch.tensor([1, 2]))
+    assert pinned.device == torch.device("cpu")

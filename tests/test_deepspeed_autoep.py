@@ -38,7 +38,6 @@ that AutoEP 0.19.8 patches: ``_CanRecordRegistry.get() takes 2 positional argume
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest
@@ -79,44 +78,6 @@ def _version_supported() -> bool:
     return major == 5 and minor < 23
 
 
-# ------------------------------------------------------------ reference optimizer
-def _element_lr_adamw():
-    import torch
-
-    class ElementLRAdamW(torch.optim.Optimizer):
-        """torch.optim.AdamW's single-tensor update with an optional per-element
-        learning-rate factor per stepped tensor (``lr_scale[id(tensor)]``)."""
-
-        def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-            super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
-            self.lr_scale: dict[int, torch.Tensor] = {}
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            for group in self.param_groups:
-                b1, b2 = group["betas"]
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] += 1
-                    t = state["step"]
-                    scale = self.lr_scale.get(id(p))
-                    lr = group["lr"] if scale is None else group["lr"] * scale
-                    p.mul_(1 - lr * group["weight_decay"])
-                    m, v = state["exp_avg"], state["exp_avg_sq"]
-                    m.lerp_(p.grad, 1 - b1)
-                    v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                    denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
-                    p.sub_(lr / (1 - b1**t) * m / denom)
-
-    return ElementLRAdamW
-
-
 # ------------------------------------------------------------------- the model
 def _model(case: Case, seed: int = 0):
     import torch
@@ -135,7 +96,9 @@ def _engine(case: Case, reference: bool, seed: int = 0):
     import torch
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    opt_cls = _element_lr_adamw() if reference else torch.optim.AdamW
+    from excitation_dist.testing.reference import ElementLRAdamW
+
+    opt_cls = ElementLRAdamW if reference else torch.optim.AdamW
 
     def make_optimizer(params):
         groups = [{"name": "all", "params": list(params)}]

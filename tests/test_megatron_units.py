@@ -16,16 +16,51 @@ from excitation_dist.segments import ExpertRange
 def test_router_counts_exclude_padding():
     # routing_map [tokens=4 (seq 2 x batch 2), E=3]; megatron's padding mask is [seq, batch], True = padding
     routing_map = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    probs = routing_map.float() * 0.5
     padding = torch.tensor([[False, True], [False, False]])
-    assert compat.routed_tokens_per_expert(routing_map, None).tolist() == [3, 3, 2]
-    assert compat.routed_tokens_per_expert(routing_map, padding).tolist() == [3, 2, 1]
+    assert compat.routed_tokens_per_expert(probs, routing_map, None).tolist() == [3, 3, 2]
+    assert compat.routed_tokens_per_expert(probs, routing_map, padding).tolist() == [3, 2, 1]
     mask = compat.router_padding_mask((torch.zeros(1), padding), {})
     assert mask is padding and compat.router_padding_mask((torch.zeros(1),), {"padding_mask": padding}) is padding
 
 
+@pytest.mark.parametrize("drop_policy", ["probs", "position"])
+def test_router_counts_are_real_assignments_on_every_capacity_setting(drop_policy):
+    """megatron's own top-k and capacity functions on a toy router with one popular
+    expert: with pad-to-capacity the routing map shows every expert at capacity,
+    yet the counted assignments equal those of plain dropping (the real ones)."""
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, topk_routing_with_score_function
+
+    torch.manual_seed(0)
+    tokens, experts, topk = 32, 4, 2
+    logits = torch.randn(tokens, experts)
+    logits[:, 0] += 3.0  # expert 0 is in almost every token's top 2
+    probs, routing_map = topk_routing_with_score_function(logits, topk, score_function="softmax")
+    routed = routing_map.sum(0)
+    assert int(routed.sum()) == tokens * topk
+    count = compat.routed_tokens_per_expert
+    assert torch.equal(count(probs, routing_map, None), routed)
+
+    capacity = tokens * topk // experts  # capacity factor 1.0
+    assert int(routed[0]) > capacity  # the popular expert overflows
+    drop_p, drop_map = apply_router_token_dropping(probs, routing_map, topk, 1.0, drop_policy, pad_to_capacity=False)
+    pad_p, pad_map = apply_router_token_dropping(probs, routing_map, topk, 1.0, drop_policy, pad_to_capacity=True)
+    kept = drop_map.sum(0)
+    assert torch.equal(kept, routed.clamp_max(capacity))
+    assert pad_map.sum(0).tolist() == [capacity] * experts  # what a routing-map count would see: phi = 1 everywhere
+    assert torch.equal(count(drop_p, drop_map, None), kept)
+    assert torch.equal(count(pad_p, pad_map, None), kept)
+
+    # a capacity above the token count drops nothing; padding then fills every expert to all tokens
+    big_p, big_map = apply_router_token_dropping(probs, routing_map, topk, 4.0, drop_policy, pad_to_capacity=True)
+    assert big_map.all() and torch.equal(count(big_p, big_map, None), routed)
+
+
 def test_router_output_layout_is_checked():
     with pytest.raises(RuntimeError, match="TopKRouter"):
-        compat.router_routing_map((torch.zeros(4, 3),))
+        compat.router_output((torch.zeros(4, 3),))
+    with pytest.raises(RuntimeError, match="TopKRouter"):
+        compat.router_output((torch.zeros(4, 3), torch.zeros(4, 2, dtype=torch.bool)))
 
 
 def _fake_layer(kind: str, experts_module, local_expert_indices):
@@ -97,6 +132,22 @@ def test_tensor_parallel_experts_without_expert_parallelism_are_refused():
                                          expert_tensor_parallel_size=1)
     with pytest.raises(NotImplementedError, match="expert_tensor_parallel_size=1"):
         compat.check_supported([chunk], types.SimpleNamespace(config=None, chained_optimizers=[]))
+
+
+@pytest.mark.parametrize("setting", [{"enable_cuda_graph": True}, {"external_cuda_graph": True},
+                                     {"cuda_graph_impl": "local"}, {"cuda_graph_impl": "transformer_engine"}])
+def test_cuda_graphs_are_refused_at_attach(setting):
+    """A captured graph replays the router without its forward hooks: counting would stop silently."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    chunk = torch.nn.Linear(1, 1)
+    chunk.config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4,
+                                     moe_router_topk=2, **setting)
+    with pytest.raises(NotImplementedError, match="CUDA graphs.*turn CUDA graphs off"):
+        compat.check_supported([chunk], types.SimpleNamespace(config=None, chained_optimizers=[]))
+    chunk.config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4,
+                                     moe_router_topk=2)
+    compat.check_supported([chunk], types.SimpleNamespace(config=None, chained_optimizers=[]))
 
 
 def test_unknown_optimizer_wrapper_is_refused():

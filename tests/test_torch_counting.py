@@ -96,15 +96,62 @@ def test_activation_recompute_is_not_counted_twice():
         torch.set_default_dtype(torch.float32)
 
 
-def test_reentrant_checkpointing_is_refused_with_the_fix():
+class Checkpointed(torch.nn.Module):
+    """Runs a block under torch.utils.checkpoint (as selective or Hugging Face-style
+    checkpointing of some layers does)."""
+
+    def __init__(self, block, use_reentrant):
+        super().__init__()
+        self.block, self.use_reentrant = block, use_reentrant
+
+    def forward(self, x, mask):
+        return checkpoint(self.block, x, mask, use_reentrant=self.use_reentrant)
+
+
+def test_reentrant_checkpointing_of_some_layers_counts_every_layer_once():
+    """Block 0 reentrant (original forward under no_grad, counted in backward),
+    block 1 non-reentrant (original counted, recompute not), block 2 plain; two
+    micro-batches per step: every layer's counts equal an uncheckpointed model's,
+    and so do the parameters."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        plain, mixed = _model(), _model()
+        mixed.blocks[0] = Checkpointed(mixed.blocks[0], use_reentrant=True)
+        mixed.blocks[1] = Checkpointed(mixed.blocks[1], use_reentrant=False)
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (plain, mixed)]
+        exs = [attach(m, o, {"strategy": "zerosum"}) for m, o in zip((plain, mixed), opts)]
+        spy = RouterSpy(plain)
+        for step in range(3):
+            spy.counts.zero_()
+            for m, o in zip((plain, mixed), opts):
+                for micro in range(2):
+                    tokens = torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(10 * step + micro))
+                    m.loss(tokens)[0].backward()
+                o.step()
+                o.zero_grad()
+            assert torch.equal(exs[0].last_counts_LE, spy.counts)
+            assert torch.equal(exs[1].last_counts_LE, spy.counts), (step, exs[1].last_counts_LE, spy.counts)
+            assert (exs[1].last_multipliers_LE[0] != 1).any()  # layer 0 is excited, not stuck at phi = 1
+        for a, b in zip(plain.parameters(), mixed.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_a_layer_seen_only_as_recompute_is_an_error_naming_it():
+    """A layer whose original forward was not a training forward (here: run in
+    eval mode, then recomputed in train mode) would silently keep phi = 1."""
     torch.manual_seed(0)
-    moe = TopKMoE(8, 8, 4, top_k=1)
-    opt = torch.optim.SGD(moe.parameters(), lr=0.1)
-    attach(moe, opt)
-    x = torch.randn(10, 8, requires_grad=True)
-    out, _ = checkpoint(moe, x, use_reentrant=True)
+    model = _model(n_layers=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach(model, opt)
+    x = model.embed(torch.randint(0, 32, (2, 12)))
+    model.blocks[1].eval()
+    h, _ = model.blocks[0](x, None)
+    out, _ = checkpoint(model.blocks[1], h, None, use_reentrant=False)
+    model.blocks[1].train()
     out.sum().backward()
-    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+    with pytest.raises(RuntimeError, match=r"MoE layer\(s\) \[1\].*train\(\) mode"):
         opt.step()
 
 

@@ -125,3 +125,57 @@ def _one_collective_without_overlap():
 
 def test_one_collective_per_step_in_the_optimizer_step():
     assert run_distributed(_one_collective_without_overlap, 2) == [2, 2]
+
+
+def _stacked_experts_match_per_expert_lr(micro_batches):
+    """A (DDP, AdamW, Excitation) against B (DDP, no Excitation, AdamW with a
+    per-element learning rate): B's expert e of each stacked weight is located
+    independently, as ``w[e]`` along the stacked dimension (not through
+    ``excitation_expert_slices``), and runs at ``phi[layer, e] * lr`` with phi the
+    paper's ZeroSum of independently measured counts (router top-k, all ranks)."""
+    from excitation_dist.testing.reference import ElementLRAdamW
+
+    torch.set_default_dtype(torch.float64)
+    rank = dist.get_rank()
+    lr, wd = 1e-2, 0.1
+
+    def build():
+        torch.manual_seed(0)
+        model = TinyMoETransformer(MODEL)
+        return model, torch.nn.parallel.DistributedDataParallel(model)
+
+    model_a, ddp_a = build()
+    opt_a = torch.optim.AdamW(ddp_a.parameters(), lr=lr, weight_decay=wd)
+    ex = attach(ddp_a, opt_a, {"strategy": "zerosum", "counts": "routed"})
+    model_b, ddp_b = build()
+    opt_b = ElementLRAdamW(ddp_b.parameters(), lr=lr, weight_decay=wd)
+    counts_b = _router_counts(model_b)
+
+    for step in range(STEPS):
+        for ddp, opt in ((ddp_a, opt_a), (ddp_b, opt_b)):
+            counts_b.zero_()
+            for m in range(micro_batches):
+                ctx = ddp.no_sync() if m < micro_batches - 1 else torch.enable_grad()
+                with ctx:
+                    loss, _ = lm_loss(ddp, MODEL.aux_loss_coef, _chunk(step, rank, m))
+                    (loss / micro_batches).backward()
+            if opt is opt_b:
+                counts = counts_b.clone()
+                dist.all_reduce(counts)
+                phi_LE = counts.double() / counts.double().mean(-1, keepdim=True)
+                opt_b.lr_scale = {
+                    id(w): phi_LE[layer].view(-1, 1, 1).expand_as(w).contiguous()
+                    for layer, block in enumerate(model_b.blocks) for w in (block.moe.w_in_EDF, block.moe.w_out_EFD)
+                }
+            opt.step()
+            opt.zero_grad()
+        assert torch.equal(ex.last_counts_LE, counts)
+        assert (ex.last_multipliers_LE != 1).any()
+        for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"step {step} {name}: {m}")
+    return float(ex.last_multipliers_LE.max())
+
+
+def test_stacked_experts_equal_a_per_expert_learning_rate_reference():
+    phis = run_distributed(_stacked_experts_match_per_expert_lr, 2, 2)
+    assert phis[0] == phis[1] > 1

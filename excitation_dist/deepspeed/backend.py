@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 from excitation_dist.config import ExcitationConfig, as_config
 from excitation_dist.core import Excitation
 from excitation_dist.deepspeed import compat
-from excitation_dist.deepspeed.counting import is_counted_forward, register_counters
+from excitation_dist.deepspeed.counting import is_training_forward, register_counters
 from excitation_dist.deepspeed.master_segments import owned_expert_segments
 
 CLIENT_STATE_KEY = "excitation_dist"
@@ -116,6 +116,7 @@ def attach(
     compat.check_version()
     if getattr(engine, _ATTACHMENT, None) is not None:
         raise RuntimeError("Excitation is already attached to this engine; call excitation_dist.deepspeed.detach(engine) first")
+    compat.check_step_path(engine)
     excitation_config = as_config(config)
     family = _moe_family(engine, excitation_config)
     layers = family.layers
@@ -144,7 +145,7 @@ def attach(
     if overlap:
 
         def reduce_after_boundary_forward(module: Any, args: Any, output: Any) -> None:
-            if is_counted_forward(module) and engine.is_gradient_accumulation_boundary():
+            if is_training_forward(module) and engine.is_gradient_accumulation_boundary():
                 excitation.reduce_counts_async()
 
         attachment.handles.append(engine.module.register_forward_hook(reduce_after_boundary_forward))

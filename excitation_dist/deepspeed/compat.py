@@ -143,6 +143,19 @@ def num_global_experts(layer: Any) -> int:
 
 
 # --------------------------------------------------- optimizer wrappers
+def check_step_path(engine: Any) -> None:
+    """Refuse engines whose optimizer step bypasses the base torch optimizer's
+    ``step`` (where Excitation scales the update): ZenFlow's selective optimizer
+    updates the important columns itself and defers the rest to a CPU thread."""
+    if getattr(engine, "zenflow", False):
+        raise NotImplementedError(
+            "Excitation does not support DeepSpeed ZenFlow (zero_optimization.zenflow): its selective update "
+            "bypasses the base optimizer's step, so no expert update would be scaled. Remove the zenflow "
+            "section (plain ZeRO-Offload, offload_optimizer, is supported)."
+        )
+
+
+
 def base_optimizer(engine: Any) -> torch.optim.Optimizer:
     """The torch optimizer DeepSpeed wraps (ZeRO, BF16_Optimizer, FP16 wrappers)."""
     opt = getattr(engine, "basic_optimizer", None)

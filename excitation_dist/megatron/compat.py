@@ -81,6 +81,15 @@ def check_supported(model_chunks: Sequence[torch.nn.Module], optimizer: Any) -> 
         cfg = getattr(chunk, "config", None)
         refusals.append((getattr(cfg, "moe_latent_size", None), "TransformerConfig.moe_latent_size",
                          "MoE latent projections are not supported yet"))
+        graphs = _cuda_graph_setting(cfg)
+        refusals.append((graphs is not None, f"CUDA graphs ({graphs})",
+                         "a captured graph replays the router without its Python forward hooks, so no token would be "
+                         "counted; turn CUDA graphs off (cuda_graph_impl='none', no --enable-cuda-graph / "
+                         "--external-cuda-graph)"))
+        refusals.append((getattr(cfg, "moe_expert_rank_capacity_factor", None) is not None,
+                         "TransformerConfig.moe_expert_rank_capacity_factor",
+                         "the flex dispatcher drops tokens after the router, where Excitation counts; use "
+                         "moe_expert_capacity_factor (dropped at the router) instead"))
         tp, ep = getattr(cfg, "tensor_model_parallel_size", 1), getattr(cfg, "expert_model_parallel_size", 1)
         etp = getattr(cfg, "expert_tensor_parallel_size", None) or tp
         refusals.append((tp > 1 and ep == 1 and etp != tp,
@@ -104,6 +113,16 @@ def check_supported(model_chunks: Sequence[torch.nn.Module], optimizer: Any) -> 
                 f"{kind} wraps {type(base).__name__}, not a torch.optim.Optimizer (CPU offload?); "
                 "Excitation hooks the torch optimizer's step"
             )
+
+
+def _cuda_graph_setting(cfg: Any) -> str | None:
+    """The TransformerConfig fields that turn CUDA graphs on (0.16: ``enable_cuda_graph``,
+    ``external_cuda_graph``, ``cuda_graph_impl``; 0.19 also ``full_iteration``), or None."""
+    on = [name for name in ("enable_cuda_graph", "external_cuda_graph") if getattr(cfg, name, False)]
+    impl = getattr(cfg, "cuda_graph_impl", "none")
+    if impl not in (None, "none"):
+        on.append(f"cuda_graph_impl={impl!r}")
+    return ", ".join(on) or None
 
 
 # ------------------------------------------------------------------ layers
@@ -157,13 +176,17 @@ def local_expert_ranges(layer: Any) -> list[tuple[torch.nn.Parameter, list[Exper
 
 
 # ------------------------------------------------------------------ counts
-def router_routing_map(output: Any) -> torch.Tensor:
-    """``TopKRouter.forward`` returns ``(probs, routing_map)``; ``routing_map`` is
-    bool ``[tokens, E]`` after top-k and capacity dropping (the assignments the
-    experts process)."""
-    if not (isinstance(output, tuple) and len(output) == 2 and output[1].dtype == torch.bool):
+def router_output(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TopKRouter.forward`` returns ``(probs, routing_map)``, both ``[tokens, E]``:
+    ``routing_map`` bool after top-k and capacity handling, ``probs`` the routing
+    weights, zero off the kept routes. With ``moe_pad_expert_input_to_capacity``
+    megatron returns the *capacity mask* as ``routing_map`` (every expert shows
+    ``capacity`` tokens, real or padding) and zeroes ``probs`` on the padding slots
+    (``moe_utils.apply_router_token_dropping``)."""
+    if not (isinstance(output, tuple) and len(output) == 2 and output[1].dtype == torch.bool
+            and output[0].shape == output[1].shape):
         raise RuntimeError("unexpected router output; megatron-core changed TopKRouter.forward (see compat.py)")
-    return output[1]
+    return output[0], output[1]
 
 
 def router_padding_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -179,14 +202,20 @@ def router_padding_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return mask
 
 
-def routed_tokens_per_expert(routing_map: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """int64 ``[E]``: this rank's (token, expert) assignments, padding excluded."""
+def routed_tokens_per_expert(
+    probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """int64 ``[E]``: this rank's real (token, expert) assignments: routes in the
+    map with a nonzero probability (capacity padding has probability 0), padding
+    tokens excluded. A kept route's probability is a top-k softmax / sigmoid
+    score, never exactly 0 in practice."""
+    real_TE = routing_map & (probs != 0)
     if padding_mask is not None:
         keep = ~padding_mask.reshape(-1).to(torch.bool)
-        if keep.shape[0] != routing_map.shape[0]:
-            raise ValueError(f"padding mask of {keep.shape[0]} tokens for a routing map of {routing_map.shape[0]}")
-        routing_map = routing_map & keep.unsqueeze(-1)
-    return routing_map.sum(dim=0, dtype=torch.int64)
+        if keep.shape[0] != real_TE.shape[0]:
+            raise ValueError(f"padding mask of {keep.shape[0]} tokens for a routing map of {real_TE.shape[0]}")
+        real_TE = real_TE & keep.unsqueeze(-1)
+    return real_TE.sum(dim=0, dtype=torch.int64)
 
 
 def counts_process_group() -> Any:

@@ -41,11 +41,6 @@ class _Binding:
     layer: int
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation recompute happens)."""
-    return torch._C._current_graph_task_id() != -1
-
-
 def report_expert_counts(
     module: nn.Module,
     expert_indices: torch.Tensor,
@@ -54,7 +49,8 @@ def report_expert_counts(
     processed_mask: torch.Tensor | None = None,
 ) -> None:
     """Report one forward's routing of an attached MoE layer. Cheap no-op when
-    the layer is not attached, in eval mode or under ``no_grad``.
+    the layer is not attached or in eval mode; which training forwards count is
+    :meth:`Excitation.count_this_forward`.
 
     Args:
         module: the MoE layer (attached with :func:`attach`).
@@ -65,14 +61,12 @@ def report_expert_counts(
             the assignment. Used when the config counts ``processed`` tokens and
             ignored for ``routed`` counts.
 
-    Activation recompute (``torch.utils.checkpoint`` with ``use_reentrant=False``)
-    runs inside backward and is not counted, so each token counts once.
+    Activation recompute (``torch.utils.checkpoint``, either ``use_reentrant``
+    setting) counts each token once: the original forward when it ran with
+    grad enabled, else the recompute in backward.
     """
     binding: _Binding | None = getattr(module, _BINDING, None)
-    if binding is None or not module.training or not torch.is_grad_enabled():
-        return
-    if _in_backward():
-        binding.excitation.note_uncounted_recompute()
+    if binding is None or not binding.excitation.count_this_forward(binding.layer, module.training):
         return
     idx = expert_indices
     if processed_mask is not None and binding.excitation.config.counts == "processed":
