@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +42,7 @@ class Case:
     # DeepSpeed calls the overflow step applied although the base optimizer never ran
     # (ZeRO-0 + torch_autocast fp16: its GradScaler skips optimizer.step())
     overflow_reported_applied: bool = False
+    reentrant_layer0: bool = False  # the engine under test runs MoE layer 0 under reentrant checkpointing
     extra: dict = field(default_factory=dict)
 
 
@@ -60,11 +62,12 @@ def setup_deepspeed() -> None:
 class TinyMoENet(nn.Module):
     """Embedding (positive) -> MoE layers with residuals -> LM head."""
 
-    def __init__(self, case: Case, seed: int = 0) -> None:
+    def __init__(self, case: Case, seed: int = 0, reentrant_layer0: bool = False) -> None:
         from deepspeed.moe.layer import MoE
 
         super().__init__()
         torch.manual_seed(seed)
+        self.reentrant_layer0 = reentrant_layer0
         self.embed = nn.Embedding(VOCAB, D_MODEL)
         self.moes = nn.ModuleList()
         for ff in FF_PER_LAYER:
@@ -85,8 +88,11 @@ class TinyMoENet(nn.Module):
         h = self.embed(x)
         aux = 0.0
         self.routed_counts = []
-        for moe in self.moes:
-            out, l_aux, exp_counts = moe(h)
+        for i, moe in enumerate(self.moes):
+            if i == 0 and self.reentrant_layer0 and self.training:  # original forward under no_grad, recompute in backward
+                out, l_aux, exp_counts = torch.utils.checkpoint.checkpoint(moe, h, use_reentrant=True)
+            else:
+                out, l_aux, exp_counts = moe(h)
             self.routed_counts.append(exp_counts.detach().to(torch.int64))
             h = h + out
             aux = aux + l_aux
@@ -141,7 +147,7 @@ def build_engine(case: Case, *, per_expert_lr: bool, seed: int = 0):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    model = TinyMoENet(case, seed)
+    model = TinyMoENet(case, seed, reentrant_layer0=case.reentrant_layer0 and not per_expert_lr)
     if case.config_optimizer and not per_expert_lr:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config(case))
         return engine

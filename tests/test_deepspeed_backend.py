@@ -15,8 +15,10 @@ group with learning rate phi * lr, train on the same data. Per optimizer step:
 - the expert that no token reaches (phi = 0) stays bit-exactly unchanged,
   although AdamW's weight decay would move it;
 - expert-data-parallel replicas (and dense replicas) are bit-identical;
+- the fp32 masters the base optimizer steps equal B's to fp32 rounding, in every wrapper layout;
 - a step DeepSpeed skips on overflow changes nothing and its counts are dropped
-  (bf16 with check_grad_overflow: this CPU has no fp16 support, DeepSpeed refuses fp16 here).
+  (bf16 with check_grad_overflow; fp16 through torch_autocast's GradScaler: DeepSpeed's own fp16
+  wrappers need an fp16-capable accelerator).
 
 Matrix (each row one reason):
   world 2: z2-fp32-ep1-top2-ga2  ZeRO-2 flat partitions split experts; accumulation; checkpoint round trip
@@ -26,6 +28,12 @@ Matrix (each row one reason):
            z2-bf16-ep1-overflow  ZeRO-2 bf16 with DeepSpeed's overflow check, one forced overflow (skip_step)
            z0-bf16-ep2-top2      bf16 without ZeRO (FP16_UnfusedOptimizer's fp32 master copies)
            z2-fp32-ep2-top2      ZeRO-2 with EP 2 on 2 ranks (experts not partitioned, dense params are)
+           z2-fp32-ep2-top2-ga2-reentrant
+                                 MoE layer 0 under reentrant checkpointing (original forward under no_grad):
+                                 its tokens are counted in backward, once, and the count all-reduce waits for them
+           z0-autocast-fp16-ep1-top2-overflow
+                                 torch_autocast fp16 without ZeRO: the GradScaler skips an overflowing step that
+                                 DeepSpeed still calls applied; nothing applied, counts dropped, next step fine
   world 4: z2-fp32-ep2-top2-ga2  EP 2 x EDP 2: expert partitions split across EDP ranks
            z1-bf16-ep4-top1      BF16_Optimizer with EP 4
 """
@@ -51,6 +59,7 @@ WORLD2 = [
     Case("z2-bf16-ep1-top2-overflow", zero=2, dtype="bf16", k=2, overflow_step=1),
     Case("z0-bf16-ep2-top2", zero=0, dtype="bf16", ep=2, k=2),
     Case("z2-fp32-ep2-top2", zero=2, ep=2, k=2),
+    Case("z2-fp32-ep2-top2-ga2-reentrant", zero=2, ep=2, k=2, gas=2, reentrant_layer0=True),
     Case("z0-autocast-fp16-ep1-top2-overflow", zero=0, k=2, overflow_step=1, overflow_scale=float("inf"),
          overflow_reported_applied=True, extra={"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}),
 ]
@@ -151,8 +160,11 @@ def _run_case(case: Case, checkpoint_dir: str | None) -> dict:
     if dc.ep_rank(case) == dc.DEAD_EXPERT // nl:
         dead = list(a.module.moes[0].deepspeed_moe.experts.deepspeed_experts[dc.DEAD_EXPERT % nl].parameters())
 
+    reference = {}
+
     def reference_lrs(routed):
-        counts = count_b.global_counts() if case.counts == "processed" else routed.clone()
+        reference["processed"] = count_b.global_counts()
+        counts = reference["processed"] if case.counts == "processed" else routed.clone()
         if case.counts == "routed":
             dist.all_reduce(counts)
         dc.set_expert_lrs(b, case, dc.zerosum_gamma1(counts))
@@ -165,9 +177,12 @@ def _run_case(case: Case, checkpoint_dir: str | None) -> dict:
         with count_collectives() as log:
             routed = _train_step(a, case, step)
         assert log.count("all_reduce", (len(dc.FF_PER_LAYER), dc.NUM_EXPERTS)) == 1, (case.name, log.calls)
-        processed = count_a.global_counts()
+        received_a = count_a.global_counts()  # misses layer 0's tokens when its forward runs under no_grad
         dist.all_reduce(routed)
         _train_step(b, case, step, before_last_backward=reference_lrs)
+        processed = reference["processed"]  # B (never checkpointed): the tokens the experts processed
+        if not case.reentrant_layer0:
+            assert torch.equal(received_a, processed), (case.name, received_a, processed)
 
         if step == case.overflow_step:
             assert a.was_step_applied() == case.overflow_reported_applied, case.name
