@@ -54,7 +54,9 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
         opt = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, weight_decay=0.01)
         runs[name] = (model, ddp, opt, attach(ddp, opt, exc))
 
-    loggers = {name: MetricsLogger(Path(cfg.log_dir) / name, rank) for name in runs} if cfg.log_dir else {}
+    loggers = {name: MetricsLogger(Path(cfg.log_dir) / name, rank, run_info={
+        "name": name, "strategy": excitation.config.strategy, "gamma": excitation.config.gamma, "seed": cfg.seed})
+        for name, (*_, excitation) in runs.items()} if cfg.log_dir else {}
     rows = []
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):

@@ -33,7 +33,8 @@ def test_demo_prints_the_side_by_side_table_and_report_plots_its_logs(tmp_path):
                 "--out", str(tmp_path / "report"))
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert names == ["loss.png", "multipliers.png", "utilization_baseline.png", "utilization_excited.png"]
+    assert names == ["loss.png", "multipliers.png", "utilization.png", "utilization_baseline.png",
+                     "utilization_excited.png"]
     for png in (tmp_path / "report").iterdir():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     proc = _cli("report", str(tmp_path / "nowhere"))
@@ -50,6 +51,36 @@ def test_demo_rejects_bad_arguments_with_a_clear_message():
 def test_help_lists_subcommands():
     proc = _cli("--help")
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_report_labels_runs_by_strategy_and_gamma_on_one_colour_scale(tmp_path):
+    from excitation_dist.recipe.metrics_log import MetricsLogger
+    from excitation_dist.recipe.report import make_report, run_labels
+
+    runs = {"a": ("zerosum", 1.0, 6.0), "b": ("positivesum", 0.5, 3.0), "c": ("none", 1.0, 1.0),
+            "d": ("zerosum", 1.0, 2.0)}
+    for name, (strategy, gamma, peak) in runs.items():
+        logger = MetricsLogger(tmp_path / name, tensorboard=False, run_info={"strategy": strategy, "gamma": gamma})
+        for step in (1, 2):
+            logger.log(step, {"loss": 1.0 / step, "utilization_LE": [[peak, 2.0 - peak / 4, 0.0, 0.0]]})
+        logger.close()
+    dirs = [tmp_path / n for n in runs]
+    assert run_labels(dirs) == ["zerosum, gamma 1 [a]", "positivesum, gamma 0.5", "baseline (no Excitation)",
+                                "zerosum, gamma 1 [d]"]
+
+    import matplotlib.image
+
+    make_report(dirs, tmp_path / "report")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    # Pixels in the colour of the top of the scale: run a's expert 0 (load 6.0) fills a band of the heatmap with it;
+    # run b's expert 0 (load 3.0) must not (with a scale per run it would), only the colour bar's top has it.
+    top = np.asarray(plt.get_cmap("magma")(1.0)[:3])
+    def top_coloured(name):
+        img = matplotlib.image.imread(tmp_path / "report" / f"utilization_{name}.png")[..., :3]
+        return int((np.abs(img - top).max(-1) < 0.06).sum())
+    assert top_coloured("a") > 10 * top_coloured("b")
 
 
 def test_report_names_runs_apart_by_their_parents(tmp_path):

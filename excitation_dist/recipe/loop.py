@@ -123,7 +123,9 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
             if rank == 0:
                 print(f"resumed from {latest} (step {start})", flush=True)
 
-    logger = MetricsLogger(cfg.logging.dir, rank)
+    logger = MetricsLogger(cfg.logging.dir, rank, run_info={
+        "name": cfg.name, "backend": cfg.backend, "strategy": cfg.excitation.strategy, "gamma": cfg.excitation.gamma,
+        "seed": cfg.seed})
     tokens_per_step = s.global_batch_size * cfg.model.seq_length
     t_start, last = time.perf_counter(), {}
     window_start, window_steps = time.perf_counter(), 0

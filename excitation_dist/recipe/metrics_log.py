@@ -18,6 +18,7 @@ from excitation_dist.core import Excitation
 from excitation_dist.strategies import utilization
 
 METRICS_FILE = "metrics.jsonl"
+RUN_INFO_FILE = "run.json"  # what the run is (strategy, gamma, ...), for report legends
 
 
 def excitation_record(excitation: Excitation) -> dict[str, Any]:
@@ -38,9 +39,11 @@ class MetricsLogger:
         rank: this process's global rank.
         tensorboard: also write TensorBoard events (needs the tensorboard package).
         writer: an existing SummaryWriter-like object (e.g. Megatron's) to use instead.
+        run_info: what the run is (``strategy``, ``gamma``, ``name``, ...), written to ``run.json``.
     """
 
-    def __init__(self, log_dir: str | Path, rank: int = 0, tensorboard: bool = True, writer: Any = None) -> None:
+    def __init__(self, log_dir: str | Path, rank: int = 0, tensorboard: bool = True, writer: Any = None,
+                 run_info: dict[str, Any] | None = None) -> None:
         self.enabled = rank == 0
         self.log_dir = Path(log_dir)
         self._writer = writer
@@ -48,6 +51,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if run_info is not None:
+            (self.log_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1) + "\n")
         self._file = open(self.log_dir / METRICS_FILE, "a", buffering=1)
         if tensorboard and writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -85,3 +90,12 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
                 by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``run.json`` (empty for runs logged before it existed)."""
+    path = Path(run_dir) / RUN_INFO_FILE
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
