@@ -1,18 +1,61 @@
-"""The experiment commands run end to end at toy size and write what they promise."""
+"""The experiment commands run end to end at toy size, write what they promise,
+reuse cached runs only by config hash, and word verdicts from the intervals."""
 
 import csv
+import math
 
-from excitation_dist.experiments import micro_moe
+import pytest
+
+from excitation_dist.experiments import lm_sweep, micro_moe, stats
 
 
-def test_micro_moe_writes_runs_summary_and_plot(tmp_path):
-    assert micro_moe.main(["micro", "--out", str(tmp_path), "--seeds", "2", "--epochs", "1", "--batch-sizes", "256",
-                           "--optimizers", "adam", "--width", "32", "--k", "4"]) == 0
-    runs = list(csv.DictReader(open(tmp_path / "runs.csv")))
-    assert len(runs) == 6 and {r["strategy"] for r in runs} == {"none", "zerosum", "positivesum"}
-    summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert len(summary) == 3 and all(0.0 <= float(r["test_accuracy_mean"]) <= 1.0 for r in summary)
-    assert (tmp_path / "micro_moe.png").read_bytes()[:4] == b"\x89PNG"
+def _rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_micro_moe_sweep_best_vs_best_tables_plots_and_cache(tmp_path):
+    argv = ["micro", "--out", str(tmp_path), "--seeds", "2", "--epochs", "1", "--settings", "adam:256",
+            "--strategies", "none,zerosum,global", "--lrs", "0.001,0.01", "--width", "32", "--k", "4"]
+    assert micro_moe.main(argv) == 0
+    runs = _rows(tmp_path / "runs.csv")
+    assert len(runs) == 3 * 2 * 2 and {r["strategy"] for r in runs} == {"none", "zerosum", "global"}
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 and 0.0 <= float(r["val_accuracy"]) <= 1.0 for r in runs)
+    assert len(_rows(tmp_path / "curves.csv")) == len(runs)  # one epoch each
+    best = _rows(tmp_path / "best.csv")
+    assert [b["strategy"] for b in best] == ["none", "zerosum", "global"]
+    for b in best:  # the chosen lr is the one with the best mean validation accuracy
+        val = {lr: sum(float(r["val_accuracy"]) for r in runs if r["strategy"] == b["strategy"] and
+                       float(r["lr"]) == lr) for lr in (0.001, 0.01)}
+        assert val[float(b["best_lr"])] == max(val.values())
+    assert best[1]["verdict"] in ("better", "worse", "no difference detected")
+    assert "minus baseline" in (tmp_path / "tables.md").read_text()
+    for png in ("lr_sweep.png", "best_vs_best.png", "training_curves.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # same grid again: everything comes from the cache; a new seed runs only that seed's cells
+    assert micro_moe.main(argv) == 0
+    assert "0 run" in (tmp_path / "last_invocation.txt").read_text()
+    assert micro_moe.main(argv[:3] + ["--seed-list", "7"] + argv[5:]) == 0
+    assert "6 run" in (tmp_path / "last_invocation.txt").read_text()
+    assert len(_rows(tmp_path / "runs.csv")) == 18
+
+
+def test_structural_confusion_grid_uses_depths_and_no_residuals(tmp_path):
+    assert micro_moe.main(["depth", "--out", str(tmp_path), "--seeds", "1", "--epochs", "1", "--depths", "2,3",
+                           "--strategies", "none", "--lrs", "0.1", "--width", "16", "--k", "3"]) == 0
+    runs = _rows(tmp_path / "runs.csv")
+    assert sorted(int(r["depth"]) for r in runs) == [2, 3] and {r["batch_size"] for r in runs} == {"128"}
+
+
+def test_routing_metrics_count_dead_units_and_overload():
+    import torch
+
+    torch.manual_seed(0)
+    model = micro_moe.MicroMoE(8, 3, depth=1, width=6, k=2)
+    with torch.no_grad():  # units 0 and 1 always win, the rest never do
+        model.hidden[0].linear.weight.zero_()
+        model.hidden[0].linear.bias.copy_(torch.tensor([5.0, 4.0, 0, 0, 0, 0]))
+    dead, overload = micro_moe.routing_metrics(model, torch.randn(10, 8))
+    assert dead == 4 and overload == pytest.approx(3.0)  # 10 samples on each of 2 units; mean 20/6
 
 
 def test_topk_layer_counts_every_unit_as_an_expert():
@@ -30,3 +73,34 @@ def test_topk_layer_counts_every_unit_as_an_expert():
     opt.step()
     assert ex.last_counts_LE.shape == (2, 16) and ex.last_counts_LE.sum(-1).tolist() == [40, 40]
     assert torch.equal(ex.last_counts_LE[0], torch.bincount(first.reshape(-1), minlength=16))
+
+
+def test_confidence_intervals_and_verdicts():
+    m, lo, hi = stats.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
+    base = {0: 0.5, 1: 0.6, 2: 0.7}
+    assert stats.paired({0: 0.6, 1: 0.71, 2: 0.79}, base)["verdict"] == "better"
+    assert stats.paired({0: 0.4, 1: 0.49, 2: 0.61}, base)["verdict"] == "worse"
+    assert stats.paired({0: 0.6, 1: 0.5, 2: 0.72}, base)["verdict"] == "no difference detected"
+    assert stats.paired({0: 0.4, 1: 0.49, 2: 0.61}, base, higher_is_better=False)["verdict"] == "better"
+    assert stats.paired({5: 1.0}, base)["n"] == 0  # only shared seeds pair
+
+
+def test_lm_sweep_report_chooses_lr_on_selection_seeds_and_pairs_report_seeds(tmp_path):
+    rows = []
+    for strategy, best in (("none", 0.003), ("zerosum", 0.01)):
+        for lr in (0.001, 0.003, 0.01):
+            rows.append({"hash": f"{strategy}{lr}s0", "stage": "sweep", "aux": 0.01, "strategy": strategy, "lr": lr,
+                         "seed": 0, "val_loss": 2.0 if lr == best else 2.5})
+        for seed in (1, 2, 3):
+            rows.append({"hash": f"{strategy}{seed}", "stage": "confirm", "aux": 0.01, "strategy": strategy,
+                         "lr": best, "seed": seed, "val_loss": 2.0 + 0.01 * seed - (0.1 if strategy == "zerosum" else 0)})
+    for r in rows:
+        r.update(overload_last10pct=1.5, dead_experts_last10pct=0.0, entropy_last10pct=0.9)
+    stats.write_csv(tmp_path / "runs.csv", rows)
+    assert lm_sweep.main(["--out", str(tmp_path), "--report-only", "--select-seeds", "0", "--report-seeds", "1,2,3",
+                          "--strategies", "none,zerosum", "--aux-coefs", "0.01", "--lrs", "0.001,0.003,0.01"]) == 0
+    best = {b["strategy"]: b for b in _rows(tmp_path / "best.csv")}
+    assert float(best["none"]["best_lr"]) == 0.003 and float(best["zerosum"]["best_lr"]) == 0.01
+    assert best["zerosum"]["verdict"] == "better" and float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.1)
+    assert (tmp_path / "best_vs_best.png").read_bytes()[:4] == b"\x89PNG"

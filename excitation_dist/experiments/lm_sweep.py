@@ -1,144 +1,270 @@
 """GPT-MoE language modeling on the embedded corpus through the real training
-path (``excitation-dist train``): Excitation strategies and the paper's
-controls at equal tokens, with and without the load-balancing loss, and a
-gamma sweep. Every run is a separate ``train`` process with its own seed.
+path (``excitation-dist train``), at tuned learning rates.
+
+Two stages, one command:
+
+1. sweep: every (aux-loss coefficient, strategy) over a log-spaced grid of peak
+   learning rates (min_lr = lr / 10, the config's cosine schedule) with the
+   selection seeds (default: seed 0);
+2. confirm: each (aux, strategy) at its own best learning rate (lowest final
+   validation loss, mean over the selection seeds) with fresh report seeds
+   (default 1..5) that took no part in choosing it. Best-vs-best and the paired
+   differences to the baseline (same report seeds) come from stage 2 only.
 
     python -m excitation_dist.experiments.lm_sweep --out results/lm_sweep
-    python -m excitation_dist.experiments.lm_sweep --out results/lm_sweep --config configs/tiny_cpu.yaml  # deepspeed
 
-Writes runs.csv (final validation loss and expert metrics of every run),
-summary.csv (mean and std over seeds) and lm_sweep.png.
+Every run is a separate ``train`` process (one process, ``parallel.gpus_per_node=1``
+by default). Writes runs.csv (final validation loss and expert metrics of every
+run), curves.csv (training loss every 50 steps and validation loss at every
+evaluation), sweep.csv, best.csv, tables.md and PNGs. Runs already in runs.csv
+with the same config hash are reused; ``--strategies``, ``--aux-coefs``,
+``--lrs``, ``--select-seeds`` and ``--report-seeds`` rerun one cell.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import os
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from excitation_dist.experiments import plots
+from excitation_dist.experiments.stats import (best_lr, config_hash, fmt_ci, fmt_diff, fnum, mean_ci, paired,
+                                               read_csv, write_csv)
 from excitation_dist.recipe.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = ["none", "zerosum", "positivesum", "expdiff", "inverted", "random", "global"]
+CODE_VERSION = 2
 
 
-def _runs(args) -> list[dict]:
-    runs = []
-    for aux in args.aux_coefs:
-        for strategy in args.strategies:
-            for seed in range(args.seeds):
-                runs.append({"group": f"aux={aux}", "strategy": strategy, "gamma": 1.0, "aux": aux, "seed": seed})
-    for gamma in args.gammas:
-        for seed in range(args.seeds):
-            runs.append({"group": "gamma sweep", "strategy": "positivesum", "gamma": gamma, "aux": args.aux_coefs[0],
-                         "seed": seed})
-    return runs
-
-
-def _final(records: list[dict], key: str) -> float:
-    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-    return values[-1] if values else float("nan")
-
-
-def _mean_over_last(records: list[dict], key: str, n: int = 20) -> float:
+def _mean_over_last(records: list[dict], key: str, n: int) -> float:
     values = [r[key] for r in records if isinstance(r.get(key), (int, float))][-n:]
     return statistics.mean(values) if values else float("nan")
+
+
+def _cfg(args, aux: float, strategy: str, lr: float, seed: int, stage: str) -> dict:
+    cfg = {"config": Path(args.config).name, "steps": args.steps, "aux": aux, "strategy": strategy,
+           "gamma": args.gamma, "lr": lr, "seed": seed, "procs": args.procs, "eval_steps": args.eval_steps,
+           "overrides": " ".join(args.overrides), "code_version": CODE_VERSION}
+    cfg["hash"] = config_hash(cfg)
+    cfg["stage"] = stage
+    return cfg
+
+
+def _train(args, cfg: dict) -> tuple[dict, list[dict]]:
+    with tempfile.TemporaryDirectory(prefix="lm_sweep_") as tmp:
+        overrides = [f"excitation.strategy={cfg['strategy']}", f"excitation.gamma={cfg['gamma']}",
+                     f"model.moe.aux_loss_coef={cfg['aux']}", f"seed={1000 + cfg['seed']}",
+                     f"optimizer.lr={cfg['lr']}", f"optimizer.min_lr={cfg['lr'] / 10}",
+                     f"parallel.gpus_per_node={cfg['procs']}",
+                     f"schedule.train_steps={cfg['steps']}", f"schedule.eval_interval={max(1, cfg['steps'] // 6)}",
+                     f"schedule.eval_steps={cfg['eval_steps']}", "logging.interval=1", f"logging.dir={tmp}",
+                     "checkpoint.dir=null", *args.overrides]
+        t0 = time.perf_counter()
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if cfg["procs"] == 1:  # one rank: skip the torchrun relaunch (same training path, one process less)
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        for attempt in range(3):
+            if cfg["procs"] == 1:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    env["MASTER_PORT"] = str(sock.getsockname()[1])
+            proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", args.config, *overrides],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode == 0:
+                break
+            print(f"run {cfg['hash']} attempt {attempt + 1} failed (exit {proc.returncode}):\n"
+                  f"{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}", flush=True)
+        else:
+            raise SystemExit(f"run {cfg} failed 3 times")
+        records = read_metrics(Path(tmp))
+    vals = [r for r in records if isinstance(r.get("val_loss"), (int, float))]
+    n = max(1, cfg["steps"] // 10)  # expert metrics: mean over the last 10% of steps
+    row = {**cfg, "val_loss": vals[-1]["val_loss"] if vals else float("nan"),
+           "train_loss_last10pct": _mean_over_last(records, "loss", n),
+           "overload_last10pct": _mean_over_last(records, "excitation/overload_factor", n),
+           "dead_experts_last10pct": _mean_over_last(records, "excitation/dead_experts", n),
+           "entropy_last10pct": _mean_over_last(records, "excitation/entropy", n),
+           "seconds": round(time.perf_counter() - t0, 1)}
+    losses = [r for r in records if isinstance(r.get("loss"), (int, float))]
+    curve = []
+    for start in range(0, len(losses), 50):
+        chunk = losses[start : start + 50]
+        curve.append({"hash": cfg["hash"], "step": chunk[-1]["step"], "train_loss": statistics.mean(c["loss"] for c in chunk),
+                      "val_loss": ""})
+    curve += [{"hash": cfg["hash"], "step": v["step"], "train_loss": "", "val_loss": v["val_loss"]} for v in vals]
+    return row, curve
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu_torch.yaml"))
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (x 16 x 64 tokens with the tiny configs)")
+    p.add_argument("--strategies", type=lambda s: s.split(","), default=["none", "zerosum", "positivesum", "global"])
     p.add_argument("--aux-coefs", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.0])
-    p.add_argument("--gammas", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.5, 2.0],
-                   help="PositiveSum gamma sweep (\"\" for none)")
+    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--select-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0])
+    p.add_argument("--report-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 3, 4, 5])
+    p.add_argument("--procs", type=int, default=1, help="training processes per run (parallel.gpus_per_node)")
+    p.add_argument("--eval-steps", type=int, default=32)
+    p.add_argument("--report-only", action="store_true", help="tables and plots from runs.csv, no training")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    runs = _runs(args)
-    for i, run in enumerate(runs, 1):
-        name = f"{run['strategy']}_g{run['gamma']}_aux{run['aux']}_s{run['seed']}"
-        log_dir = args.out / "runs" / name
-        overrides = [f"excitation.strategy={run['strategy']}", f"excitation.gamma={run['gamma']}",
-                     f"model.moe.aux_loss_coef={run['aux']}", f"seed={1000 + run['seed']}",
-                     f"schedule.train_steps={args.steps}", f"schedule.eval_interval={args.steps}",
-                     "schedule.eval_steps=16", "logging.interval=1", f"logging.dir={log_dir}",
-                     "checkpoint.dir=null", *args.overrides]
-        t0 = time.perf_counter()
-        if not (log_dir / "metrics.jsonl").is_file():
-            proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", args.config, *overrides],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"run {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        records = read_metrics(log_dir)
-        row = {**run, "val_loss": _final(records, "val_loss"), "train_loss_last20": _mean_over_last(records, "loss"),
-               "overload_last20": _mean_over_last(records, "excitation/overload_factor"),
-               "dead_experts_last20": _mean_over_last(records, "excitation/dead_experts"),
-               "entropy_last20": _mean_over_last(records, "excitation/entropy"),
-               "seconds": time.perf_counter() - t0}
-        rows.append(row)
-        print(f"[{i}/{len(runs)}] {run['group']:>11} {run['strategy']:>11} gamma {run['gamma']} seed {run['seed']}: "
-              f"val loss {row['val_loss']:.4f}, overload {row['overload_last20']:.2f}, dead {row['dead_experts_last20']:.2f}",
-              flush=True)
+    old = {r["hash"]: r for r in read_csv(args.out / "runs.csv")}
+    old_curves = read_csv(args.out / "curves.csv")
+    new_rows: list[dict] = []
+    new_curves: list[dict] = []
+    stats = {"reused": 0, "run": 0}
 
-    with open(args.out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["group"], r["strategy"], r["gamma"]), []).append(r)
-    summary = []
-    for (group, strategy, gamma), members in groups.items():
-        entry = {"group": group, "strategy": strategy, "gamma": gamma, "seeds": len(members)}
-        for key in ("val_loss", "overload_last20", "dead_experts_last20", "entropy_last20"):
-            vals = [m[key] for m in members]
-            entry[f"{key}_mean"] = statistics.mean(vals)
-            entry[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        summary.append(entry)
-    with open(args.out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
-    _plot(args.out / "lm_sweep.png", summary)
-    for e in summary:
-        print(f"{e['group']:>11} {e['strategy']:>11} gamma {e['gamma']}: val loss {e['val_loss_mean']:.4f} "
-              f"± {e['val_loss_std']:.4f}, overload {e['overload_last20_mean']:.2f}, dead {e['dead_experts_last20_mean']:.2f}")
+    def ensure(cfg: dict) -> dict:
+        if cfg["hash"] in old:
+            stats["reused"] += 1
+            return old[cfg["hash"]]
+        if args.report_only:
+            return {}
+        row, curve = _train(args, cfg)
+        stats["run"] += 1
+        new_rows.append(row)
+        new_curves.extend(curve)
+        old[cfg["hash"]] = row
+        write_csv(args.out / "runs.csv", list(old.values()))
+        write_csv(args.out / "curves.csv", old_curves + new_curves)
+        print(f"[{stats['run']} run, {stats['reused']} reused] {cfg['stage']} aux {cfg['aux']} {cfg['strategy']:>11} "
+              f"lr {cfg['lr']:g} seed {cfg['seed']}: val loss {row['val_loss']:.4f}, overload "
+              f"{row['overload_last10pct']:.2f}, dead {row['dead_experts_last10pct']:.2f} ({row['seconds']:.0f} s)",
+              flush=True)
+        return row
+
+    chosen = {}
+    for aux in args.aux_coefs:  # stage 1: the sweep, every cell
+        for strategy in args.strategies:
+            sweep_rows = [ensure(_cfg(args, aux, strategy, lr, s, "sweep")) for lr in args.lrs for s in args.select_seeds]
+            sweep_rows = [r for r in sweep_rows if r]
+            if sweep_rows:
+                chosen[(aux, strategy)] = best_lr(sweep_rows, "val_loss", higher_is_better=False)[0]
+    for s in args.report_seeds:  # stage 2: seed-major, so that a stopped run leaves every cell with as many seeds
+        for (aux, strategy), lr in chosen.items():
+            ensure(_cfg(args, aux, strategy, lr, s, "confirm"))
+    (args.out / "last_invocation.txt").write_text(
+        f"{stats['run']} runs trained, {stats['reused']} reused from runs.csv by config hash\n")
+    report(args)
     return 0
 
 
-def _plot(path: Path, summary: list[dict]) -> None:
-    import matplotlib
+def report(args) -> None:
+    runs = [r for r in read_csv(args.out / "runs.csv")]
+    curves = read_csv(args.out / "curves.csv")
+    select = set(args.select_seeds)
+    report_seeds = set(args.report_seeds)
+    auxes = list(dict.fromkeys(r["aux"] for r in runs))
+    methods = [m for m in STRATEGIES if any(r["strategy"] == m for r in runs)]
+    settings = [f"aux loss {a}" for a in auxes]
+    sweep, best = [], []
+    for aux, setting in zip(auxes, settings):
+        base = None
+        for m in methods:
+            rows = [r for r in runs if r["aux"] == aux and r["strategy"] == m]
+            sel = [r for r in rows if int(r["seed"]) in select]
+            if not sel:
+                continue
+            for lr in sorted({fnum(r["lr"]) for r in sel}):
+                at = [fnum(r["val_loss"]) for r in sel if fnum(r["lr"]) == lr]
+                mm, lo, hi = mean_ci(at)
+                sweep.append({"setting": setting, "strategy": m, "lr": lr, "seeds": len(at), "val_mean": mm,
+                              "val_lo": lo, "val_hi": hi})
+            lr, edge = best_lr(sel, "val_loss", higher_is_better=False)
+            at = [r for r in rows if fnum(r["lr"]) == lr and int(r["seed"]) in report_seeds]
+            if not at:
+                continue
+            loss = {int(r["seed"]): fnum(r["val_loss"]) for r in at}
+            if m == "none":
+                base = loss
+            vm, vlo, vhi = mean_ci(list(loss.values()))
+            pr = paired(loss, base, higher_is_better=False) if base is not None and m != "none" else None
+            entry = {"setting": setting, "strategy": m, "best_lr": lr, "lr_at_grid_edge": int(edge), "seeds": len(at),
+                     "test_mean": vm, "test_lo": vlo, "test_hi": vhi,
+                     "diff_vs_baseline": pr["diff"] if pr else float("nan"), "diff_lo": pr["lo"] if pr else float("nan"),
+                     "diff_hi": pr["hi"] if pr else float("nan"), "verdict": pr["verdict"] if pr else ""}
+            for key in ("overload_last10pct", "dead_experts_last10pct", "entropy_last10pct"):
+                km, klo, khi = mean_ci([fnum(r[key]) for r in at])
+                entry.update({key: km, f"{key}_lo": klo, f"{key}_hi": khi})
+            best.append(entry)
+    write_csv(args.out / "sweep.csv", sweep)
+    write_csv(args.out / "best.csv", best)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = list(dict.fromkeys(e["group"] for e in summary))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.2), squeeze=False)
-    for ax, group in zip(axes[0], groups):
-        members = [e for e in summary if e["group"] == group]
-        labels = [e["strategy"] if group != "gamma sweep" else f"gamma {e['gamma']}" for e in members]
-        ax.bar(range(len(members)), [e["val_loss_mean"] for e in members],
-               yerr=[e["val_loss_std"] for e in members], capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(members)), labels, rotation=45, ha="right")
-        lo = min(e["val_loss_mean"] - e["val_loss_std"] for e in members)
-        hi = max(e["val_loss_mean"] + e["val_loss_std"] for e in members)
-        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
-        ax.set_title(group)
-        ax.set_ylabel("validation loss (mean ± std over seeds)")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    lines = ["# GPT-MoE (tiny, plain-PyTorch backend) at tuned learning rates", ""]
+    inv = args.out / "last_invocation.txt"
+    if inv.is_file():
+        lines += [f"Last invocation: {inv.read_text().strip()}", ""]
+    lines += [f"Learning rate chosen on seed(s) {sorted(select)} (lowest final validation loss); the numbers below "
+              f"are from seeds {sorted(report_seeds)} at that learning rate, which took no part in the choice. "
+              "Validation loss (nats/byte), mean [95% CI]; paired difference to the baseline (negative = lower "
+              "loss = better); overload = max over layers of (max tokens of one expert / mean tokens per expert) "
+              "in a step; dead = experts with no token in a step, summed over layers; both averaged over the last "
+              "10% of steps.", "",
+              "| aux loss | method | best lr | seeds | val loss [95% CI] | minus baseline [95% CI] | verdict | "
+              "overload | dead experts / step | entropy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for b in best:
+        pr = {"n": 1, "diff": b["diff_vs_baseline"], "lo": b["diff_lo"], "hi": b["diff_hi"]}
+        lr = f"{b['best_lr']:g}" + (" (edge)" if b["lr_at_grid_edge"] else "")
+        lines.append(f"| {b['setting'].split()[-1]} | {b['strategy']} | {lr} | {b['seeds']} | "
+                     f"{fmt_ci(b['test_mean'], b['test_lo'], b['test_hi'], 1, 3)} | "
+                     f"{fmt_diff(pr, 1, 3) if b['strategy'] != 'none' else '-'} | {b['verdict'] or '-'} | "
+                     f"{fmt_ci(b['overload_last10pct'], b['overload_last10pct_lo'], b['overload_last10pct_hi'], 1, 2)} | "
+                     f"{fmt_ci(b['dead_experts_last10pct'], b['dead_experts_last10pct_lo'], b['dead_experts_last10pct_hi'], 1, 2)} | "
+                     f"{b['entropy_last10pct']:.3f} |")
+    lines += ["", f"Learning-rate sweep: final validation loss, seed(s) {sorted(select)}.", ""]
+    for setting in settings:
+        lrs = sorted({r["lr"] for r in sweep if r["setting"] == setting})
+        lines += [f"**{setting}**", "", "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+                  "| --- |" + " --- |" * len(lrs)]
+        for m in methods:
+            cells = [next((f"{r['val_mean']:.3f}" for r in sweep if r["setting"] == setting and r["strategy"] == m
+                           and r["lr"] == lr), "") for lr in lrs]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (args.out / "tables.md").write_text("\n".join(lines) + "\n")
+    if not best:
+        return
+    finite = [r["val_mean"] for r in sweep if r["val_mean"] == r["val_mean"]]
+    lo_y = min(finite) - 0.05
+    plots.sweep_plot(args.out / "lr_sweep.png", sweep, settings, methods, "final validation loss",
+                     ylim=(lo_y, min(max(finite), lo_y + 3.0) + 0.05),
+                     title=f"GPT-MoE: learning-rate sweep (seed(s) {sorted(select)})")
+    lo_b = min(b["test_lo"] for b in best if b["test_lo"] == b["test_lo"])
+    hi_b = max(b["test_hi"] for b in best if b["test_hi"] == b["test_hi"])
+    pad = 0.1 * (hi_b - lo_b + 1e-3)
+    plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, "validation loss", ylim=(lo_b - pad, hi_b + pad),
+                    diff_label="minus baseline (negative = better)",
+                    title=f"GPT-MoE: each method at its best lr, seeds {sorted(report_seeds)} (mean, 95% CI)")
+    by_hash = {r["hash"]: r for r in runs}
+    chosen = {(b["setting"], b["strategy"]): b["best_lr"] for b in best}
+    rows = []
+    for c in curves:
+        r = by_hash.get(c["hash"])
+        if r is None or int(r["seed"]) not in report_seeds:
+            continue
+        setting = f"aux loss {r['aux']}"
+        if chosen.get((setting, r["strategy"])) != fnum(r["lr"]):
+            continue
+        rows.append({"setting": setting, "strategy": r["strategy"], "step": int(c["step"]),
+                     "train_loss": fnum(c["train_loss"]), "val_loss": fnum(c["val_loss"])})
+    plots.curves_plot(args.out / "training_curves.png", rows, settings, methods, x_key="step",
+                      panels=[("train_loss", "training loss (50-step mean)", 1, (lo_b - 0.3, 3.5), False),
+                              ("val_loss", "validation loss", 1, (lo_b - 0.3, 3.5), False)],
+                      title="GPT-MoE: training curves at each method's best lr (mean over report seeds)",
+                      xlabel="optimizer step")
+    print((args.out / "tables.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Plots shared by the experiments: one y-range per panel group, chance lines,
+legends outside the data, learning-rate sweeps and training curves."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+COLORS = {"none": "black", "zerosum": "tab:blue", "positivesum": "tab:orange", "expdiff": "tab:green",
+          "global": "tab:red", "inverted": "tab:purple", "random": "tab:brown"}
+LABELS = {"none": "baseline"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(m: str) -> str:
+    return LABELS.get(m, m)
+
+
+def _style(m: str) -> dict:
+    if m == "none":
+        return {"color": "black", "lw": 2.2, "zorder": 5}
+    controls = {"global", "inverted", "random"}
+    return {"color": COLORS.get(m, None), "lw": 1.4, "ls": "--" if m in controls else "-"}
+
+
+def _finish(fig, axes, title: str, path: Path, handles_from=None) -> None:
+    ax = handles_from if handles_from is not None else axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    fig.suptitle(title, fontsize=11)
+    fig.legend(list(seen.values()), list(seen.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def sweep_plot(path: Path, sweep: list[dict], settings: list[str], methods: list[str], ylabel: str, *,
+               scale: float = 1.0, chance: float | None = None, ylim=None, title: str = "", logy: bool = False,
+               key: str = "val") -> None:
+    """One panel per setting: metric (mean and 95% CI band) against learning rate, one line per method."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.6 * len(settings) + 0.5, 3.6), squeeze=False,
+                             sharey=True)
+    axes = axes[0]
+    for ax, s in zip(axes, settings):
+        for m in methods:
+            pts = sorted((r for r in sweep if r["setting"] == s and r["strategy"] == m), key=lambda r: r["lr"])
+            if not pts:
+                continue
+            xs = [r["lr"] for r in pts]
+            ys = [scale * r[f"{key}_mean"] for r in pts]
+            ax.plot(xs, ys, marker="o", ms=3, label=_label(m), **_style(m))
+            lo = [scale * r[f"{key}_lo"] for r in pts]
+            hi = [scale * r[f"{key}_hi"] for r in pts]
+            if not any(math.isnan(v) for v in lo + hi):
+                ax.fill_between(xs, lo, hi, color=_style(m)["color"], alpha=0.12, lw=0)
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls=":", lw=1.2, label="chance")
+        ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.set_title(s, fontsize=10)
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    _finish(fig, axes, title, path)
+
+
+def best_plot(path: Path, best: list[dict], settings: list[str], methods: list[str], ylabel: str, *,
+              scale: float = 1.0, chance: float | None = None, ylim=None, diff_label: str = "minus baseline",
+              title: str = "", value: str = "test") -> None:
+    """Top row: each method at its best lr (mean, 95% CI). Bottom row: paired
+    difference to the baseline (mean, 95% CI), zero line. Shared y per row."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(settings), figsize=(3.6 * len(settings) + 0.5, 6.4), squeeze=False,
+                             sharey="row", gridspec_kw={"height_ratios": [3, 2]})
+    for j, s in enumerate(settings):
+        top, bot = axes[0][j], axes[1][j]
+        for i, m in enumerate(methods):
+            b = next((r for r in best if r["setting"] == s and r["strategy"] == m), None)
+            if b is None:
+                continue
+            c = _style(m)["color"]
+            mean, lo, hi = (scale * b[f"{value}_mean"], scale * b[f"{value}_lo"], scale * b[f"{value}_hi"])
+            err = None if math.isnan(lo) else [[mean - lo], [hi - mean]]
+            top.errorbar([i], [mean], yerr=err, fmt="o", color=c, capsize=4, label=_label(m))
+            if m != "none" and not math.isnan(b["diff_vs_baseline"]):
+                d, dlo, dhi = (scale * b["diff_vs_baseline"], scale * b["diff_lo"], scale * b["diff_hi"])
+                derr = None if math.isnan(dlo) else [[d - dlo], [dhi - d]]
+                bot.errorbar([i], [d], yerr=derr, fmt="o", color=c, capsize=4)
+        if chance is not None:
+            top.axhline(chance, color="grey", ls=":", lw=1.2, label="chance")
+        bot.axhline(0, color="black", lw=0.8)
+        if ylim is not None:
+            top.set_ylim(*ylim)
+        top.set_title(s, fontsize=10)
+        for ax in (top, bot):
+            ax.set_xticks(range(len(methods)), [_label(m) for m in methods], rotation=60, ha="right", fontsize=8)
+            ax.set_xlim(-0.6, len(methods) - 0.4)
+            ax.grid(axis="y", alpha=0.3)
+        top.tick_params(labelbottom=False)
+    axes[0][0].set_ylabel(ylabel)
+    axes[1][0].set_ylabel(diff_label)
+    _finish(fig, axes[0], title, path)
+
+
+def curves_plot(path: Path, rows: list[dict], settings: list[str], methods: list[str], *, x_key: str,
+                panels: list[tuple], chance: dict | None = None, title: str = "", xlabel: str | None = None) -> None:
+    """Rows of panels (one per metric), one column per setting, one line per
+    method (mean over seeds). panels: (key, ylabel, scale, ylim, logy)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), len(settings), figsize=(3.6 * len(settings) + 0.5, 3.1 * len(panels)),
+                             squeeze=False, sharey="row", sharex="col")
+    for j, s in enumerate(settings):
+        for i, (key, ylabel, scale, ylim, logy) in enumerate(panels):
+            ax = axes[i][j]
+            for m in methods:
+                pts: dict[float, list[float]] = {}
+                for r in rows:
+                    if r["setting"] == s and r["strategy"] == m and not math.isnan(r[key]):
+                        pts.setdefault(r[x_key], []).append(r[key])
+                if not pts:
+                    continue
+                xs = sorted(pts)
+                ax.plot(xs, [scale * statistics.mean(pts[x]) for x in xs], label=_label(m), **_style(m))
+            if chance and key in chance:
+                ax.axhline(chance[key], color="grey", ls=":", lw=1.2, label="chance")
+            if logy:
+                ax.set_yscale("log")
+            if ylim is not None:
+                ax.set_ylim(*ylim)
+            if i == 0:
+                ax.set_title(s, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(ylabel)
+            if i == len(panels) - 1:
+                ax.set_xlabel(xlabel or x_key)
+            ax.grid(alpha=0.3)
+    handles_ax = next((axes[len(panels) - 1][j] for j in range(len(settings))
+                       if axes[len(panels) - 1][j].get_legend_handles_labels()[0]), axes[0][0])
+    _finish(fig, axes[0], title, path, handles_from=handles_ax)
