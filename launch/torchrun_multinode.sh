@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 [ -f "$here/nccl.env" ] && source "$here/nccl.env"
 nproc=${NPROC:-$(excitation-dist train "$config" "$@" --print gpus_per_node)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$nproc" \
+exec torchrun --nnodes "$NNODES" --nproc-per-node "$nproc" --max-restarts "${MAX_RESTARTS:-0}" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RUN_ID:-excitation}" \
   ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} \
   -m excitation_dist.cli train "$config" "$@"
