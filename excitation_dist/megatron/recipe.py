@@ -248,8 +248,11 @@ def _has_transformer_engine() -> bool:
 def train(cfg: RunConfig) -> int:
     validate(cfg)
     if cfg.device == "cpu":
+        from torch import _dynamo
+
         from excitation_dist.megatron import cpu_patches
 
+        _dynamo.config.disable = True  # megatron's jit fusions would compile with inductor (TORCHDYNAMO_DISABLE=1)
         cpu_patches.apply()
     device = init_process_group(cfg)
     try:
