@@ -147,3 +147,14 @@ def test_prepare_data_hint_trains_as_printed(prepared):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step      2/2 | loss" in proc.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.zero_stage=3", "parallel.zero_stage: 3 is not available in the recipe: Excitation with ZeRO-3 needs "
+                              "DeepSpeed AutoEP"),
+    ("parallel.timeout_minutes=0", "parallel.timeout_minutes: must be > 0"),
+    ("model.vocab_size=big", "model.vocab_size: must be an integer or one of 'auto', got 'big'"),
+])
+def test_config_refusals_say_what_to_do(override, message):
+    code, err = _dry_run(override, config=str(ROOT / "configs" / "tiny_cpu.yaml"))
+    assert code != 0 and message in err, err

@@ -2,7 +2,8 @@
 every rank, they rendezvous afresh (a per-attempt namespace in torchrun's shared
 store, see ``recipe.loop.restart_safe_store``), resume from the latest complete
 checkpoint and finish; every logged loss equals the uninterrupted run's, bit for bit.
-Backends torch and deepspeed, 2 CPU ranks, a tiny model."""
+Backends torch (under torchrun) and deepspeed (under ``excitation-dist train
+--max-restarts``), 2 CPU ranks, a tiny model."""
 
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ TINY = ["schedule.train_steps=40", "schedule.warmup_steps=5", "schedule.eval_int
         "parallel.timeout_minutes=2"]
 
 
-def _command(config: Path, run: Path, restarts: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "--max-restarts", str(restarts), "-m", "excitation_dist.cli", "train", str(config), *TINY,
-            f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'log'}"]
+def _command(config: Path, run: Path, restarts: int, launcher: str) -> list[str]:
+    """torchrun itself (rank 0 holds the checkpoint lock), or ``excitation-dist train
+    --max-restarts`` (which execs torchrun and holds the lock across restarts)."""
+    train = [str(config), *TINY, f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'log'}"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--max-restarts", str(restarts), "-m", "excitation_dist.cli", "train", *train]
+    return [sys.executable, "-m", "excitation_dist.cli", "train", "--max-restarts", str(restarts), *train]
 
 
 def _losses(run: Path) -> dict[int, list[float]]:
@@ -51,16 +56,16 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_killed_rank_is_restarted_and_the_run_finishes_exactly(tmp_path, backend):
+@pytest.mark.parametrize("backend, launcher", [("torch", "torchrun"), ("deepspeed", "excitation-dist")])
+def test_killed_rank_is_restarted_and_the_run_finishes_exactly(tmp_path, backend, launcher):
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run(_command(CONFIGS[backend], tmp_path / "full", 0), cwd=tmp_path, capture_output=True,
+    full = subprocess.run(_command(CONFIGS[backend], tmp_path / "full", 0, launcher), cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env=env)
     assert full.returncode == 0, full.stdout + full.stderr
 
-    agent = subprocess.Popen(_command(CONFIGS[backend], tmp_path / "restarted", 1), cwd=tmp_path, env=env, text=True,
+    agent = subprocess.Popen(_command(CONFIGS[backend], tmp_path / "restarted", 1, launcher), cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     seen, killed = [], None
     try:

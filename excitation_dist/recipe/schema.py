@@ -22,7 +22,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return getattr(tp, "__name__", str(tp))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -39,7 +40,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, option, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of the allowed types")
+        allowed = " or ".join(_describe(o) for o in options if o is not type(None))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: must be {allowed}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{path}: must be {_describe(tp)}, got {value!r}")
