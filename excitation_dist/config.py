@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from excitation_dist.strategies import STRATEGIES
 
 COUNT_MODES = ("processed", "routed")
+UPDATE_PATHS = ("auto", "folded", "blend")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,13 @@ class ExcitationConfig:
         counts: ``processed`` (tokens the experts actually compute, after capacity
             dropping) or ``routed`` (router assignments before dropping).
         seed: seed of the ``random`` control strategy (identical on all ranks).
+        update: how the update is scaled. ``folded``: the expert rows are stepped
+            at learning rate ``phi * lr`` inside the optimizer's own pass (torch
+            SGD / Adam / AdamW without fused kernels, amsgrad or maximize; no extra
+            memory, no host sync). ``blend``: any optimizer steps normally and the
+            change of the rows with phi != 1 is blended afterwards (a transient
+            copy of those rows). ``auto`` (default): folded where it is exact,
+            else blend, said in one log line.
     """
 
     strategy: str = "zerosum"
@@ -45,6 +53,7 @@ class ExcitationConfig:
     renormalize_energy: bool = False
     counts: str = "processed"
     seed: int = 0
+    update: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +87,8 @@ class ExcitationConfig:
             fail("renormalize_energy", "must be true or false")
         if self.counts not in COUNT_MODES:
             fail("counts", f"must be one of {', '.join(COUNT_MODES)}")
+        if self.update not in UPDATE_PATHS:
+            fail("update", f"must be one of {', '.join(UPDATE_PATHS)}")
 
     # ------------------------------------------------------------- loading
     @classmethod
@@ -128,4 +139,4 @@ def as_config(config: "ExcitationConfig | Mapping[str, Any] | None") -> Excitati
     return ExcitationConfig.from_dict(config)
 
 
-__all__ = ["ExcitationConfig", "ConfigError", "COUNT_MODES", "as_config"]
+__all__ = ["ExcitationConfig", "ConfigError", "COUNT_MODES", "UPDATE_PATHS", "as_config"]

@@ -25,6 +25,7 @@ that belongs to one expert).
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -32,9 +33,12 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.blend import Snapshot, blend, build_blocks, snapshot
-from excitation_dist.config import ExcitationConfig, as_config
+from excitation_dist.config import ConfigError, ExcitationConfig, as_config
+from excitation_dist.folded import FoldPlan, RowFactors, fold_kind, step_tensor
 from excitation_dist.metrics import flat_metrics
 from excitation_dist.strategies import multipliers, shape_multipliers, utilization
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,10 @@ class Excitation:
         self._pending: dist.Work | None = None
         self._segments: list[ExpertSegment] = []
         self._blocks = []
+        self._fold_plan: FoldPlan | None = None
+        self._update_paths: dict[int, str] = {}  # id(base optimizer) -> "folded:<kind>" or "blend"
+        self._row_factors: RowFactors | None = None  # this step's, shared by every optimizer call
+        self._hidden_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._snapshots: list[Snapshot] = []
         self._hook_handles: list[Any] = []
         # Host-side tallies per layer for this step (Python ints: no device sync), see count_this_forward().
@@ -137,8 +145,9 @@ class Excitation:
 
         self.step = 0  # optimizer steps that computed multipliers (excluding skipped steps)
         self.utilization_ema_LE: torch.Tensor | None = None
-        self.last_counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
-        self.last_multipliers_LE = torch.ones(num_layers, num_experts, dtype=torch.float64)
+        # On the counts' device; read them on the host only when logging (metrics()).
+        self.last_counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
+        self.last_multipliers_LE = torch.ones(num_layers, num_experts, dtype=torch.float64, device=self.device)
         self.last_snapshot_bytes = 0
         self.peak_snapshot_bytes = 0
         self.count_collectives_issued = 0
@@ -264,9 +273,9 @@ class Excitation:
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
-        counts = self._counts_LE.detach().cpu()
-        self.last_counts_LE = counts.clone()
-        self.last_multipliers_LE = self.compute_multipliers(counts)
+        self.last_counts_LE = self._counts_LE.detach().clone()
+        self.last_multipliers_LE = self.compute_multipliers(self.last_counts_LE)
+        self._row_factors = None
         self.step += 1
         self._phase = _Phase.READY
 
@@ -285,7 +294,8 @@ class Excitation:
 
     def compute_multipliers(self, counts_LE: torch.Tensor) -> torch.Tensor:
         """Multipliers for this step's global counts, with the configured
-        smoothing, shaping and warm-up (advances the utilization EMA)."""
+        smoothing, shaping and warm-up (advances the utilization EMA). float64
+        ``[L, E]`` on the counts' device; nothing is read on the host."""
         cfg = self.config
         active_L1 = counts_LE.sum(-1, keepdim=True) > 0
         source = counts_LE
@@ -301,7 +311,7 @@ class Excitation:
         generator = None
         if cfg.strategy == "random":
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        phi = multipliers(source, cfg.strategy, cfg.gamma, generator=generator)
+        phi = multipliers(source, cfg.strategy, cfg.gamma, generator=generator, validate=False)
         warmup = min(1.0, self.step / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
         phi = shape_multipliers(
             phi,
@@ -325,6 +335,7 @@ class Excitation:
             if not s.tensor.is_contiguous():
                 raise ValueError("expert segments must live in contiguous tensors (the optimizer's flat view)")
         self._blocks = build_blocks(segments)
+        self._fold_plan = FoldPlan(self._blocks, self.num_experts)
         self._segments = segments
 
     @property
@@ -337,37 +348,99 @@ class Excitation:
 
     # ------------------------------------------------------- optimizer hooks
     def hook_optimizer(self, optimizer: torch.optim.Optimizer, *, end_step_after: bool = True) -> None:
-        """Register the step pre/post hooks on the base torch optimizer.
+        """Register the step pre/post hooks on the base torch optimizer, and
+        choose its update path (``config.update``; see :mod:`excitation_dist.folded`).
 
         ``end_step_after``: the post-hook also ends the step. Pass False when the
         wrapper steps the base optimizer once per parameter group (ZeRO) and
         call :meth:`end_step` after the whole step instead.
         """
-        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._snapshot(opt))
+        self._update_paths[id(optimizer)] = self._choose_update_path(optimizer)
+        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step(opt))
 
         def post(opt, args, kwargs):
-            self._blend()
+            self._post_step()
             if end_step_after:
                 self.end_step()
 
         self._hook_handles += [pre, optimizer.register_step_post_hook(post)]
+
+    def _choose_update_path(self, optimizer: torch.optim.Optimizer) -> str:
+        kind, reason = fold_kind(optimizer)
+        requested = self.config.update
+        if requested == "folded" and kind is None:
+            raise ConfigError(
+                f"excitation.update: 'folded' needs an optimizer whose update is linear in the learning rate "
+                f"(torch.optim.SGD/Adam/AdamW without fused kernels, amsgrad or maximize); {reason}. "
+                "Use update: auto (or blend), or change the optimizer."
+            )
+        name = type(optimizer).__name__
+        if requested == "blend" or kind is None:
+            if requested == "auto":
+                logger.warning("Excitation: %s takes the blend path (a transient copy of the expert rows with "
+                               "phi != 1 per step): %s", name, reason)
+            return "blend"
+        logger.info("Excitation: %s takes the folded path (expert rows stepped at lr * phi)", name)
+        return f"folded:{kind}"
+
+    @property
+    def update_path(self) -> str:
+        """``folded``, ``blend``, or ``mixed`` (several base optimizers on different paths)."""
+        paths = {path.split(":")[0] for path in self._update_paths.values()}
+        return paths.pop() if len(paths) == 1 else ("mixed" if paths else "none")
 
     def remove_hooks(self) -> None:
         for h in self._hook_handles:
             h.remove()
         self._hook_handles.clear()
 
-    def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
-        """Pre-step: finalize multipliers once per step, copy the slices to blend."""
+    def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Pre-step: finalize multipliers once per step; then either step the
+        excited tensors here at lr * phi (folded) or copy the rows to blend."""
         if self._phase is not _Phase.READY:
             self._finalize()
         self._snapshots.clear()
         if not self.config.active:
             return
+        path = self._update_paths.get(id(optimizer), "blend")
+        if path.startswith("folded:"):
+            self._folded_step(optimizer, path.split(":")[1])
+        else:
+            self._snapshot(optimizer)
+
+    def _post_step(self) -> None:
+        """Post-step: give the folded tensors their gradients back; blend the rest."""
+        for p, grad in self._hidden_grads:
+            p.grad = grad
+        self._hidden_grads.clear()
+        self._blend()
+
+    def _folded_step(self, optimizer: torch.optim.Optimizer, kind: str) -> None:
+        """Step every excited tensor of this call's param groups at lr * phi and
+        hide its gradient from the base optimizer's own step."""
+        plan = self._fold_plan
+        if plan is None or not plan.pieces:
+            return
+        if self._row_factors is None:
+            self._row_factors = RowFactors(self.last_multipliers_LE, plan.row_index_R)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                pieces = plan.pieces.get(id(p))
+                if pieces is None or p.grad is None:
+                    continue
+                step_tensor(kind, optimizer, group, p, pieces, self._row_factors)
+                self._hidden_grads.append((p, p.grad))
+                p.grad = None
+        self.last_snapshot_bytes = 0
+
+    def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
+        """Blend path: copy the slices whose multiplier is not 1. Reads the
+        multipliers on the host once per step (one sync, this path only)."""
+        phi_LE = self.last_multipliers_LE.cpu()
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for block in self._blocks:
             if id(block.tensor) in stepped:
-                snap = snapshot(block, self.last_multipliers_LE)
+                snap = snapshot(block, phi_LE)
                 if snap is not None:
                     self._snapshots.append(snap)
         nbytes = sum(snap.nbytes for snap in self._snapshots)
@@ -384,7 +457,7 @@ class Excitation:
     def metrics(self, prefix: str = "excitation") -> dict[str, float]:
         """Scalars of the last step: per-layer and summarized utilization and
         multiplier statistics, snapshot bytes and the step counter."""
-        out = flat_metrics(self.last_counts_LE, self.last_multipliers_LE, prefix)
+        out = flat_metrics(self.last_counts_LE.cpu(), self.last_multipliers_LE.cpu(), prefix)
         out[f"{prefix}/snapshot_bytes"] = float(self.last_snapshot_bytes)
         out[f"{prefix}/step"] = float(self.step)
         return out
@@ -395,7 +468,7 @@ class Excitation:
         and the utilization EMA. Counts are per step and are not saved."""
         return {
             "step": self.step,
-            "utilization_ema_LE": None if self.utilization_ema_LE is None else self.utilization_ema_LE.clone(),
+            "utilization_ema_LE": None if self.utilization_ema_LE is None else self.utilization_ema_LE.cpu().clone(),
             "shape": [self.num_layers, self.num_experts],
             "config": self.config.to_dict(),
         }
@@ -409,5 +482,5 @@ class Excitation:
             )
         self.step = int(state["step"])
         ema = state.get("utilization_ema_LE")
-        self.utilization_ema_LE = None if ema is None else ema.clone().to(torch.float64)
+        self.utilization_ema_LE = None if ema is None else ema.to(self._counts_LE.device, torch.float64).clone()
         self._reset_counts()

@@ -1,4 +1,9 @@
-"""Tokens per expert from routing decisions (torch only, no distributed code)."""
+"""Tokens per expert from routing decisions (torch only, no distributed code).
+
+Sync-free: no boolean-mask indexing, no ``.item()`` and no ``bincount`` (each
+of which makes a GPU wait for the host): invalid assignments go to an extra
+bin that is dropped, and the range check is an asynchronous device assert.
+"""
 
 from __future__ import annotations
 
@@ -20,19 +25,22 @@ def tokens_per_expert(
         token_mask: optional bool ``[T]``; False rows (padding) are not counted.
 
     Returns:
-        int64 ``[E]`` on ``expert_indices``' device.
+        int64 ``[E]`` on ``expert_indices``' device. An index ``>= E`` fails a
+        device assert (raised at once on the CPU, at the next sync on a GPU).
     """
     idx = expert_indices
     if idx.dim() == 1:
         idx = idx.unsqueeze(-1)
+    if token_mask is not None and token_mask.shape != idx.shape[:1]:
+        raise ValueError(
+            f"token_mask must have shape [tokens] = {tuple(idx.shape[:1])}, got {tuple(token_mask.shape)}"
+        )
+    idx = idx.to(torch.int64)
+    torch._assert_async(idx.lt(num_experts).all(), f"expert index out of range for {num_experts} experts")
+    valid = idx.ge(0)
     if token_mask is not None:
-        if token_mask.shape != idx.shape[:1]:
-            raise ValueError(
-                f"token_mask must have shape [tokens] = {tuple(idx.shape[:1])}, got {tuple(token_mask.shape)}"
-            )
-        idx = idx[token_mask.to(torch.bool)]
-    idx = idx.reshape(-1)
-    idx = idx[idx >= 0]
-    if idx.numel() and int(idx.max()) >= num_experts:
-        raise ValueError(f"expert index {int(idx.max())} out of range for {num_experts} experts")
-    return torch.bincount(idx.to(torch.int64), minlength=num_experts)
+        valid = valid & token_mask.to(torch.bool).unsqueeze(-1)
+    bins = torch.where(valid, idx, num_experts).reshape(-1)  # invalid -> the extra bin E
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx.device)
+    counts.scatter_add_(0, bins, torch.ones_like(bins))
+    return counts[:num_experts]

@@ -58,6 +58,8 @@ def multipliers(
     strategy: str,
     gamma: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Excitation multipliers for token counts per expert.
 
@@ -67,7 +69,11 @@ def multipliers(
         strategy: one of :data:`STRATEGIES`.
         gamma: power-law exponent, ``>= 0``.
         generator: random source for ``strategy="random"`` (ranks must seed
-            it identically); the global generator when ``None``.
+            it identically); the global generator when ``None``. Random keys
+            are drawn on the CPU and moved to ``counts``' device.
+        validate: check that counts are finite and non-negative (reads values
+            on the host: a device sync on a GPU). The controller, whose counts
+            are non-negative by construction, passes False.
 
     Returns:
         float64 tensor of ``counts``' shape. Rows whose counts are all zero are 1.
@@ -80,7 +86,7 @@ def multipliers(
         raise ValueError(f"counts must have shape [layers, experts] or [experts], got {tuple(counts.shape)}")
     squeeze = counts.dim() == 1
     c = counts.detach().reshape(-1, counts.shape[-1]).to(torch.float64)
-    if not torch.isfinite(c).all() or (c < 0).any():
+    if validate and (not torch.isfinite(c).all() or (c < 0).any()):
         raise ValueError("counts must be finite and non-negative")
 
     u = utilization(c)
@@ -99,7 +105,7 @@ def multipliers(
     elif strategy == "random":
         zs = _zerosum(u, gamma)
         keys = torch.rand(zs.shape, generator=generator, dtype=torch.float64)
-        phi = torch.gather(zs, -1, keys.argsort(dim=-1))
+        phi = torch.gather(zs, -1, keys.argsort(dim=-1).to(zs.device, non_blocking=True))
     else:  # global
         scale = (u * _zerosum(u, gamma)).sum(dim=-1, keepdim=True)
         phi = scale.expand_as(u).clone()

@@ -349,7 +349,7 @@ def _force_skipped_step(optimizer):
     return lambda: delattr(optimizer, "prepare_grads")
 
 
-def _run_case(case: Case) -> dict:
+def _run_case(case: Case, update: str = "auto") -> dict:
     """The checks of tests/test_megatron_backend.py for one case (all ranks)."""
     import excitation_dist.megatron as exmeg
     from excitation_dist.megatron import compat
@@ -357,7 +357,8 @@ def _run_case(case: Case) -> dict:
 
     setup(case)
     a_chunks, a_opt = build(case, per_expert_lr=False)
-    excitation = exmeg.attach(a_chunks, a_opt, {"strategy": "zerosum"})
+    excitation = exmeg.attach(a_chunks, a_opt, {"strategy": "zerosum", "update": update})
+    assert excitation.update_path == ("folded" if update == "auto" else "blend"), (case.name, excitation.update_path)
     # B never pads to capacity: its experts receive exactly the real (kept) assignments
     b_chunks, b_opt = build(dataclasses.replace(case, pad=False), per_expert_lr=True)
     kinds = {type(leaf).__name__ for leaf in compat.leaf_optimizers(a_opt)}
@@ -438,7 +439,7 @@ def _run_case(case: Case) -> dict:
             "megatron_core": compat.installed_version()}
 
 
-def run_cases(cases, megatron_path: str | None = None) -> list[dict]:
+def run_cases(cases, megatron_path: str | None = None, update: str = "auto") -> list[dict]:
     """Worker entry: run every case; ``megatron_path`` (an unpacked megatron-core
     wheel) goes first on sys.path, before anything imports megatron."""
     if megatron_path is not None:
@@ -446,4 +447,4 @@ def run_cases(cases, megatron_path: str | None = None) -> list[dict]:
         from excitation_dist.megatron import compat
 
         compat.backfill_typing_override()
-    return [_run_case(case) for case in cases]
+    return [_run_case(case, update) for case in cases]

@@ -34,12 +34,23 @@ def test_update_is_scaled_per_expert_slice():
     assert params[0].tolist() == [2.5] * 3 + [1.5] * 3
 
 
-def test_only_slices_with_multiplier_not_one_are_snapshotted():
-    params, opt, ex = _sgd_setup({"strategy": "positivesum"}, E=2, numel=4)
+def test_blend_path_snapshots_only_slices_with_multiplier_not_one():
+    params, opt, ex = _sgd_setup({"strategy": "positivesum", "update": "blend"}, E=2, numel=4)
+    assert ex.update_path == "blend"
     _step(params, opt, ex, [[3, 1]])  # phi = (1.5, 1): one expert of 4 float64 elements copied
     assert ex.last_snapshot_bytes == 4 * 8
+    assert params[0].tolist() == [1.5] * 4 + [1.0] * 4
     _step(params, opt, ex, [[1, 1]])  # balanced: nothing copied
     assert ex.last_snapshot_bytes == 0
+
+
+def test_folded_path_copies_nothing():
+    params, opt, ex = _sgd_setup({"strategy": "positivesum"}, E=2, numel=4)
+    assert ex.update_path == "folded"
+    _step(params, opt, ex, [[3, 1]])
+    assert ex.last_snapshot_bytes == 0 and ex.peak_snapshot_bytes == 0
+    assert params[0].tolist() == [1.5] * 4 + [1.0] * 4
+    assert all(p.grad is not None for p in params)  # gradients handed back after the step
 
 
 def test_skipped_step_applies_nothing_and_drops_its_counts():

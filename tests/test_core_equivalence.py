@@ -20,6 +20,8 @@ OPTIMIZERS = {
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01),
     "adam": lambda params: torch.optim.Adam(params, lr=LR),
     "adamw": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.1),
+    "adam_l2": lambda params: torch.optim.Adam(params, lr=LR, weight_decay=0.05),
+    "sgd_dampened": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.8, dampening=0.3, weight_decay=0.02),
     "rmsprop": lambda params: torch.optim.RMSprop(params, lr=LR, momentum=0.5, centered=True),
     "adagrad": lambda params: torch.optim.Adagrad(params, lr=LR),
 }
@@ -60,12 +62,12 @@ def _run_reference(make_opt, strategy, gamma, seed=0):
     return history
 
 
-def _run_excited(make_opt, strategy, gamma, seed=0, scale_gradients_instead=False):
+def _run_excited(make_opt, strategy, gamma, seed=0, scale_gradients_instead=False, update="auto"):
     init, dense0, xs, counts = _problem(seed)
     stacked = [torch.nn.Parameter(init[l].clone()) for l in range(L)]  # [E, D] per layer
     dense = torch.nn.Parameter(dense0.clone())
     opt = make_opt([{"params": stacked + [dense]}])
-    excitation = Excitation({"strategy": strategy, "gamma": gamma}, L, E, reduce=False)
+    excitation = Excitation({"strategy": strategy, "gamma": gamma, "update": update}, L, E, reduce=False)
     excitation.set_segments(
         ExpertSegment(stacked[l], e * D, (e + 1) * D, l, e) for l in range(L) for e in range(E)
     )
@@ -87,21 +89,27 @@ def _run_excited(make_opt, strategy, gamma, seed=0, scale_gradients_instead=Fals
     return history, excitation
 
 
+FOLDED = {"sgd", "sgd_momentum", "adam", "adamw", "adam_l2", "sgd_dampened"}  # torch SGD / Adam / AdamW
+
+
+@pytest.mark.parametrize("update", ["auto", "blend"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("strategy, gamma", [("zerosum", 1.0), ("positivesum", 2.0), ("expdiff", 0.7)])
-def test_blended_update_equals_per_expert_learning_rate(name, strategy, gamma):
+def test_excited_update_equals_per_expert_learning_rate(name, strategy, gamma, update):
     reference = _run_reference(OPTIMIZERS[name], strategy, gamma)
-    excited, excitation = _run_excited(OPTIMIZERS[name], strategy, gamma)
+    excited, excitation = _run_excited(OPTIMIZERS[name], strategy, gamma, update=update)
+    assert excitation.update_path == ("folded" if update == "auto" and name in FOLDED else "blend")
     for step, ((ref_w, ref_d), (exc_w, exc_d)) in enumerate(zip(reference, excited)):
         torch.testing.assert_close(exc_w, ref_w, rtol=1e-12, atol=1e-12, msg=f"{name} step {step}")
         torch.testing.assert_close(exc_d, ref_d, rtol=1e-12, atol=1e-12)  # dense parameters: plain lr
     assert excitation.step == STEPS
 
 
-def test_multiplier_zero_leaves_expert_exactly_unchanged():
+@pytest.mark.parametrize("name, update", [("adamw", "auto"), ("adamw", "blend"), ("adam_l2", "auto"), ("sgd_momentum", "auto")])
+def test_multiplier_zero_leaves_expert_exactly_unchanged(name, update):
     _, _, _, counts = _problem()
     assert counts[1, 0, 2] == 0
-    excited, _ = _run_excited(OPTIMIZERS["adamw"], "zerosum", 1.0)
+    excited, _ = _run_excited(OPTIMIZERS[name], "zerosum", 1.0, update=update)
     before, after = excited[0][0][0, 2], excited[1][0][0, 2]
     assert torch.equal(before, after)  # bit for bit, weight decay included
     assert not torch.equal(excited[0][0][0, 1], excited[1][0][0, 1])
@@ -116,3 +124,79 @@ def test_scaling_gradients_is_not_excitation_for_adam():
     assert gap_blend < 1e-12
     # Adam is (almost) invariant to gradient scale: scaling gradients misses the per-expert lr by far
     assert gap_grad > 1e-2, gap_grad
+
+
+@pytest.mark.parametrize("name", sorted(FOLDED))
+def test_folded_update_on_a_flat_shard_with_dense_gaps(name):
+    """A flat tensor (like a ZeRO partition or a DistributedOptimizer shard) that
+    starts and ends with dense elements and cuts the first and last expert: the
+    folded update equals torch's optimizer with each piece in its own param group."""
+    g = torch.Generator().manual_seed(5)
+    head, tail, cut = 3, 2, 2  # dense head, dense tail, elements of experts 0 and E-1 cut off by the shard
+    sizes = [head, D - cut] + [D] * (E - 2) + [D - cut, tail]
+    owner = [None] + list(range(E)) + [None]
+    init = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
+    xs = torch.randn(STEPS, sum(sizes), generator=g, dtype=torch.float64)
+    counts = torch.randint(0, 50, (STEPS, 1, E), generator=g)
+    counts[2, 0, 1] = 0
+
+    pieces = [torch.nn.Parameter(t.clone()) for t in init.split(sizes)]
+    ref_opt = OPTIMIZERS[name]([{"params": [p]} for p in pieces])
+    flat = torch.nn.Parameter(init.clone())
+    opt = OPTIMIZERS[name]([flat])
+    ex = Excitation({"strategy": "zerosum"}, 1, E, reduce=False)
+    offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
+    ex.set_segments(ExpertSegment(flat, offsets[i], offsets[i + 1], 0, e) for i, e in enumerate(owner) if e is not None)
+    ex.hook_optimizer(opt)
+    assert ex.update_path == "folded"
+    for step in range(STEPS):
+        phi = multipliers(counts[step], "zerosum")
+        for group, e in zip(ref_opt.param_groups, owner):
+            group["lr"] = LR * (1.0 if e is None else phi[0, e].item())
+        for params, o in ((pieces, ref_opt), ([flat], opt)):
+            o.zero_grad()
+            x = torch.cat([p.reshape(-1) for p in params])
+            (torch.sin(x * xs[step]).sum() + 0.1 * (x ** 2).sum()).backward()
+        ex.record(0, counts[step, 0])
+        ref_opt.step()
+        opt.step()
+        torch.testing.assert_close(flat.detach(), torch.cat([p.detach() for p in pieces]), rtol=1e-12, atol=1e-12,
+                                   msg=lambda m: f"{name} step {step}: {m}")
+
+
+def test_forcing_the_folded_path_on_an_unfoldable_optimizer_fails_naming_the_key():
+    from excitation_dist.config import ConfigError
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    ex = Excitation({"update": "folded"}, 1, 2, reduce=False)
+    ex.set_segments([ExpertSegment(p, 0, 2, 0, 0), ExpertSegment(p, 2, 4, 0, 1)])
+    with pytest.raises(ConfigError, match=r"excitation\.update.*RMSprop"):
+        ex.hook_optimizer(torch.optim.RMSprop([p], lr=0.1))
+    with pytest.raises(ConfigError, match="amsgrad=True"):
+        ex.hook_optimizer(torch.optim.Adam([p], lr=0.1, amsgrad=True))
+
+
+def test_unknown_optimizer_takes_the_blend_path_with_one_log_line(caplog):
+    class Lion(torch.optim.Optimizer):  # not classifiable: any optimizer the project does not know
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    ex = Excitation({}, 1, 2, reduce=False)
+    ex.set_segments([ExpertSegment(p, 0, 2, 0, 0), ExpertSegment(p, 2, 4, 0, 1)])
+    with caplog.at_level("INFO", logger="excitation_dist.core"):
+        ex.hook_optimizer(opt := Lion([p]))
+    assert ex.update_path == "blend"
+    assert [r.getMessage() for r in caplog.records if "blend path" in r.getMessage()] == [
+        "Excitation: Lion takes the blend path (a transient copy of the expert rows with phi != 1 per step): "
+        "tests.test_core_equivalence.Lion is not one of torch.optim.SGD/Adam/AdamW"]
+    ex.record(0, torch.tensor([3, 1]))
+    p.grad = -torch.ones(4)
+    opt.step()
+    assert p.tolist() == pytest.approx([0.15, 0.15, 0.05, 0.05], rel=1e-6)

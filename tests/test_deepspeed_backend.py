@@ -137,7 +137,7 @@ def _train_step(engine, case: Case, step: int, before_last_backward=None):
     return routed
 
 
-def _run_case(case: Case, checkpoint_dir: str | None) -> dict:
+def _run_case(case: Case, checkpoint_dir: str | None, update: str = "auto") -> dict:
     import torch
     import torch.distributed as dist
 
@@ -146,7 +146,8 @@ def _run_case(case: Case, checkpoint_dir: str | None) -> dict:
     from tests import deepspeed_support as dc
 
     a = dc.build_engine(case, per_expert_lr=False)
-    excitation = exds.attach(a, {"strategy": "zerosum", "counts": case.counts})
+    excitation = exds.attach(a, {"strategy": "zerosum", "counts": case.counts, "update": update})
+    assert excitation.update_path == ("folded" if update == "auto" else "blend"), (case.name, excitation.update_path)
     b = dc.build_engine(case, per_expert_lr=True)
     assert type(a.optimizer).__name__ == _expected_wrapper(case), (case.name, type(a.optimizer))
     count_a, count_b = dc.ExpertInputCounter(a.module, case), dc.ExpertInputCounter(b.module, case)
@@ -216,12 +217,12 @@ def _run_case(case: Case, checkpoint_dir: str | None) -> dict:
 
     result = {"case": case.name, "phi_step": excitation.step, "max_update": max(ratios)}
     if checkpoint_dir is not None:
-        result["checkpoint"] = _checkpoint_round_trip(a, excitation, case, checkpoint_dir)
+        result["checkpoint"] = _checkpoint_round_trip(a, excitation, case, checkpoint_dir, update)
     exds.detach(a)
     return result
 
 
-def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str) -> str:
+def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str, update: str) -> str:
     """Save A, load into a differently initialized engine, take one more step on
     both: the restored Excitation state and rebuilt segment map give equal params."""
     import torch
@@ -231,7 +232,7 @@ def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str) -> st
 
     a.save_checkpoint(checkpoint_dir, tag="t", client_state={"user": 7})
     c = dc.build_engine(case, per_expert_lr=False, seed=1)
-    restored = exds.attach(c, {"strategy": "zerosum", "counts": case.counts})
+    restored = exds.attach(c, {"strategy": "zerosum", "counts": case.counts, "update": update})
     _, client_state = c.load_checkpoint(checkpoint_dir, tag="t")
     assert client_state["user"] == 7 and exds.CLIENT_STATE_KEY not in client_state
     assert restored.step == excitation.step
@@ -248,23 +249,25 @@ def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str) -> st
     return "ok"
 
 
-def _world(cases, checkpoint_dir):
+def _world(cases, checkpoint_dir, update="auto"):
     from tests.deepspeed_support import setup_deepspeed
 
     setup_deepspeed()
-    return [_run_case(case, checkpoint_dir if i == 0 else None) for i, case in enumerate(cases)]
+    return [_run_case(case, checkpoint_dir if i == 0 else None, update) for i, case in enumerate(cases)]
 
 
-def test_deepspeed_two_ranks(tmp_path):
-    results = run_distributed(_world, 2, WORLD2, str(tmp_path / "ckpt"), env=ENV, timeout=400)
+@pytest.mark.parametrize("update", ["auto", "blend"])  # auto: the folded path (torch AdamW)
+def test_deepspeed_two_ranks(tmp_path, update):
+    results = run_distributed(_world, 2, WORLD2, str(tmp_path / "ckpt"), update, env=ENV, timeout=400)
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in WORLD2]
         assert all(r["max_update"] > 0 for r in rank_results)
     assert results[0][0]["checkpoint"] == "ok"
 
 
-def test_deepspeed_four_ranks():
-    results = run_distributed(_world, 4, WORLD4, None, env=ENV, timeout=400)
+@pytest.mark.parametrize("update", ["auto", "blend"])
+def test_deepspeed_four_ranks(update):
+    results = run_distributed(_world, 4, WORLD4, None, update, env=ENV, timeout=400)
     assert all(len(r) == len(WORLD4) for r in results)
 
 

@@ -50,13 +50,15 @@ from tests.megatron_support import ENV, WORLD2, WORLD4, run_cases  # noqa: E402
 
 
 
-def test_megatron_two_ranks():
-    results = run_distributed(run_cases, 2, WORLD2, env=ENV, timeout=500)
+@pytest.mark.parametrize("update", ["auto", "blend"])  # auto: the folded path (torch AdamW)
+def test_megatron_two_ranks(update):
+    results = run_distributed(run_cases, 2, WORLD2, None, update, env=ENV, timeout=500)
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in WORLD2]
         assert all(r["max_update"] > 0 for r in rank_results)
 
 
-def test_megatron_four_ranks():
-    results = run_distributed(run_cases, 4, WORLD4, env=ENV, timeout=500)
+@pytest.mark.parametrize("update", ["auto", "blend"])
+def test_megatron_four_ranks(update):
+    results = run_distributed(run_cases, 4, WORLD4, None, update, env=ENV, timeout=500)
     assert all(len(r) == len(WORLD4) for r in results)
