@@ -57,5 +57,13 @@ def apply_if_requested() -> dict[str, str]:
     return apply() if os.environ.get(ENV) == "1" else {}
 
 
+def checked_versions() -> list[str]:
+    """The megatron-core versions every always-needed CPU patch was checked against
+    (what the recipe and pretrain_gpt can run on CPU; the latter needs 0.19.x)."""
+    patches = _load().PATCHES
+    always = [set(p.CHECKED) for p in patches if not hasattr(p, "needed")]
+    return sorted(set.intersection(*always)) if always else []
+
+
 def applied() -> dict[str, str]:
     return dict(sys.modules[_PACKAGE].APPLIED) if _PACKAGE in sys.modules else {}

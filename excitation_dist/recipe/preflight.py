@@ -157,12 +157,18 @@ def check_device_and_backend(cfg: RunConfig, *, launching_locally: bool) -> None
         if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
             raise ConfigError("backend: megatron-core is not installed; pip install -e '.[megatron]', "
                               "or set backend=deepspeed")
-        from excitation_dist.megatron import compat
+        from excitation_dist.megatron import compat, cpu_patches
 
         try:
             compat.check_version()
         except RuntimeError as exc:
             raise ConfigError(f"backend: {exc}") from None
+        if cfg.device == "cpu":
+            version, checked = compat.installed_version().split("+")[0], cpu_patches.checked_versions()
+            if version not in checked:
+                raise ConfigError(f"backend: megatron on CPU needs the CPU patches (patches/megatron_cpu/), which "
+                                  f"support megatron-core {' and '.join(checked)}; found {version}: pip install "
+                                  f"megatron-core==0.16.1 (Python 3.11) or 0.19.2 (Python >= 3.12), or use a GPU")
 
 
 def check_run(cfg: RunConfig, *, launching_locally: bool, check_lock: bool = True) -> list[str]:
