@@ -1,9 +1,14 @@
 """``excitation-dist train CONFIG [key.sub=value ...]``.
 
-The config is read and validated first, before any process group starts. Under
-a launcher (torchrun, the deepspeed launcher, srun + torchrun) each rank runs
-the configured backend's training loop. Started by hand on one node, it
-re-launches itself under torchrun with ``parallel.gpus_per_node`` processes.
+The config is read and checked first (:mod:`excitation_dist.recipe.preflight`:
+keys, data, tokenizer and vocabulary, directories, the checkpoint lock, device
+and backend), before any process starts; ``--dry-run`` stops there. Under a
+launcher (torchrun, the deepspeed launcher, srun + torchrun) each rank runs the
+configured backend's training loop, dies with its launcher
+(:mod:`~excitation_dist.recipe.parent_watch`) and rank 0 holds the checkpoint
+directory's lock (:mod:`~excitation_dist.recipe.run_lock`). Started by hand on
+one node, it takes the lock and re-launches itself (exec) under torchrun with
+``parallel.gpus_per_node`` processes.
 """
 
 from __future__ import annotations
