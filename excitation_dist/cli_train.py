@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         print(value)
         return 0
 
+    if cfg.backend == "deepspeed" and cfg.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, for the launcher and ranks
     rank = int(os.environ.get("RANK", 0))
     # Every rank checks (cheap, and each resolves model.vocab_size: auto); only the first reports.
     problems = preflight.check_run(cfg, launching_locally=not launched and cfg.parallel.nodes == 1,

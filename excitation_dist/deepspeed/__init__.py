@@ -38,7 +38,10 @@ def _skip_shm_build_without_gpu() -> None:
         return
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
         return
-    skip_cpu_shm_comm_build()
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # not another accelerator DeepSpeed found without CUDA
+        skip_cpu_shm_comm_build()
 
 
 _skip_shm_build_without_gpu()

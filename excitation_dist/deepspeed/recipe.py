@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -135,15 +136,19 @@ class DeepSpeedBackend:
         torch.manual_seed(cfg.seed)
         self.model = GPTMoE(model_config(cfg))
         ds_config = deepspeed_config(cfg)
-        # DeepSpeed prints (not logs) each expert group it creates, on every rank: let rank 0 speak for all.
-        quiet = contextlib.redirect_stdout(io.StringIO()) if dist.get_rank() != 0 else contextlib.nullcontext()
-        with quiet:
+        # DeepSpeed print()s "No existing process group found, creating a new group named: ep_size_N" on every
+        # rank for every expert group it creates (its normal path, not a problem): keep rank 0's other prints only.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
             if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. FusedAdam on GPUs); lr still set every step
                 self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=list(self.model.parameters()),
                                                        config=ds_config)
             else:
                 self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=_client_optimizer(cfg, self.model),
                                                        config=ds_config)
+        if dist.get_rank() == 0:
+            sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                     if not line.startswith("No existing process group found")))
         self.base_optimizer = base_optimizer(self.engine)
         self.excitation = exds.attach(self.engine, cfg.excitation)
         self.data_parallel_rank = dist.get_rank()  # every rank sees distinct tokens (no TP/PP/CP here)
