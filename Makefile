@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup demo test clean system-deps megatron-0.19.2
+.PHONY: setup demo test clean system-deps megatron-0.19.2 gpu-check
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# On a CUDA machine: no host syncs in Excitation's step path (sync debug mode "error"), step-time ratio and
+# max_memory_allocated with/without (torch backend, DeepSpeed if importable); writes results/gpu_check.md.
+# Without a GPU it says so and exits 0.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 # Debian packages for the launch tests (a local SLURM, network namespaces); root only.
 system-deps:

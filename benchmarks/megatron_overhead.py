@@ -1,24 +1,21 @@
 """Excitation's overhead in megatron-core training (CPU, gloo), printed as a table.
 
-For each model size, two identical GPTModel MoE models (megatron-core, local
-spec, SequentialMLP experts) with megatron's DDP and fp32 DistributedOptimizer
-train on the same data in one run, steps interleaved (A, B then B, A,
-alternating) so that machine noise hits both alike: A with Excitation
-(ZeroSum), B without. A step is one forward-backward through megatron's
-schedule plus ``optimizer.step()``. Reported per size:
+Per model size, one baseline B (no Excitation) and one model A per variant
+(folded / blend update path x ZeroSum / PositiveSum): identical GPTModel MoE
+models (megatron-core, local spec, SequentialMLP experts) with megatron's DDP
+and fp32 DistributedOptimizer, trained on the same data in one run. A step is
+one forward-backward through megatron's schedule plus ``optimizer.step()``.
+Default layout: 2 ranks, EP 1 (expert-data-parallel 2), gradient buckets of
+three expert weight matrices (``bucket_size``): the DistributedOptimizer shards
+each bucket in two, so shard boundaries fall inside expert weights (column
+"split"). With megatron's default 40M-element buckets (``--no-cut``) the halves
+of the one expert bucket fall on an expert boundary and no expert is cut. Step times are interleaved A/B
+pairs, the whole comparison repeated in rounds; memory is measured by the
+allocator and the RSS high-water mark, not self-reported; collectives and host
+syncs added per optimizer step are counted (see benchmarks/overhead_table.py).
 
-- step time ratio A / B (median over steps, and median of per-pair ratios);
-- collectives and bytes Excitation adds per optimizer step (profiler-measured:
-  all collectives of A's step minus B's);
-- peak transient snapshot bytes versus the expert parameter elements this rank
-  owns (its slices of the fp32 main parameters).
-
-The models are built as tests/megatron_support.py builds them (its process-group
-setup and TransformerConfig, resized), without the tests' dead expert and with
-megatron's default gradient buckets.
-
-    python benchmarks/megatron_overhead.py                   # 2 ranks, EP 2, 3 sizes
-    python benchmarks/megatron_overhead.py --sizes small --steps 40
+    python benchmarks/megatron_overhead.py                        # 2 ranks, EP 1, small medium large
+    python benchmarks/megatron_overhead.py --ep-size 2            # experts not cut (EP 2 x expert-DP 1)
 """
 
 from __future__ import annotations
@@ -26,44 +23,68 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIZES = {  # name: (hidden, moe_ffn_hidden per expert, layers, experts)
+    "tiny": (16, 32, 2, 4),  # smoke tests only
     "small": (64, 128, 2, 8),
     "medium": (192, 768, 4, 8),
     "large": (384, 1536, 4, 8),
 }
 HEADS = 4
 VOCAB = 256  # byte-level tokens
+ENV = {"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "EXCITATION_MEGATRON_CPU": "1"}
 
 
-def _build(size: str, ep_size: int, micro: int, seq_len: int):
-    """(model chunks, optimizer) of this rank: tests/megatron_support.build's
-    recipe (fp32, DistributedOptimizer, overlapped grad reduce) at ``size``."""
-    import dataclasses
+def _setup(ep_size: int) -> None:
+    """Megatron's process groups (TP 1, PP 1, EP ``ep_size``) on the CPU."""
+    from excitation_dist.megatron import cpu_patches
 
+    cpu_patches.apply_if_requested()
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    try:  # 0.19: the aux-loss tracker is an object sized by the first model's layers
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+        destroy_moe_metrics_tracker()
+    except ImportError:  # 0.16: a module-level dict
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                 expert_model_parallel_size=ep_size, expert_tensor_parallel_size=1)
+
+
+def _build(size: str, ep_size: int, seq_len: int, cut: bool):
+    """(model chunks, optimizer): fp32, DistributedOptimizer, overlapped grad reduce."""
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from tests import megatron_support as ms
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
     hidden, moe_ffn, layers, experts = SIZES[size]
     torch.manual_seed(1234)
     model_parallel_cuda_manual_seed(1234)
-    case = ms.Case(size, ep=ep_size, dist_opt=True)
-    config = dataclasses.replace(
-        ms.transformer_config(case), num_layers=layers, hidden_size=hidden, num_attention_heads=HEADS,
-        ffn_hidden_size=4 * hidden, num_moe_experts=experts, moe_ffn_hidden_size=moe_ffn,
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=HEADS, ffn_hidden_size=4 * hidden,
+        num_moe_experts=experts, moe_ffn_hidden_size=moe_ffn, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2, tensor_model_parallel_size=1,
+        expert_model_parallel_size=ep_size, expert_tensor_parallel_size=1, pipeline_model_parallel_size=1,
+        pipeline_dtype=torch.float32, params_dtype=torch.float32, use_cpu_initialization=True,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        moe_router_dtype="fp32",
     )
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                               overlap_grad_reduce=True)
+                                               overlap_grad_reduce=True,
+                                               **({"bucket_size": 3 * hidden * moe_ffn} if cut else {}))
     model = GPTModel(config, get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False), vocab_size=VOCAB,
                      max_sequence_length=seq_len, position_embedding_type="learned_absolute")
     chunks = [DistributedDataParallel(config, ddp_config, model)]
@@ -73,14 +94,16 @@ def _build(size: str, ep_size: int, micro: int, seq_len: int):
     return chunks, get_megatron_optimizer(opt_config, chunks)
 
 
-def _step(chunks, optimizer, tokens, seq_len: int):
-    """One optimizer step: megatron's forward-backward schedule (one micro-batch) + step."""
+def _stepper(chunks, optimizer, corpus, micro: int, seq_len: int, rank: int):
+    """One optimizer step per call: megatron's forward-backward schedule (one micro-batch) + step."""
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    micro = tokens.shape[0]
+    from excitation_dist.data import byte_batches
+
     mask = torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool), diagonal=1)
     position_ids = torch.arange(seq_len).unsqueeze(0).expand(micro, seq_len)
+    state = {"step": 0}
 
     def forward_step(data_iterator, chunk):
         b = next(data_iterator)
@@ -92,96 +115,98 @@ def _step(chunks, optimizer, tokens, seq_len: int):
 
         return out, loss_func
 
-    optimizer.zero_grad()
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=chunks,
-                                num_microbatches=1, seq_length=seq_len, micro_batch_size=micro, forward_only=False)
-    result = optimizer.step()
-    assert result[0] is True, "megatron reported an unsuccessful step"
-    return result
+    def step() -> None:
+        tokens = byte_batches(corpus, micro, seq_len, state["step"], rank=rank)
+        state["step"] += 1
+        optimizer.zero_grad()
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=chunks,
+                                    num_microbatches=1, seq_length=seq_len, micro_batch_size=micro,
+                                    forward_only=False)
+        result = optimizer.step()
+        assert result[0] is True, "megatron reported an unsuccessful step"
+
+    return step
 
 
 def _global_params(chunks) -> int:
     """Parameters of the whole model: this rank's, plus the experts the other EP ranks hold."""
     from megatron.core import parallel_state as ps
-
-    from tests.megatron_support import expert_params
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
     local = sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    experts = sum(p.numel() for _, _, p in expert_params(chunks))
+    experts = sum(p.numel() for chunk in chunks for m in chunk.modules() if isinstance(m, BaseMoELayer)
+                  for p in m.experts.parameters())
     return local + (ps.get_expert_model_parallel_world_size() - 1) * experts
 
 
-def _measure(size: str, ep_size: int, steps: int, warmup: int, micro: int, seq_len: int) -> dict:
+def _measure(size: str, ep_size: int, repeats: int, pairs: int, warmup: int, micro: int, seq_len: int,
+             cut: bool) -> list[dict]:
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     import excitation_dist.megatron as exmeg
-    from excitation_dist.data import byte_batches, embedded_corpus_bytes
-    from excitation_dist.testing import count_collectives
-    from tests.megatron_support import Case, setup
+    from excitation_dist.data import embedded_corpus_bytes
+    from overhead_table import VARIANTS, compare, excitation_config
 
-    setup(Case(size, ep=ep_size, dist_opt=True))
+    _setup(ep_size)
     corpus = torch.frombuffer(bytearray(embedded_corpus_bytes(1_000_000)), dtype=torch.uint8)
-    a_chunks, a_opt = _build(size, ep_size, micro, seq_len)
-    excitation = exmeg.attach(a_chunks, a_opt, {"strategy": "zerosum"})
-    b_chunks, b_opt = _build(size, ep_size, micro, seq_len)
     rank = ps.get_data_parallel_rank()
-
-    times_a, times_b = [], []
-    for step in range(warmup + steps):
-        tokens = byte_batches(corpus, micro, seq_len, step, rank=rank)
-        a, b = (a_chunks, a_opt, times_a), (b_chunks, b_opt, times_b)
-        for chunks, opt, times in ([a, b] if step % 2 == 0 else [b, a]):
-            dist.barrier()
-            t0 = time.perf_counter()
-            _step(chunks, opt, tokens, seq_len)
-            if step >= warmup:
-                times.append(time.perf_counter() - t0)
-
-    tokens = byte_batches(corpus, micro, seq_len, 10**6, rank=rank)
-    dist.barrier()
-    with count_collectives() as log_a:
-        _step(a_chunks, a_opt, tokens, seq_len)
-    dist.barrier()
-    with count_collectives() as log_b:
-        _step(b_chunks, b_opt, tokens, seq_len)
-    from overhead_table import overhead_row
-
-    row = overhead_row(size, _global_params(a_chunks), times_a, times_b, log_a, log_b, excitation)
-    exmeg.detach(a_opt)
-    return row
+    b_chunks, b_opt = _build(size, ep_size, seq_len, cut)
+    variants, optimizers = {}, []
+    for update, strategy in VARIANTS:
+        chunks, opt = _build(size, ep_size, seq_len, cut)
+        ex = exmeg.attach(chunks, opt, excitation_config(update, strategy))
+        variants[f"{update}-{strategy}"] = (_stepper(chunks, opt, corpus, micro, seq_len, rank), ex)
+        optimizers.append(opt)
+    rows = compare(_stepper(b_chunks, b_opt, corpus, micro, seq_len, rank), variants, repeats=repeats, pairs=pairs,
+                   warmup=warmup)
+    for name, (_, ex) in variants.items():
+        assert ex.update_path == name.split("-")[0], (name, ex.update_path)
+    params = _global_params(b_chunks)
+    for opt in optimizers:
+        exmeg.detach(opt)
+    return [dict(row, size=size, params=params) for row in rows.values()]
 
 
-def _worker(sizes, ep_size, steps, warmup, micro, seq_len):
+def _worker(sizes, ep_size, repeats, pairs, warmup, micro, seq_len, cut):
+    import gc
     import warnings
 
     warnings.filterwarnings("ignore")
-    return [_measure(s, ep_size, steps, warmup, micro, seq_len) for s in sizes]
+    rows = []
+    for s in sizes:
+        rows += _measure(s, ep_size, repeats, pairs, warmup, micro, seq_len, cut)
+        gc.collect()
+    return rows
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--ep-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--ep-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the whole A/B comparison")
+    parser.add_argument("--pairs", type=int, default=2, help="interleaved step pairs per variant per round")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--micro", type=int, default=8, help="sequences per micro-batch per data-parallel rank")
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    args = parser.parse_args()
+    parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], choices=list(SIZES))
+    parser.add_argument("--no-cut", dest="cut", action="store_false",
+                        help="megatron's default bucket size: shards fall on expert boundaries")
+    args = parser.parse_args(argv)
 
     from excitation_dist.testing import run_distributed
-    from overhead_table import print_overhead_table
-    from tests.megatron_support import ENV
+    from overhead_table import print_rounds, print_table
 
-    results = run_distributed(_worker, args.world_size, args.sizes, args.ep_size, args.steps, args.warmup,
-                              args.micro, args.seq_len, env=dict(ENV), timeout=3600)[0]
-    print_overhead_table(f"megatron-core, DistributedOptimizer fp32, {args.world_size} ranks (CPU, gloo), "
-                         f"EP {args.ep_size}, micro-batch {args.micro} x {args.seq_len} tokens, {args.steps} interleaved "
-                         "steps per model", results, note="params: whole model (all EP ranks' experts); ")
+    rows = run_distributed(_worker, args.world_size, args.sizes, args.ep_size, args.repeats, args.pairs, args.warmup,
+                           args.micro, args.seq_len, args.cut, env=dict(ENV), timeout=3600)[0]
+    print_table(f"megatron-core, DistributedOptimizer fp32, Adam, {args.world_size} ranks (CPU, gloo), EP "
+                f"{args.ep_size} (expert-data-parallel {args.world_size // args.ep_size}), micro-batch {args.micro} x "
+                f"{args.seq_len} tokens, {'buckets of 3 expert matrices' if args.cut else 'default buckets'}, {args.repeats} "
+                f"rounds x {args.pairs} interleaved pairs per variant", rows)
+    print("params per size (whole model): " + ", ".join(sorted({f"{r['size']} {r['params']:,}" for r in rows})))
+    print_rounds(rows)
     return 0
 
 
