@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -211,6 +211,21 @@ class Excitation:
             return True
         self._uncounted_originals_L[layer] += 1
         return False
+
+    def hook_router(
+        self, layer: int, module: torch.nn.Module, tokens_per_expert: Callable[[tuple, dict, Any], torch.Tensor]
+    ) -> Any:
+        """Count ``module``'s routing as Excitation layer ``layer``: a forward hook
+        that, for each forward :meth:`count_this_forward` admits, records
+        ``tokens_per_expert(args, kwargs, output)`` (int ``[E]`` on the router's
+        device). The one place where every backend's counting is wired. Returns
+        the hook's handle (``.remove()`` unhooks it)."""
+
+        def count(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.count_this_forward(layer, module.training):
+                self.record(layer, tokens_per_expert(args, kwargs, output))
+
+        return module.register_forward_hook(count, with_kwargs=True)
 
     def counts_final(self) -> bool:
         """False while some layer still owes a recompute that will be counted in

@@ -331,10 +331,12 @@ def _run_case(case: Case, checkpoint_dir: str | None = None) -> dict:
         assert not torch.equal(phi, torch.ones_like(phi)), "degenerate test: every expert equally used"
         # Step 0: the two computations differ by fp32 rounding only. Later steps: those rounding differences
         # change the next gradients by ~1e-7, which Adam's normalization amplifies where a gradient is ~0;
-        # still 500x below the update of lr = 1e-2, and a multiplier off by 1% would move elements by 1e-4.
-        # With bf16 weights a master that differs by rounding can round to a different bf16 value, which
-        # changes the next forward: later bf16 steps get tests/test_deepspeed_backend.py's bf16 tolerance.
-        tol = {"rtol": 1e-5, "atol": 1e-6} if step == 0 else {"rtol": 1e-4, "atol": 2e-5}
+        # still 200x below the update of lr = 1e-2 (seen: up to 3e-5 on 9 of 8960 elements at step 2 with the
+        # folded update, whose rounding differs from the reference's), and a multiplier off by 1% would move
+        # elements by 1e-4. With bf16 weights a master that differs by rounding can round to a different bf16
+        # value, which changes the next forward: later bf16 steps get tests/test_deepspeed_backend.py's bf16
+        # tolerance.
+        tol = {"rtol": 1e-5, "atol": 1e-6} if step == 0 else {"rtol": 1e-4, "atol": 5e-5}
         if case.bf16 and step > 0:
             tol = {"rtol": 1e-2, "atol": 1e-3}
         for i, (fa, fb) in enumerate(zip(_stepped_fp32(a), flats_b)):

@@ -27,3 +27,18 @@ def test_every_element_owned_exactly_once_across_ranks():
         for r in owned_expert_ranges(experts, lo, hi, offset=0):
             seen += [(r.expert, lo + i) for i in range(r.start, r.end)]
     assert sorted(seen) == sorted((e.expert, i) for e in experts for i in range(e.start, e.end))
+
+
+def test_version_gate_uses_pep440_ranges(monkeypatch):
+    import pytest
+
+    from excitation_dist import versions
+
+    assert versions.in_range("0.19.8+cu130", ">=0.19.0,<0.20")
+    assert versions.in_range("0.19.2rc1", ">=0.16.1,<0.20")
+    assert not versions.in_range("0.20.0", ">=0.19.0,<0.20") and not versions.in_range("weird", ">=0.1")
+    with pytest.raises(versions.UnsupportedVersionError, match=r"DeepSpeed >=0.19.0,<0.20 \(tested: 0.19.8\); found 0.20.1.*pip install"):
+        versions.require("DeepSpeed", "0.20.1", ">=0.19.0,<0.20", checked="0.19.8", install="pip install deepspeed==0.19.8",
+                         skip_env="SKIP_IT")
+    monkeypatch.setenv("SKIP_IT", "1")
+    versions.require("DeepSpeed", "0.20.1", ">=0.19.0,<0.20", checked="0.19.8", install="-", skip_env="SKIP_IT")

@@ -3,8 +3,10 @@ native ``deepspeed.moe`` layers (ZeRO 0/1/2) or AutoEP layers (ZeRO 0-3, :mod:`.
 
 What it wires, and why there:
 
-* counts: a forward hook per routing module (``TopKGate``, or AutoEP's
-  router; :mod:`.counting`), accumulated over the micro-batches of one optimizer step;
+* counts: the core's router hook (:meth:`Excitation.hook_router`) on each routing
+  module (``TopKGate``, or AutoEP's router), reading this rank's tokens per global
+  expert from its output (:func:`compat.gate_counter`, :func:`autoep.router_counter`),
+  accumulated over the micro-batches of one optimizer step;
 * the single count all-reduce: issued by a forward hook on ``engine.module`` in
   the forward of the micro-batch at the gradient-accumulation boundary, so it
   overlaps that micro-batch's backward; reduced over the engine's (sequence-)
@@ -25,10 +27,11 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import torch
+
 from excitation_dist.config import ExcitationConfig, as_config
-from excitation_dist.core import Excitation
+from excitation_dist.core import Excitation, in_backward
 from excitation_dist.deepspeed import compat
-from excitation_dist.deepspeed.counting import is_training_forward, register_counters
 from excitation_dist.deepspeed.master_segments import owned_expert_segments
 
 CLIENT_STATE_KEY = "excitation_dist"
@@ -140,12 +143,15 @@ def attach(
 
     attachment.handles.append(base.register_step_pre_hook(refresh))
     excitation.hook_optimizer(base, end_step_after=False)
-    attachment.handles += register_counters([family.counter(layer) for layer in layers], excitation)
+    for index, layer in enumerate(layers):
+        router, tokens_per_expert = family.counter(layer)
+        attachment.handles.append(excitation.hook_router(index, router, lambda a, k, out, f=tokens_per_expert: f(out)))
 
     if overlap:
 
         def reduce_after_boundary_forward(module: Any, args: Any, output: Any) -> None:
-            if is_training_forward(module) and engine.is_gradient_accumulation_boundary():
+            training = module.training and torch.is_grad_enabled() and not in_backward()
+            if training and engine.is_gradient_accumulation_boundary():
                 excitation.reduce_counts_async()
 
         attachment.handles.append(engine.module.register_forward_hook(reduce_after_boundary_forward))

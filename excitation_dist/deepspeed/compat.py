@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from excitation_dist import versions
 from excitation_dist.counting import tokens_per_expert
 from excitation_dist.segments import ExpertRange, stacked_expert_ranges
 
@@ -30,14 +31,8 @@ def check_version(version: str | None = None) -> None:
         import deepspeed
 
         version = deepspeed.__version__
-    parts = version.split("+")[0].split(".")
-    if parts[:2] == ["0", "19"] or os.environ.get(_SKIP_CHECK_ENV) == "1":
-        return
-    raise RuntimeError(
-        f"excitation_dist.deepspeed was checked against DeepSpeed {CHECKED_RANGE} (0.19.8); found {version}. "
-        "Install it with: DS_BUILD_OPS=0 pip install deepspeed==0.19.8. To try another version at your own risk "
-        f"(and then run tests/test_deepspeed_*.py), set {_SKIP_CHECK_ENV}=1."
-    )
+    versions.require("DeepSpeed", version, CHECKED_RANGE, checked="0.19.8",
+                     install="DS_BUILD_OPS=0 pip install deepspeed==0.19.8", skip_env=_SKIP_CHECK_ENV)
 
 
 def init_distributed() -> bool:

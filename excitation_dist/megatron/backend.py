@@ -2,9 +2,10 @@
 
 What it wires, and why there:
 
-* counts: a forward hook per ``BaseMoELayer.router`` (:mod:`.counting`),
-  accumulated over the micro-batches of one optimizer step, for every MoE
-  layer of every model chunk of this pipeline stage (virtual stages included);
+* counts: the core's router hook (:meth:`Excitation.hook_router`) on every
+  ``BaseMoELayer.router`` of every model chunk of this pipeline stage (virtual
+  stages included), counting real assignments (:func:`compat.router_tokens_per_expert`),
+  accumulated over the micro-batches of one optimizer step;
 * the single count all-reduce: issued right after ``config.finalize_model_grads_func``
   (the end of megatron's forward-backward schedule, when every micro-batch and
   recompute has been counted), so it overlaps the optimizer's preamble; it is
@@ -32,7 +33,6 @@ import torch
 from excitation_dist.config import ExcitationConfig
 from excitation_dist.core import Excitation
 from excitation_dist.megatron import compat
-from excitation_dist.megatron.counting import register_router_counters
 from excitation_dist.megatron.master_segments import owned_expert_segments
 
 _ATTACHMENT = "_excitation_attachment"
@@ -125,7 +125,8 @@ def attach(
         base = compat.base_optimizer(leaf)
         if base is not None:
             excitation.hook_optimizer(base, end_step_after=False)  # the chained step may step several
-    attachment.handles += register_router_counters(layers, excitation)
+    attachment.handles += [excitation.hook_router(i, layer.router, compat.router_tokens_per_expert)
+                           for i, layer in enumerate(layers)]
     if overlap:
         _wrap_finalize(attachment)
 

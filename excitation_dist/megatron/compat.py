@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
+from excitation_dist import versions
 from excitation_dist.segments import ExpertRange, stacked_expert_ranges
+from excitation_dist.shards import SteppedPiece
 
-CHECKED_RANGE = ">=0.16.1,<0.20 (checked: 0.16.1, 0.19.2)"
+CHECKED_RANGE = ">=0.16.1,<0.20"
 _SKIP_CHECK_ENV = "EXCITATION_MEGATRON_SKIP_VERSION_CHECK"
 
 
@@ -37,15 +39,9 @@ def installed_version() -> str:
 
 def check_version(version: str | None = None) -> None:
     """Refuse a megatron-core version outside the range this backend was checked against."""
-    version = version or installed_version()
-    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
-    if (0, 16, 1) <= parts < (0, 20) or os.environ.get(_SKIP_CHECK_ENV) == "1":
-        return
-    raise RuntimeError(
-        f"excitation_dist.megatron was checked against megatron-core {CHECKED_RANGE}; found {version}. "
-        "Install megatron-core==0.16.1 (Python 3.11) or 0.19.2 (Python >= 3.12). To try another version at your "
-        f"own risk (and then run tests/test_megatron_*.py), set {_SKIP_CHECK_ENV}=1."
-    )
+    versions.require("megatron-core", version or installed_version(), CHECKED_RANGE, checked="0.16.1, 0.19.2",
+                     install="pip install megatron-core==0.16.1 (Python 3.11) or megatron-core==0.19.2 (Python >= 3.12)",
+                     skip_env=_SKIP_CHECK_ENV)
 
 
 def has_training_loop() -> bool:
@@ -218,6 +214,19 @@ def routed_tokens_per_expert(
     return real_TE.sum(dim=0, dtype=torch.int64)
 
 
+def router_tokens_per_expert(args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+    """This rank's real (token, expert) assignments from one ``TopKRouter.forward``:
+    routes of the ``routing_map`` with a nonzero probability, padding tokens
+    excluded. Right on every capacity setting: without a capacity factor, with
+    token dropping (dropped routes leave both the map and the probabilities), and
+    with ``moe_pad_expert_input_to_capacity``, where the map is the capacity mask
+    and the padded slots have probability 0. Megatron's activation recompute runs
+    the original forward under ``no_grad`` and the recompute in backward: the
+    core's guard counts it once, in backward."""
+    probs, routing_map = router_output(output)
+    return routed_tokens_per_expert(probs, routing_map, router_padding_mask(args, kwargs))
+
+
 def counts_process_group() -> Any:
     """The ranks holding distinct tokens for this pipeline stage's layers:
     data x context x tensor parallel (MoE with TP requires sequence parallelism,
@@ -245,16 +254,6 @@ def base_optimizer(leaf: Any) -> torch.optim.Optimizer | None:
     if getattr(leaf, "is_stub_optimizer", False):
         return None
     return getattr(leaf, "optimizer", None)
-
-
-class SteppedPiece(NamedTuple):
-    """Elements ``[start, end)`` of the flattened ``model_param`` are stepped as
-    ``tensor`` (an object in the base optimizer's param groups) by this rank."""
-
-    model_param: torch.nn.Parameter
-    tensor: torch.Tensor
-    start: int
-    end: int
 
 
 def stepped_pieces(leaf: Any) -> list[SteppedPiece]:

@@ -10,8 +10,10 @@ import torch.distributed as dist
 from torch import nn
 
 from excitation_dist.config import ExcitationConfig
-from excitation_dist.core import Excitation, ExpertSegment
+from excitation_dist.core import Excitation
 from excitation_dist.counting import tokens_per_expert
+from excitation_dist.segments import ExpertRange
+from excitation_dist.shards import SteppedPiece, expert_segments
 
 _BINDING = "_excitation_binding"
 
@@ -115,19 +117,17 @@ def attach(
 
     device = next(model.parameters()).device
     excitation = Excitation(config, len(layers), experts.pop(), process_group, device=device)
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    segments = []
-    for layer, module in enumerate(layers):
+    expert_params_by_layer = []
+    for module in layers:
+        by_param: dict[int, tuple[nn.Parameter, list[ExpertRange]]] = {}
         for sl in module.excitation_expert_slices():
             end = sl.param.numel() if sl.end is None else sl.end
-            if id(sl.param) not in in_optimizer:
-                if sl.param.requires_grad:
-                    raise ValueError(
-                        f"MoE layer {layer}, expert {sl.expert}: a trainable expert parameter is not in the optimizer; "
-                        "build the optimizer over all expert parameters before attach()"
-                    )
-                continue
-            segments.append(ExpertSegment(sl.param, sl.start, end, layer, sl.expert))
+            by_param.setdefault(id(sl.param), (sl.param, []))[1].append(ExpertRange(sl.expert, sl.start, end))
+        expert_params_by_layer.append(list(by_param.values()))
+    stepped = [SteppedPiece(p, p, 0, p.numel()) for group in optimizer.param_groups for p in group["params"]]
+    segments = expert_segments(expert_params_by_layer, stepped, every_param_stepped=True,
+                               hint="A trainable expert parameter is not in the optimizer: build the optimizer over "
+                                    "all expert parameters before attach().")
     excitation.set_segments(segments)
     for layer, module in enumerate(layers):
         setattr(module, _BINDING, _Binding(excitation, layer))
