@@ -260,7 +260,7 @@ def _splits_an_expert(excitation, case: Case) -> bool:
     return int(flag) > 0
 
 
-def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str) -> str:
+def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str, update: str) -> str:
     """Save A, load into a differently initialized engine with Excitation, take one
     more step on both: restored state and rebuilt segment map give equal masters."""
     import torch
@@ -269,7 +269,7 @@ def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str) -> st
 
     a.save_checkpoint(checkpoint_dir, tag="t", client_state={"user": 7})
     c = _engine(case, reference=False, seed=1)
-    restored = attach(c, {"strategy": "zerosum"})
+    restored = attach(c, {"strategy": "zerosum", "update": update})
     _, client_state = c.load_checkpoint(checkpoint_dir, tag="t")
     assert client_state["user"] == 7 and CLIENT_STATE_KEY not in client_state
     assert restored.step == excitation.step
@@ -286,14 +286,15 @@ def _checkpoint_round_trip(a, excitation, case: Case, checkpoint_dir: str) -> st
     return "ok"
 
 
-def _run_case(case: Case, checkpoint_dir: str | None = None) -> dict:
+def _run_case(case: Case, checkpoint_dir: str | None = None, update: str = "auto") -> dict:
     import torch
 
     from excitation_dist.deepspeed import attach, detach
     from excitation_dist.testing import count_collectives
 
     a = _engine(case, reference=False)
-    excitation = attach(a, {"strategy": "zerosum"})
+    excitation = attach(a, {"strategy": "zerosum", "update": update})
+    assert excitation.update_path == ("folded" if update == "auto" else "blend"), excitation.update_path
     b = _engine(case, reference=True)
     wrapper = {3: "DeepSpeedZeroOptimizer_Stage3", 2: "DeepSpeedZeroOptimizer", 0: "AdamW"}[case.zero]
     assert type(a.optimizer).__name__ == wrapper and len(_layers(a)) == case.layers
@@ -346,24 +347,25 @@ def _run_case(case: Case, checkpoint_dir: str | None = None) -> dict:
             _check_partitions_match_masters(a)
     result = {"case": case.name, "moved": moved, "counts": excitation.last_counts_LE.tolist()}
     if checkpoint_dir is not None:
-        result["checkpoint"] = _checkpoint_round_trip(a, excitation, case, checkpoint_dir)
+        result["checkpoint"] = _checkpoint_round_trip(a, excitation, case, checkpoint_dir, update)
     detach(a)
     return result
 
 
-def _world(cases, checkpoint_dir):
+def _world(cases, checkpoint_dir, update="auto"):
     from tests.deepspeed_support import setup_deepspeed
 
     setup_deepspeed()
     import logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    return [_run_case(case, checkpoint_dir if i == 0 else None) for i, case in enumerate(cases)]
+    return [_run_case(case, checkpoint_dir if i == 0 else None, update) for i, case in enumerate(cases)]
 
 
 @pytest.mark.skipif(not _version_supported(), reason="AutoEP in DeepSpeed 0.19.8 needs transformers >=5.0,<5.23")
-def test_autoep_two_ranks(tmp_path):
-    results = run_distributed(_world, 2, CASES, str(tmp_path / "ckpt"), env=ENV, timeout=400)
+@pytest.mark.parametrize("update", ["auto", "blend"])  # auto: the folded path (torch AdamW)
+def test_autoep_two_ranks(tmp_path, update):
+    results = run_distributed(_world, 2, CASES, str(tmp_path / "ckpt"), update, env=ENV, timeout=400)
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in CASES]
         assert all(r["moved"] > 0 for r in rank_results)
