@@ -76,13 +76,13 @@ def install_excitation(config: ExcitationConfig) -> None:
     def get_megatron_optimizer_with_excitation(opt_config: Any, model_chunks: Any, *args: Any, **kwargs: Any) -> Any:
         optimizer = build(opt_config, model_chunks, *args, **kwargs)
         _STATE["excitation"] = attach(model_chunks, optimizer, config)
-        _log_metrics_after_each_step(optimizer, _STATE["excitation"])
+        _log_metrics_on_logging_steps(optimizer, _STATE["excitation"])
         return optimizer
 
     training.get_megatron_optimizer = get_megatron_optimizer_with_excitation
 
 
-def _log_metrics_after_each_step(optimizer: Any, excitation: Any) -> None:
+def _log_metrics_on_logging_steps(optimizer: Any, excitation: Any) -> None:
     step = optimizer.step
 
     def step_and_log(*args: Any, **kwargs: Any) -> Any:
@@ -90,8 +90,10 @@ def _log_metrics_after_each_step(optimizer: Any, excitation: Any) -> None:
         from megatron.training.global_vars import get_args, get_tensorboard_writer
 
         writer = get_tensorboard_writer()
-        if writer is not None and excitation.step > 0:
-            iteration = getattr(get_args(), "curr_iteration", excitation.step) + 1
+        args = get_args()
+        iteration = getattr(args, "curr_iteration", excitation.step) + 1
+        # metrics() reads counts and multipliers on the host: only on Megatron's logging iterations
+        if writer is not None and excitation.step > 0 and iteration % max(1, getattr(args, "log_interval", 1)) == 0:
             for name, value in excitation.metrics().items():
                 writer.add_scalar(name, value, iteration)
         return result
