@@ -238,7 +238,10 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
     """Tables and plots from runs.csv / curves.csv alone."""
     runs = read_csv(out / "runs.csv")
     curves = read_csv(out / "curves.csv")
-    settings = list(dict.fromkeys(r["setting"] for r in runs))
+    first = {}
+    for r in runs:
+        first.setdefault(r["setting"], (r["optimizer"] != "sgd", -int(r["batch_size"]), int(r["depth"])))
+    settings = sorted(first, key=first.get)  # SGD before Adam, large batch first, shallow first
     methods = [m for m in METHODS if any(r["strategy"] == m for r in runs)]
     sweep, best = [], []
     for s in settings:

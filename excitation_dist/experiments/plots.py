@@ -105,8 +105,10 @@ def best_plot(path: Path, best: list[dict], settings: list[str], methods: list[s
         if ylim is not None:
             top.set_ylim(*ylim)
         top.set_title(s, fontsize=10)
+        lr_of = {r["strategy"]: r.get("best_lr") for r in best if r["setting"] == s}
+        ticks = [_label(m) + (f"\nlr {lr_of[m]:g}" if isinstance(lr_of.get(m), float) else "") for m in methods]
         for ax in (top, bot):
-            ax.set_xticks(range(len(methods)), [_label(m) for m in methods], rotation=60, ha="right", fontsize=8)
+            ax.set_xticks(range(len(methods)), ticks, rotation=60, ha="right", fontsize=8)
             ax.set_xlim(-0.6, len(methods) - 0.4)
             ax.grid(axis="y", alpha=0.3)
         top.tick_params(labelbottom=False)
@@ -137,7 +139,15 @@ def curves_plot(path: Path, rows: list[dict], settings: list[str], methods: list
             if chance and key in chance:
                 ax.axhline(chance[key], color="grey", ls=":", lw=1.2, label="chance")
             if logy:
+                from matplotlib.ticker import FuncFormatter
+
                 ax.set_yscale("log")
+                plain = FuncFormatter(lambda v, _: f"{v:g}")
+                ax.yaxis.set_major_formatter(plain)
+                lo, hi = ax.get_ylim()
+                if hi / lo < 10:  # less than a decade: label the minor ticks too
+                    ax.yaxis.set_minor_formatter(plain)
+                    ax.tick_params(axis="y", which="minor", labelsize=7)
             if ylim is not None:
                 ax.set_ylim(*ylim)
             if i == 0:
