@@ -241,8 +241,8 @@ def report(args) -> None:
     plots.sweep_plot(args.out / "lr_sweep.png", sweep, settings, methods, "final validation loss",
                      ylim=(lo_y, min(max(finite), lo_y + 3.0) + 0.05),
                      title=f"GPT-MoE: learning-rate sweep (seed(s) {sorted(select)})")
-    lo_b = min(b["test_lo"] for b in best if b["test_lo"] == b["test_lo"])
-    hi_b = max(b["test_hi"] for b in best if b["test_hi"] == b["test_hi"])
+    lo_b = min(b["test_lo"] if b["test_lo"] == b["test_lo"] else b["test_mean"] for b in best)
+    hi_b = max(b["test_hi"] if b["test_hi"] == b["test_hi"] else b["test_mean"] for b in best)
     pad = 0.1 * (hi_b - lo_b + 1e-3)
     plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, "validation loss", ylim=(lo_b - pad, hi_b + pad),
                     diff_label="minus baseline (negative = better)",
