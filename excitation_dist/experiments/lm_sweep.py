@@ -165,7 +165,7 @@ def report(args) -> None:
     runs = [r for r in read_csv(args.out / "runs.csv")]
     curves = read_csv(args.out / "curves.csv")
     select = set(args.select_seeds)
-    report_seeds = set(args.report_seeds)
+    report_seeds = set(args.report_seeds) & {int(r["seed"]) for r in runs}  # the report seeds actually run
     auxes = list(dict.fromkeys(r["aux"] for r in runs))
     methods = [m for m in STRATEGIES if any(r["strategy"] == m for r in runs)]
     settings = [f"aux loss {a}" for a in auxes]
