@@ -69,7 +69,7 @@ def _worker(sizes, repeats, pairs, warmup) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from overhead_table import VARIANTS, compare
+    from overhead_table import compare, selected_variants
 
     torch.set_num_threads(1)
     rank = dist.get_rank()
@@ -77,7 +77,7 @@ def _worker(sizes, repeats, pairs, warmup) -> list[dict]:
     for size in sizes:
         baseline, _, params = _model_step(size, None, rank)
         variants = {}
-        for update, strategy in VARIANTS:
+        for update, strategy in selected_variants():
             step, ex, _ = _model_step(size, (update, strategy), rank)
             variants[f"{update}-{strategy}"] = (step, ex)
         result = compare(baseline, variants, repeats=repeats, pairs=pairs, warmup=warmup)
@@ -96,7 +96,7 @@ def _optimizer_alone(elements: int, experts: int, repeats: int, pairs: int, warm
     import torch
 
     from excitation_dist import Excitation, ExpertSegment
-    from overhead_table import VARIANTS, compare, excitation_config
+    from overhead_table import compare, excitation_config, selected_variants
 
     per_expert = elements // experts
     g = torch.Generator().manual_seed(0)
@@ -124,7 +124,7 @@ def _optimizer_alone(elements: int, experts: int, repeats: int, pairs: int, warm
         return step, ex
 
     baseline, _ = make(None)
-    variants = {f"{u}-{s}": make(excitation_config(u, s)) for u, s in VARIANTS}
+    variants = {f"{u}-{s}": make(excitation_config(u, s)) for u, s in selected_variants()}
     result = compare(baseline, variants, repeats=repeats, pairs=pairs, warmup=warmup)
     return [dict(r, size=f"{elements // 2**20}M" if elements >= 2**20 else f"{elements // 2**10}k", params=elements)
             for r in result.values()]
@@ -140,7 +140,11 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer-elements", nargs="*", type=int, default=[2**21, 2**24],
                         help="expert elements of the optimizer-alone benchmark (none: skip it)")
     parser.add_argument("--optimizer-pairs", type=int, default=4)
+    from overhead_table import add_variants_argument, select_variants
+
+    add_variants_argument(parser)
     args = parser.parse_args(argv)
+    select_variants(args.variants)
 
     import torch
 

@@ -83,13 +83,13 @@ def _measure(size: str, ep_size: int, zero: int, repeats: int, pairs: int, warmu
 
     import excitation_dist.deepspeed as exds
     from excitation_dist.data import embedded_corpus_bytes
-    from overhead_table import VARIANTS, compare, excitation_config
+    from overhead_table import compare, excitation_config, selected_variants
 
     corpus = torch.frombuffer(bytearray(embedded_corpus_bytes(1_000_000)), dtype=torch.uint8)
     rank = dist.get_rank()
     baseline = _engine(size, ep_size, zero, micro, seq_len, cut)
     variants = {}
-    for update, strategy in VARIANTS:
+    for update, strategy in selected_variants():
         engine = _engine(size, ep_size, zero, micro, seq_len, cut)
         ex = exds.attach(engine, excitation_config(update, strategy))
         variants[f"{update}-{strategy}"] = (_stepper(engine, corpus, micro, seq_len, rank), ex)
@@ -130,7 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], choices=list(SIZES))
     parser.add_argument("--no-cut", dest="cut", action="store_false",
                         help="one expert parameter group (no max_group_size): partitions fall on expert boundaries")
+    from overhead_table import add_variants_argument, select_variants
+
+    add_variants_argument(parser)
     args = parser.parse_args(argv)
+    select_variants(args.variants)
 
     from excitation_dist.testing import run_distributed
     from overhead_table import print_rounds, print_table

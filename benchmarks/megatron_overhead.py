@@ -148,14 +148,14 @@ def _measure(size: str, ep_size: int, repeats: int, pairs: int, warmup: int, mic
 
     import excitation_dist.megatron as exmeg
     from excitation_dist.data import embedded_corpus_bytes
-    from overhead_table import VARIANTS, compare, excitation_config
+    from overhead_table import compare, excitation_config, selected_variants
 
     _setup(ep_size)
     corpus = torch.frombuffer(bytearray(embedded_corpus_bytes(1_000_000)), dtype=torch.uint8)
     rank = ps.get_data_parallel_rank()
     b_chunks, b_opt = _build(size, ep_size, seq_len, cut)
     variants, optimizers = {}, []
-    for update, strategy in VARIANTS:
+    for update, strategy in selected_variants():
         chunks, opt = _build(size, ep_size, seq_len, cut)
         ex = exmeg.attach(chunks, opt, excitation_config(update, strategy))
         variants[f"{update}-{strategy}"] = (_stepper(chunks, opt, corpus, micro, seq_len, rank), ex)
@@ -194,7 +194,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], choices=list(SIZES))
     parser.add_argument("--no-cut", dest="cut", action="store_false",
                         help="megatron's default bucket size: shards fall on expert boundaries")
+    from overhead_table import add_variants_argument, select_variants
+
+    add_variants_argument(parser)
     args = parser.parse_args(argv)
+    select_variants(args.variants)
 
     from excitation_dist.testing import run_distributed
     from overhead_table import print_rounds, print_table

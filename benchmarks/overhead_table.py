@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import statistics
 import time
 from collections import Counter
@@ -42,6 +43,23 @@ from typing import Callable
 # (update path, strategy) pairs measured against the baseline. PositiveSum has rows with phi = 1
 # (least-used experts), ZeroSum rows with phi = 0 (experts that received no token).
 VARIANTS = [("folded", "zerosum"), ("folded", "positivesum"), ("blend", "zerosum"), ("blend", "positivesum")]
+_VARIANTS_ENV = "EXCITATION_BENCH_VARIANTS"  # set by --variants, read in the worker processes
+
+
+def add_variants_argument(parser) -> None:
+    names = [f"{u}-{s}" for u, s in VARIANTS]
+    parser.add_argument("--variants", nargs="+", default=names, choices=names,
+                        help="which Excitation variants to time against the baseline (default: all)")
+
+
+def select_variants(names: list[str]) -> None:
+    """Called in the launching process: the workers inherit the choice."""
+    os.environ[_VARIANTS_ENV] = ",".join(names)
+
+
+def selected_variants() -> list[tuple[str, str]]:
+    chosen = os.environ.get(_VARIANTS_ENV)
+    return [v for v in VARIANTS if chosen is None or f"{v[0]}-{v[1]}" in chosen.split(",")]
 
 
 def excitation_config(update: str, strategy: str) -> dict:
