@@ -59,6 +59,9 @@ def _setup(ep_size: int) -> None:
                                  expert_model_parallel_size=ep_size, expert_tensor_parallel_size=1)
 
 
+_LR_ENV = "EXCITATION_BENCH_LR"  # --lr, read in the worker processes
+
+
 def _build(size: str, ep_size: int, seq_len: int, cut: bool):
     """(model chunks, optimizer): fp32, DistributedOptimizer, overlapped grad reduce."""
     import torch
@@ -89,7 +92,8 @@ def _build(size: str, ep_size: int, seq_len: int, cut: bool):
                      max_sequence_length=seq_len, position_embedding_type="learned_absolute")
     chunks = [DistributedDataParallel(config, ddp_config, model)]
     config.finalize_model_grads_func = finalize_model_grads
-    opt_config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, use_distributed_optimizer=True,
+    lr = float(os.environ.get(_LR_ENV, "1e-3"))
+    opt_config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.1, use_distributed_optimizer=True,
                                  clip_grad=0.0, adam_beta1=0.9, adam_beta2=0.99)
     return chunks, get_megatron_optimizer(opt_config, chunks)
 
@@ -196,9 +200,13 @@ def main(argv=None) -> int:
                         help="megatron's default bucket size: shards fall on expert boundaries")
     from overhead_table import add_variants_argument, select_variants
 
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate; a tiny one (1e-9) keeps A's and B's routing identical, so that step"
+                             " times differ only by Excitation's own work")
     add_variants_argument(parser)
     args = parser.parse_args(argv)
     select_variants(args.variants)
+    os.environ[_LR_ENV] = repr(args.lr)
 
     from excitation_dist.testing import run_distributed
     from overhead_table import print_rounds, print_table
