@@ -31,12 +31,12 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 # ----------------------------------------------------------------- helpers
@@ -82,16 +82,6 @@ def sync_warnings(step) -> int:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def timed(step) -> float:
-    import torch
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def peak_bytes(step) -> int:
     import torch
 
@@ -100,28 +90,6 @@ def peak_bytes(step) -> int:
     step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
-
-
-def compare(baseline, variants: dict, repeats: int, pairs: int, warmup: int) -> dict:
-    """name -> per-round median pair ratios (interleaved, alternating who goes first)."""
-    for _ in range(warmup):
-        baseline()
-        for step in variants.values():
-            step()
-    rounds = {name: [] for name in variants}
-    k = 0
-    for _ in range(repeats):
-        for name, step in variants.items():
-            ratios = []
-            for _ in range(pairs):
-                if k % 2 == 0:
-                    a, b = timed(step), timed(baseline)
-                else:
-                    b, a = timed(baseline), timed(step)
-                k += 1
-                ratios.append(a / b)
-            rounds[name].append(statistics.median(ratios))
-    return rounds
 
 
 # ---------------------------------------------------------------- backends
@@ -197,7 +165,11 @@ def check(backend: str, steps: dict, parts: dict, args) -> list[dict]:
         log[:] = [False]
     warn_counts = {name: sync_warnings(steps[name]) for name in ("none", "folded", "blend")}
     memory = {name: peak_bytes(steps[name]) for name in ("none", "folded", "blend")}
-    rounds = compare(steps["none"], {n: steps[n] for n in ("folded", "blend")}, args.repeats, args.pairs, 0)
+    from overhead_table import interleaved  # the benchmarks' interleaved A/B timing (CUDA-synchronized)
+
+    timing = interleaved(steps["none"], {n: steps[n] for n in ("folded", "blend")}, repeats=args.repeats,
+                         pairs=args.pairs, warmup=0)
+    rounds = {name: t.round_ratios for name, t in timing.items()}
     rows = []
     for name in ("folded", "blend"):
         ex = parts[name][1]
