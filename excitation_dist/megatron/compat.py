@@ -12,7 +12,6 @@ count or scale the wrong elements.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Iterable, Sequence
 
