@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from excitation_dist.experiments import plots
-from excitation_dist.experiments.stats import (best_lr, config_hash, fmt_ci, fmt_diff, fnum, mean_ci, paired,
-                                               read_csv, write_csv)
+from excitation_dist.experiments.stats import (best_lr, config_hash, curves_at_best_lr, fmt_ci, fmt_diff, fnum, mean_ci,
+                                               paired, read_csv, write_csv)
 from excitation_dist.recipe.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -247,18 +247,10 @@ def report(args) -> None:
     plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, "validation loss", ylim=(lo_b - pad, hi_b + pad),
                     diff_label="minus baseline (negative = better)",
                     title=f"GPT-MoE: each method at its best lr, seeds {sorted(report_seeds)} (mean, 95% CI)")
-    by_hash = {r["hash"]: r for r in runs}
-    chosen = {(b["setting"], b["strategy"]): b["best_lr"] for b in best}
-    rows = []
-    for c in curves:
-        r = by_hash.get(c["hash"])
-        if r is None or int(r["seed"]) not in report_seeds:
-            continue
-        setting = f"aux loss {r['aux']}"
-        if chosen.get((setting, r["strategy"])) != fnum(r["lr"]):
-            continue
-        rows.append({"setting": setting, "strategy": r["strategy"], "step": int(c["step"]),
-                     "train_loss": fnum(c["train_loss"]), "val_loss": fnum(c["val_loss"])})
+    rows = [{"setting": f"aux loss {r['aux']}", "strategy": r["strategy"], "step": int(c["step"]),
+             "train_loss": fnum(c["train_loss"]), "val_loss": fnum(c["val_loss"])}
+            for r, c in curves_at_best_lr(runs, curves, best, setting_of=lambda r: f"aux loss {r['aux']}",
+                                          keep=lambda r: int(r["seed"]) in report_seeds)]
     plots.curves_plot(args.out / "training_curves.png", rows, settings, methods, x_key="step",
                       panels=[("train_loss", "training loss (50-step mean)", 1, (lo_b - 0.3, 3.5), False),
                               ("val_loss", "validation loss", 1, (lo_b - 0.3, 3.5), False)],

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from excitation_dist.experiments import plots
-from excitation_dist.experiments.stats import (best_lr, config_hash, fmt_ci, fmt_diff, fnum, mean_ci, paired,
-                                               read_csv, write_csv)
+from excitation_dist.experiments.stats import (best_lr, config_hash, curves_at_best_lr, fmt_ci, fmt_diff, fnum, mean_ci,
+                                               paired, read_csv, write_csv)
 from excitation_dist.torch import ExpertSlice, attach, report_expert_counts
 
 CODE_VERSION = 2  # bump when a change alters what a run computes (invalidates the cache)
@@ -314,15 +314,9 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
     plots.best_plot(out / "best_vs_best.png", best, settings, methods, "test accuracy (%)", scale=100,
                     chance=100 * chance, ylim=(0, 100), diff_label="minus baseline (pp)",
                     title=f"{title}: each method at its best validation lr (mean, 95% CI)")
-    by_hash = {r["hash"]: r for r in runs}
-    chosen = {(b["setting"], b["strategy"]): b["best_lr"] for b in best}
-    curve_rows = []
-    for c in curves:
-        r = by_hash.get(c["hash"])
-        if r is not None and chosen.get((r["setting"], r["strategy"])) == fnum(r["lr"]):
-            curve_rows.append({"setting": r["setting"], "strategy": r["strategy"], "seed": r["seed"],
-                               "epoch": int(c["epoch"]), "train_loss": fnum(c["train_loss"]),
-                               "val_accuracy": fnum(c["val_accuracy"])})
+    curve_rows = [{"setting": r["setting"], "strategy": r["strategy"], "seed": r["seed"], "epoch": int(c["epoch"]),
+                   "train_loss": fnum(c["train_loss"]), "val_accuracy": fnum(c["val_accuracy"])}
+                  for r, c in curves_at_best_lr(runs, curves, best)]
     plots.curves_plot(out / "training_curves.png", curve_rows, settings, methods, x_key="epoch",
                       panels=[("train_loss", "training loss (epoch mean)", 1, None, True),
                               ("val_accuracy", "validation accuracy (%)", 100, (0, 100), False)],

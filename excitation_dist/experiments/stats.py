@@ -88,6 +88,20 @@ def best_lr(rows: list[dict], select_key: str, higher_is_better: bool = True) ->
     return pick, pick in (grid[0], grid[-1]) and len(grid) > 1
 
 
+def curves_at_best_lr(runs: list[dict], curves: list[dict], best: list[dict], setting_of=lambda r: r["setting"],
+                      keep=lambda r: True) -> list[tuple[dict, dict]]:
+    """(run, curve point) for every curve point of a kept run trained at its
+    method's chosen learning rate (``best``: rows with setting, strategy, best_lr)."""
+    by_hash = {r["hash"]: r for r in runs}
+    chosen = {(b["setting"], b["strategy"]): b["best_lr"] for b in best}
+    out = []
+    for c in curves:
+        r = by_hash.get(c["hash"])
+        if r is not None and keep(r) and chosen.get((setting_of(r), r["strategy"])) == fnum(r["lr"]):
+            out.append((r, c))
+    return out
+
+
 def fmt_ci(m: float, lo: float, hi: float, scale: float = 1.0, digits: int = 1) -> str:
     if math.isnan(lo):
         return f"{m * scale:.{digits}f}"
