@@ -33,7 +33,7 @@ def test_every_config_passes_its_backends_checks(path):
     """What `excitation-dist train` checks before launching: the backend can build this model."""
     import importlib
 
-    from excitation_dist.cli_train import BACKENDS
+    from excitation_dist.cli.train import BACKENDS
 
     cfg = load_run_config(path)
     try:

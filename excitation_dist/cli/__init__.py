@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("excitation_dist.cli_demo", "train the tiny MoE on CPU in 2 processes: baseline vs Excitation"),
-    "train": ("excitation_dist.cli_train", "train an MoE with Excitation from a YAML run config (deepspeed or megatron)"),
-    "report": ("excitation_dist.cli_report", "draw PNG plots of loss, expert utilization and multipliers from run directories"),
-    "prepare-data": ("excitation_dist.cli_prepare_data", "train a sentencepiece tokenizer and write a Megatron indexed dataset"),
+    "demo": ("excitation_dist.cli.demo", "train the tiny MoE on CPU in 2 processes: baseline vs Excitation"),
+    "train": ("excitation_dist.cli.train", "train an MoE with Excitation from a YAML run config (deepspeed or megatron)"),
+    "report": ("excitation_dist.cli.report", "draw PNG plots of loss, expert utilization and multipliers from run directories"),
+    "prepare-data": ("excitation_dist.cli.prepare_data", "train a sentencepiece tokenizer and write a Megatron indexed dataset"),
 }
 
 
@@ -47,6 +46,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return int(importlib.import_module(args._module).run(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

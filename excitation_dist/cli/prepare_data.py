@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _example_config() -> str:
     """The tiny CPU config of this checkout, as a path the user can type from here."""
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
     if not config.is_file():
         return "CONFIG.yaml"
     try:

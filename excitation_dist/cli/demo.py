@@ -1,4 +1,4 @@
-"""``excitation-dist demo``: the embedded default job (see :mod:`excitation_dist.demo`)."""
+"""``excitation-dist demo``: the embedded default job (see :mod:`excitation_dist.recipe.demo`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from excitation_dist.demo import DemoConfig, run_demo
+    from excitation_dist.recipe.demo import DemoConfig, run_demo
 
     if args.nproc < 1 or args.steps < 1 or args.log_every < 1:
         raise SystemExit("excitation-dist demo: --nproc, --steps and --log-every must be >= 1")
