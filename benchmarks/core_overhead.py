@@ -48,7 +48,8 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int):
     model = TinyMoETransformer(cfg)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    ex = attach(ddp, opt, excitation_config(*strategy_update)) if strategy_update else None
+    config = excitation_config(*strategy_update) if strategy_update else None
+    ex = attach(ddp, opt, config) if config else None
     state = {"step": 0}
 
     def step() -> None:
@@ -69,7 +70,7 @@ def _worker(sizes, repeats, pairs, warmup) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from overhead_table import compare, selected_variants
+    from overhead_table import check_update_path, compare, selected_variants
 
     torch.set_num_threads(1)
     rank = dist.get_rank()
@@ -82,7 +83,7 @@ def _worker(sizes, repeats, pairs, warmup) -> list[dict]:
             variants[f"{update}-{strategy}"] = (step, ex)
         result = compare(baseline, variants, repeats=repeats, pairs=pairs, warmup=warmup)
         for name, (_, ex) in variants.items():
-            assert ex.update_path == name.split("-")[0], (name, ex.update_path)
+            check_update_path(name, ex)
         rows += [dict(r, size=size, params=params) for r in result.values()]
         del baseline, variants
         gc.collect()

@@ -83,7 +83,7 @@ def _measure(size: str, ep_size: int, zero: int, repeats: int, pairs: int, warmu
 
     import excitation_dist.deepspeed as exds
     from excitation_dist.data import embedded_corpus_bytes
-    from overhead_table import compare, excitation_config, selected_variants
+    from overhead_table import check_update_path, compare, excitation_config, selected_variants
 
     corpus = torch.frombuffer(bytearray(embedded_corpus_bytes(1_000_000)), dtype=torch.uint8)
     rank = dist.get_rank()
@@ -91,13 +91,14 @@ def _measure(size: str, ep_size: int, zero: int, repeats: int, pairs: int, warmu
     variants = {}
     for update, strategy in selected_variants():
         engine = _engine(size, ep_size, zero, micro, seq_len, cut)
-        ex = exds.attach(engine, excitation_config(update, strategy))
+        config = excitation_config(update, strategy)
+        ex = exds.attach(engine, config) if config else None
         variants[f"{update}-{strategy}"] = (_stepper(engine, corpus, micro, seq_len, rank), ex)
     rows = compare(_stepper(baseline, corpus, micro, seq_len, rank), variants, repeats=repeats, pairs=pairs,
                    warmup=warmup)
     params = sum(p.numel() for p in baseline.module.parameters())
     for name, (_, ex) in variants.items():
-        assert ex.update_path == name.split("-")[0], (name, ex.update_path)
+        check_update_path(name, ex)
     return [dict(row, size=size, params=params) for row in rows.values()]
 
 

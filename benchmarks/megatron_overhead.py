@@ -152,7 +152,7 @@ def _measure(size: str, ep_size: int, repeats: int, pairs: int, warmup: int, mic
 
     import excitation_dist.megatron as exmeg
     from excitation_dist.data import embedded_corpus_bytes
-    from overhead_table import compare, excitation_config, selected_variants
+    from overhead_table import check_update_path, compare, excitation_config, selected_variants
 
     _setup(ep_size)
     corpus = torch.frombuffer(bytearray(embedded_corpus_bytes(1_000_000)), dtype=torch.uint8)
@@ -161,16 +161,18 @@ def _measure(size: str, ep_size: int, repeats: int, pairs: int, warmup: int, mic
     variants, optimizers = {}, []
     for update, strategy in selected_variants():
         chunks, opt = _build(size, ep_size, seq_len, cut)
-        ex = exmeg.attach(chunks, opt, excitation_config(update, strategy))
+        config = excitation_config(update, strategy)
+        ex = exmeg.attach(chunks, opt, config) if config else None
         variants[f"{update}-{strategy}"] = (_stepper(chunks, opt, corpus, micro, seq_len, rank), ex)
         optimizers.append(opt)
     rows = compare(_stepper(b_chunks, b_opt, corpus, micro, seq_len, rank), variants, repeats=repeats, pairs=pairs,
                    warmup=warmup)
     for name, (_, ex) in variants.items():
-        assert ex.update_path == name.split("-")[0], (name, ex.update_path)
+        check_update_path(name, ex)
     params = _global_params(b_chunks)
-    for opt in optimizers:
-        exmeg.detach(opt)
+    for opt, (_, ex) in zip(optimizers, variants.values()):
+        if ex is not None:
+            exmeg.detach(opt)
     return [dict(row, size=size, params=params) for row in rows.values()]
 
 

@@ -41,8 +41,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 # (update path, strategy) pairs measured against the baseline. PositiveSum has rows with phi = 1
-# (least-used experts), ZeroSum rows with phi = 0 (experts that received no token).
-VARIANTS = [("folded", "zerosum"), ("folded", "positivesum"), ("blend", "zerosum"), ("blend", "positivesum")]
+# (least-used experts), ZeroSum rows with phi = 0 (experts that received no token). "none-control" is
+# the null control: a second engine built exactly like the baseline, without Excitation; its ratio is
+# what two identical engines differ by in this run (the resolution of the comparison).
+CONTROL = ("none", "control")
+VARIANTS = [("folded", "zerosum"), ("folded", "positivesum"), ("blend", "zerosum"), ("blend", "positivesum"), CONTROL]
 _VARIANTS_ENV = "EXCITATION_BENCH_VARIANTS"  # set by --variants, read in the worker processes
 
 
@@ -62,8 +65,19 @@ def selected_variants() -> list[tuple[str, str]]:
     return [v for v in VARIANTS if chosen is None or f"{v[0]}-{v[1]}" in chosen.split(",")]
 
 
-def excitation_config(update: str, strategy: str) -> dict:
+def excitation_config(update: str, strategy: str) -> dict | None:
+    """The Excitation config of a variant (None for the null control: no Excitation)."""
+    if (update, strategy) == CONTROL:
+        return None
     return {"strategy": strategy, "update": update}
+
+
+def check_update_path(name: str, excitation) -> None:
+    """The variant ran on the update path it names (the control has no Excitation)."""
+    if excitation is None:
+        assert name == "-".join(CONTROL), name
+    else:
+        assert excitation.update_path == name.split("-")[0], (name, excitation.update_path)
 
 
 # ------------------------------------------------------------------ memory
@@ -274,7 +288,7 @@ def compare(baseline: Callable[[], None], variants: dict[str, tuple[Callable[[],
             pairs: int, warmup: int) -> dict[str, dict]:
     """Time, then measure the step costs of, every variant against the baseline.
 
-    ``variants``: name -> (step function, its Excitation controller).
+    ``variants``: name -> (step function, its Excitation controller or None for the null control).
     Returns name -> result row (identical on every rank)."""
     timing = interleaved(baseline, {n: s for n, (s, _) in variants.items()}, repeats=repeats, pairs=pairs,
                          warmup=warmup)
@@ -283,22 +297,24 @@ def compare(baseline: Callable[[], None], variants: dict[str, tuple[Callable[[],
     for name, (step, ex) in variants.items():
         cost = step_cost(step)
         added_syncs = cost.syncs - base.syncs
-        L, E = ex.num_layers, ex.num_experts
-        count_reduces = sum(1 for n, shapes in cost.collectives if "all_reduce" in n and str([L, E]) in shapes)
+        count_reduces = 0
+        if ex is not None:
+            shape = str([ex.num_layers, ex.num_experts])
+            count_reduces = sum(1 for n, shapes in cost.collectives if "all_reduce" in n and shape in shapes)
         mem = [cost.rss - base.rss if cost.rss is not None and base.rss is not None else float("nan"),
                cost.alloc - base.alloc, cost.opt_alloc - base.opt_alloc,
                cost.cuda - base.cuda if cost.cuda is not None else float("nan"),
-               sum(added_syncs.values()), ex.peak_snapshot_bytes, ex.owned_expert_numel()]
+               sum(added_syncs.values()), ex.peak_snapshot_bytes if ex else 0, ex.owned_expert_numel() if ex else 0]
         rss, alloc, opt_alloc, cuda, syncs, snap, owned = _max_over_ranks(mem)
         t = timing[name]
         rows[name] = {
-            "variant": name, "path": ex.update_path, "ms_without": t.ms_without, "ms_with": t.ms_with,
+            "variant": name, "path": ex.update_path if ex else "none", "ms_without": t.ms_without, "ms_with": t.ms_with,
             "round_ratios": t.round_ratios, "min": min(t.round_ratios), "median": statistics.median(t.round_ratios),
             "max": max(t.round_ratios), "pair_median": statistics.median(t.pair_ratios),
             "added_collectives": len(cost.collectives) - len(base.collectives), "count_reduces": count_reduces,
             "added_syncs": int(syncs), "added_sync_ops": dict(added_syncs), "rss_extra": rss, "alloc_extra": alloc, "opt_alloc_extra": opt_alloc,
             "cuda_extra": cuda, "self_reported_snapshot": int(snap), "owned_expert_elements": int(owned),
-            "split_experts": split_experts(ex),
+            "split_experts": split_experts(ex) if ex else 0,
         }
     return rows
 

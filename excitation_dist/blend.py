@@ -4,7 +4,8 @@ Segments of one tensor that are back to back and equally long (the experts of
 a stacked weight, the rows of a linear layer, the whole experts inside a ZeRO
 partition) form one :class:`SegmentBlock`, viewed as ``[n, length]``. Per step
 a block costs a handful of tensor operations however many experts it holds,
-and only the rows whose multiplier differs from 1 are copied.
+and only the rows whose multiplier differs from 1 are copied (the blend then
+works in place, run by run, with no further copy).
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def build_blocks(segments: Iterable[_Segment]) -> list[SegmentBlock]:
 
 @dataclass
 class Snapshot:
-    """A block's pre-step values of the rows to blend (``rows_S`` None: all rows)
-    and ``1 - phi`` per row."""
+    """A block's pre-step values of the rows to blend, packed, with ``1 - phi``
+    per packed row. ``runs``: (first row, row count, packed offset) of each run
+    of consecutive rows to blend (None: the whole block, one run)."""
 
     block: SegmentBlock
-    rows_S: torch.Tensor | None
+    runs: list[tuple[int, int, int]] | None
     one_minus_phi_S1: torch.Tensor
     old_SL: torch.Tensor
 
@@ -80,28 +82,49 @@ class Snapshot:
         return self.old_SL.numel() * self.old_SL.element_size()
 
 
+def _runs(keep_N: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of True in ``keep_N`` as (first, count, packed offset)."""
+    rows = keep_N.nonzero().squeeze(1).tolist()
+    runs: list[tuple[int, int, int]] = []
+    for packed, r in enumerate(rows):
+        if runs and runs[-1][0] + runs[-1][1] == r:
+            first, count, offset = runs[-1]
+            runs[-1] = (first, count + 1, offset)
+        else:
+            runs.append((r, 1, packed))
+    return runs
+
+
 def snapshot(block: SegmentBlock, phi_LE: torch.Tensor) -> Snapshot | None:
-    """Copy the block's rows whose multiplier is not 1 (None if there are none)."""
-    phi_N = phi_LE[block.layer_N, block.expert_N]
+    """Copy the block's rows whose multiplier is not 1 (None if there are none).
+    The copy is the only transient memory of the blend path: :func:`blend`
+    works in place on views of each run."""
+    phi_N = phi_LE[block.layer_N, block.expert_N].cpu()
     keep = phi_N != 1.0
     if not bool(keep.any()):
         return None
     view = block.rows()
     if bool(keep.all()):
-        rows, old = None, view.clone()
+        runs, old = None, view.clone()
     else:
-        rows = keep.nonzero().squeeze(1).to(view.device)
-        old = view.index_select(0, rows)
+        runs = _runs(keep)
+        if len(runs) == 1:
+            first, count, _ = runs[0]
+            old = view[first : first + count].clone()
+        else:
+            old = view.index_select(0, keep.nonzero().squeeze(1).to(view.device))
         phi_N = phi_N[keep]
-    return Snapshot(block, rows, (1.0 - phi_N).to(view.device, view.dtype).unsqueeze(1), old)
+    return Snapshot(block, runs, (1.0 - phi_N).to(view.device, view.dtype).unsqueeze(1), old)
 
 
 def blend(snap: Snapshot) -> None:
     """After the optimizer step: rows <- old + phi * (stepped - old), computed in
-    place as stepped + (1 - phi) * (old - stepped) (one pass; phi = 0 gives old exactly)."""
+    place as stepped + (1 - phi) * (old - stepped) (one pass; phi = 0 gives old
+    exactly), run by run on views: no temporary copies."""
     view = snap.block.rows()
-    if snap.rows_S is None:
+    if snap.runs is None:
         view.lerp_(snap.old_SL, snap.one_minus_phi_S1)
-    else:
-        stepped = view.index_select(0, snap.rows_S)
-        view.index_copy_(0, snap.rows_S, stepped.lerp_(snap.old_SL, snap.one_minus_phi_S1))
+        return
+    for first, count, offset in snap.runs:
+        view[first : first + count].lerp_(snap.old_SL[offset : offset + count],
+                                          snap.one_minus_phi_S1[offset : offset + count])
