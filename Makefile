@@ -6,16 +6,20 @@ VENV ?= .venv
 EXTRAS ?= test,deepspeed,megatron
 # Optional: a PyTorch wheel index for machines where plain `pip install torch==2.13.0` would take a CUDA build.
 TORCH_INDEX ?=
+# The exact versions tested (pyproject.toml has the supported ranges): frameworks.txt, and every other package.
+CONSTRAINTS ?= constraints/environment.txt
 PY := $(VENV)/bin/python
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: setup demo test clean system-deps megatron-0.19.2 gpu-check
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml
+# torch first and alone, at the tested version (from frameworks.txt: on this project's machines a CPU wheel),
+# so that pyproject's torch range is already met when the package and its extras resolve.
+$(VENV)/.installed-$(EXTRAS): pyproject.toml constraints/frameworks.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -c constraints/frameworks.txt torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $@
 
 # megatron-core 0.19.2 (the one with Megatron-LM's training loop) ships only a cp312 wheel; the
