@@ -37,15 +37,15 @@ SIZES = {  # name: (layers, d_model, experts, d_ff, seq, batch)
 def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int):
     import torch
 
-    from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, lm_loss
+    from excitation_dist.models import GPTMoE, GPTMoEConfig
     from excitation_dist.torch import attach
     from overhead_table import excitation_config
 
     layers, d, e, f, seq, b = SIZES[size]
-    cfg = TinyMoEConfig(vocab_size=256, seq_len=seq, d_model=d, n_layers=layers, n_heads=4, d_ff=f,
-                        num_experts=e, top_k=2)
+    cfg = GPTMoEConfig(vocab_size=256, seq_len=seq, d_model=d, n_layers=layers, n_heads=4, d_ff=f,
+                       num_experts=e, top_k=2)
     torch.manual_seed(0)
-    model = TinyMoETransformer(cfg)
+    model = GPTMoE(cfg)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     config = excitation_config(*strategy_update) if strategy_update else None
@@ -56,8 +56,7 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int):
         g = torch.Generator().manual_seed(1000 * state["step"] + rank)
         state["step"] += 1
         tokens = torch.randint(0, 256, (b, seq + 1), generator=g)
-        loss, _ = lm_loss(ddp, 0.01, tokens)
-        loss.backward()
+        ddp(tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

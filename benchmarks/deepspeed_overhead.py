@@ -34,28 +34,19 @@ SIZES = {  # name: (d_model, d_ff per expert, layers, experts)
 }
 
 
-def _param_groups(model, weight_decay: float, max_group_size: int | None) -> list[dict]:
-    """excitation_dist.deepspeed.model.moe_param_groups, with DeepSpeed's max_group_size for the expert groups."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=max_group_size)
-
-
 def _engine(size: str, ep_size: int, zero: int, micro: int, seq_len: int, cut: bool):
     import deepspeed
     import torch
 
-    from excitation_dist.deepspeed.model import GPTMoE, GPTMoEConfig
+    from excitation_dist.models import GPTMoE, GPTMoEConfig
+    from excitation_dist.recipe.backends.deepspeed import moe_param_groups
 
     d, ff, layers, experts = SIZES[size]
     torch.manual_seed(0)
     model = GPTMoE(GPTMoEConfig(seq_len=seq_len, d_model=d, n_layers=layers, n_heads=4, d_ff=ff,
-                                num_experts=experts, top_k=2, ep_size=ep_size))
-    optimizer = torch.optim.AdamW(_param_groups(model, 0.1, 3 * d * ff if cut else None), lr=1e-3)
+                                num_experts=experts, top_k=2, experts="deepspeed", ep_size=ep_size,
+                                capacity_factor=1.25))
+    optimizer = torch.optim.AdamW(moe_param_groups(model, 0.1, 3 * d * ff if cut else None), lr=1e-3)
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
               "zero_optimization": {"stage": zero}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

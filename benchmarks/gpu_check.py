@@ -16,8 +16,9 @@ On a machine with CUDA (one process, one GPU):
 3. Memory: ``torch.cuda.max_memory_allocated`` during one step, with and
    without Excitation (peak stats reset before the step).
 
-Backends: plain PyTorch (TinyMoETransformer + torch AdamW), and DeepSpeed
-ZeRO-2 fp32 (GPTMoE + torch AdamW, one rank over NCCL) when DeepSpeed imports.
+Backends: plain PyTorch (GPTMoE with torch experts + torch AdamW), and DeepSpeed
+ZeRO-2 fp32 (GPTMoE with deepspeed experts + torch AdamW, one rank over NCCL)
+when DeepSpeed imports.
 Writes the table to results/gpu_check.md. Without CUDA it prints that no GPU
 is present and exits 0.
 
@@ -97,15 +98,15 @@ def torch_backend(args) -> tuple[dict, dict]:
     """(step functions by name, {name: (base optimizer, Excitation)})."""
     import torch
 
-    from excitation_dist.models import TinyMoEConfig, TinyMoETransformer
+    from excitation_dist.models import GPTMoE, GPTMoEConfig
     from excitation_dist.torch import attach
 
-    cfg = TinyMoEConfig(vocab_size=256, seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers,
-                        n_heads=8, d_ff=args.d_ff, num_experts=args.experts, top_k=2)
+    cfg = GPTMoEConfig(vocab_size=256, seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers,
+                       n_heads=8, d_ff=args.d_ff, num_experts=args.experts, top_k=2)
     steps, parts = {}, {}
     for name, update in (("none", None), ("folded", "folded"), ("blend", "blend")):
         torch.manual_seed(0)
-        model = TinyMoETransformer(cfg).cuda()
+        model = GPTMoE(cfg).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # foreach on CUDA: the folded path applies
         ex = attach(model, opt, {"strategy": "zerosum", "update": update}) if update else None
         state = {"i": 0}
@@ -114,7 +115,7 @@ def torch_backend(args) -> tuple[dict, dict]:
             g = torch.Generator().manual_seed(state["i"])
             state["i"] += 1
             tokens = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=g).cuda(non_blocking=True)
-            model.loss(tokens)[0].backward()
+            model(tokens).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -127,13 +128,15 @@ def deepspeed_backend(args) -> tuple[dict, dict]:
     import torch
 
     import excitation_dist.deepspeed as exds
-    from excitation_dist.deepspeed.model import GPTMoE, GPTMoEConfig, moe_param_groups
+    from excitation_dist.models import GPTMoE, GPTMoEConfig
+    from excitation_dist.recipe.backends.deepspeed import moe_param_groups
 
     steps, parts = {}, {}
     for name, update in (("none", None), ("folded", "folded"), ("blend", "blend")):
         torch.manual_seed(0)
         model = GPTMoE(GPTMoEConfig(seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers, n_heads=8,
-                                    d_ff=args.d_ff, num_experts=args.experts, top_k=2, ep_size=1))
+                                    d_ff=args.d_ff, num_experts=args.experts, top_k=2, experts="deepspeed",
+                                    ep_size=1, capacity_factor=1.25))
         opt = torch.optim.AdamW(moe_param_groups(model, 0.1), lr=1e-4)
         config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
                   "steps_per_print": 10**9, "zero_optimization": {"stage": 2}}

@@ -333,7 +333,7 @@ def test_deepspeed_json_conflicts_fail_before_launch(tmp_path, content, message)
     from pathlib import Path
 
     from excitation_dist.config import ConfigError
-    from excitation_dist.deepspeed.recipe import validate
+    from excitation_dist.recipe.backends.deepspeed import validate
     from excitation_dist.recipe.config import load_run_config
 
     path = tmp_path / "ds.json"
@@ -348,7 +348,7 @@ def test_recipe_refuses_what_the_deepspeed_model_cannot_build():
     from pathlib import Path
 
     from excitation_dist.config import ConfigError
-    from excitation_dist.deepspeed.recipe import validate
+    from excitation_dist.recipe.backends.deepspeed import validate
     from excitation_dist.recipe.config import load_run_config
 
     cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs/deepseek-v2-lite/megatron-8gpu.yaml",

@@ -26,21 +26,21 @@ def _added(with_excitation: Counter, without: Counter) -> dict:
 
 
 def test_torch_backend_step_adds_no_host_sync():
-    from excitation_dist.models import TinyMoEConfig, TinyMoETransformer
+    from excitation_dist.models import GPTMoE, GPTMoEConfig
     from excitation_dist.torch import attach
 
-    cfg = TinyMoEConfig(vocab_size=32, seq_len=12, d_model=16, n_layers=2, n_heads=2, d_ff=16, num_experts=4, top_k=2)
+    cfg = GPTMoEConfig(vocab_size=32, seq_len=12, d_model=16, n_layers=2, n_heads=2, d_ff=16, num_experts=4, top_k=2)
     seen = []
     for excited in (False, True):
         torch.manual_seed(0)
-        model = TinyMoETransformer(cfg)
+        model = GPTMoE(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         ex = attach(model, opt, {"strategy": "zerosum"}) if excited else None
         for step in range(2):
             tokens = torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(step))
             with count_host_syncs() as syncs:
                 for _ in range(2):  # two micro-batches
-                    model.loss(tokens)[0].backward()
+                    model(tokens).backward()
                 opt.step()
                 opt.zero_grad()
         seen.append(syncs)

@@ -14,7 +14,7 @@ is impossible.
   the 4-rank matrix of tests/test_megatron_backend.py (TP 2 + SP, EP 2 x expert-DP 2,
   DistributedOptimizer bf16; EP 4 allgather with accumulation; PP 2 with virtual
   stages and full recompute);
-- ``python -m excitation_dist.megatron.pretrain_gpt`` (Megatron-LM's ``pretrain``,
+- ``python -m excitation_dist.recipe.pretrain_gpt`` (Megatron-LM's ``pretrain``,
   GPT-MoE, EP 2, mock data) for 3 iterations with ``--excitation-strategy``: the
   controller stepped 3 times, counted every (token, expert) assignment of the
   global batch, and its metrics reached Megatron's TensorBoard writer.
@@ -83,7 +83,7 @@ PRETRAIN_ARGS = [
 
 def _pretrain(megatron_path: str, argv: list[str]):
     sys.path.insert(0, megatron_path)
-    from excitation_dist.megatron import pretrain_gpt
+    from excitation_dist.recipe import pretrain_gpt
 
     pretrain_gpt.main(argv, cpu=True)
     excitation = pretrain_gpt.excitation()

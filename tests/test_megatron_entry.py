@@ -1,4 +1,4 @@
-"""``python -m excitation_dist.megatron.pretrain_gpt`` with a megatron-core that has
+"""``python -m excitation_dist.recipe.pretrain_gpt`` with a megatron-core that has
 no Megatron-LM training loop stops before anything else (the CPU patches
 included) and says which megatron-core it needs and how to get it; the CPU
 patches refuse other versions the same way. (The working path, run as the
@@ -14,7 +14,7 @@ import pytest
 SCRIPT = """
 import sys
 from pathlib import Path
-from excitation_dist.megatron import pretrain_gpt
+from excitation_dist.recipe import pretrain_gpt
 pretrain_gpt.UNPACKED = Path(sys.argv[1])   # as on a checkout where `make megatron-0.19.2` never ran
 pretrain_gpt.main(["--num-layers", "2"], cpu=True)
 """

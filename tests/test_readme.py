@@ -81,7 +81,7 @@ def test_megatron_lm_command_runs_as_written(tmp_path):
     pytest.importorskip("megatron.core")
     blocks_ = [b for b in blocks(section("Use it from Megatron"), "bash") if "pretrain_gpt" in b]
     (words,) = commands(blocks_[0])
-    assert words[0] == "torchrun" and "excitation_dist.megatron.pretrain_gpt" in words
+    assert words[0] == "torchrun" and "excitation_dist.recipe.pretrain_gpt" in words
     env_free = {k: v for k, v in _env().items() if k not in ("TORCHDYNAMO_DISABLE", "EXCITATION_MEGATRON_CPU")}
     proc = subprocess.run(words, cwd=tmp_path, env=env_free, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
@@ -94,9 +94,10 @@ def test_megatron_lm_command_runs_as_written(tmp_path):
 
 DEEPSPEED_SETUP = """
 import torch
-from excitation_dist.deepspeed.model import GPTMoE, GPTMoEConfig
+from excitation_dist.models import GPTMoE, GPTMoEConfig
 
-model = GPTMoE(GPTMoEConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=32, num_experts=4))
+model = GPTMoE(GPTMoEConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=32, num_experts=4,
+                            experts="deepspeed", capacity_factor=1.25))
 ds_config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
              "steps_per_print": 1000}
 loader = [torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(i)) for i in range(3)]

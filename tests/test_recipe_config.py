@@ -46,7 +46,7 @@ def test_every_config_passes_its_backends_checks(path):
 @pytest.mark.parametrize("name, run_config", [("tiny_cpu.json", "tiny_cpu.yaml"),
                                               ("gpu_zero1_bf16.json", "olmoe-1b-7b/deepspeed-8gpu.yaml")])
 def test_deepspeed_json_configs_merge_with_their_run_config(name, run_config):
-    from excitation_dist.deepspeed.recipe import deepspeed_config
+    from excitation_dist.recipe.backends.deepspeed import deepspeed_config
 
     json_path = CONFIGS / "deepspeed" / name
     stage = json.loads(json_path.read_text())["zero_optimization"]["stage"]
@@ -105,7 +105,7 @@ def test_bad_files(tmp_path):
 
 def test_megatron_refuses_latent_attention_on_cpu():
     """DeepSeek's MLA needs Transformer Engine's attention: refused before launch on CPU, accepted for GPUs."""
-    from excitation_dist.megatron.recipe import validate
+    from excitation_dist.recipe.backends.megatron import validate
 
     mla = ["backend=megatron", "model.attention=mla", "model.kv_lora_rank=16", "model.qk_rope_head_dim=8"]
     with pytest.raises(ConfigError, match="model.attention: mla needs Transformer Engine"):

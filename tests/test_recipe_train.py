@@ -96,9 +96,11 @@ def test_bad_config_fails_before_any_process_starts(tmp_path):
     assert proc.returncode != 0
     assert "model.moe.top_k: must be in [1, num_experts=8]" in proc.stderr
     assert "launching" not in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", CONFIG, "model.normalization=rmsnorm"],
+    mla = ["model.attention=mla", "model.kv_lora_rank=16", "model.qk_rope_head_dim=8"]
+    proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", CONFIG, *mla],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "model.normalization: not supported by backend torch" in proc.stderr
+    assert proc.returncode != 0 and "model.attention: multi-head latent attention (mla) is not built by backend torch" \
+        in proc.stderr
 
 
 def test_launcher_and_config_must_agree(tmp_path):

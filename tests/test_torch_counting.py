@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, TopKMoE
+from excitation_dist.models import GPTMoE, GPTMoEConfig, TopKMoE
 from excitation_dist.torch import attach, detach
 
 CFG = dict(vocab_size=32, seq_len=12, d_model=16, n_layers=3, n_heads=2, d_ff=16, num_experts=4, top_k=2)
@@ -13,7 +13,7 @@ CFG = dict(vocab_size=32, seq_len=12, d_model=16, n_layers=3, n_heads=2, d_ff=16
 
 def _model(**overrides):
     torch.manual_seed(0)
-    return TinyMoETransformer(TinyMoEConfig(**{**CFG, **overrides}))
+    return GPTMoE(GPTMoEConfig(**{**CFG, **overrides}))
 
 
 class RouterSpy:
@@ -24,7 +24,7 @@ class RouterSpy:
         self.counts = torch.zeros(len(model.blocks), model.cfg.num_experts, dtype=torch.int64)
         self.token_mask = None
         for layer, block in enumerate(model.blocks):
-            block.moe.router.register_forward_hook(self._hook(layer, block.moe.top_k))
+            block.ffn.experts.router.register_forward_hook(self._hook(layer, block.ffn.experts.top_k))
 
     def _hook(self, layer, k):
         def hook(module, inputs, logits):
@@ -38,7 +38,7 @@ class RouterSpy:
 
 
 def _train_step(model, opt, tokens, mask=None):
-    loss, _ = model.loss(tokens, mask)
+    loss = model(tokens, mask)
     loss.backward()
     opt.step()
     opt.zero_grad()
@@ -55,10 +55,10 @@ def test_counts_match_router_and_evaluation_adds_nothing():
     assert ex.last_counts_LE.sum() == 3 * 3 * 12 * 2  # layers x tokens x k
 
     model.eval()
-    model.loss(tokens)  # eval forward with grad enabled
+    model(tokens)  # eval forward with grad enabled
     model.train()
     with torch.no_grad():
-        model.loss(tokens)  # training-mode forward without grad
+        model(tokens)  # training-mode forward without grad
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -72,7 +72,7 @@ def test_gradient_accumulation_sums_micro_batches():
     ex = attach(model, opt)
     spy = RouterSpy(model)
     for _ in range(3):
-        model.loss(torch.randint(0, 32, (2, 13)))[0].backward()
+        model(torch.randint(0, 32, (2, 13))).backward()
     opt.step()
     assert torch.equal(ex.last_counts_LE, spy.counts)
     assert ex.last_counts_LE.sum() == 3 * 3 * 2 * 12 * 2
@@ -126,7 +126,7 @@ def test_reentrant_checkpointing_of_some_layers_counts_every_layer_once():
             for m, o in zip((plain, mixed), opts):
                 for micro in range(2):
                     tokens = torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(10 * step + micro))
-                    m.loss(tokens)[0].backward()
+                    m(tokens).backward()
                 o.step()
                 o.zero_grad()
             assert torch.equal(exs[0].last_counts_LE, spy.counts)
@@ -145,10 +145,10 @@ def test_a_layer_seen_only_as_recompute_is_an_error_naming_it():
     model = _model(n_layers=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     attach(model, opt)
-    x = model.embed(torch.randint(0, 32, (2, 12)))
+    x = model.tok(torch.randint(0, 32, (2, 12)))
     model.blocks[1].eval()
-    h, _ = model.blocks[0](x, None)
-    out, _ = checkpoint(model.blocks[1], h, None, use_reentrant=False)
+    h, _, _ = model.blocks[0](x, None)
+    out, _, _ = checkpoint(model.blocks[1], h, None, use_reentrant=False)
     model.blocks[1].train()
     out.sum().backward()
     with pytest.raises(RuntimeError, match=r"MoE layer\(s\) \[1\].*train\(\) mode"):

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, lm_loss
+from excitation_dist.models import GPTMoE, GPTMoEConfig
 from excitation_dist.testing import count_collectives, run_distributed
 from excitation_dist.torch import attach
 
-MODEL = TinyMoEConfig(vocab_size=32, seq_len=12, d_model=16, n_layers=3, n_heads=2, d_ff=16,
-                      num_experts=4, top_k=2, capacity_factor=1.25, aux_loss_coef=0.01)
+MODEL = GPTMoEConfig(vocab_size=32, seq_len=12, d_model=16, n_layers=3, n_heads=2, d_ff=16,
+                     num_experts=4, top_k=2, capacity_factor=1.25, aux_loss_coef=0.01)
 STEPS = 3
 SEQS_PER_MICRO = 2
 
@@ -35,7 +35,7 @@ def _router_counts(model):
         return hook
 
     for layer, block in enumerate(model.blocks):
-        block.moe.router.register_forward_hook(hook_for(layer))
+        block.ffn.experts.router.register_forward_hook(hook_for(layer))
     return counts
 
 
@@ -45,14 +45,14 @@ def _ddp_equals_single_process(micro_batches, strategy):
     singletons = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
 
     torch.manual_seed(0)
-    model = TinyMoETransformer(MODEL)
+    model = GPTMoE(MODEL)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1)
     ex = attach(ddp, opt, {"strategy": strategy, "counts": "routed"})
     local_routed = _router_counts(model)
 
     torch.manual_seed(0)
-    ref_model = TinyMoETransformer(MODEL)
+    ref_model = GPTMoE(MODEL)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1)
     ref_ex = attach(ref_model, ref_opt, {"strategy": strategy, "counts": "routed"}, process_group=singletons[rank])
     assert not ref_ex.reduce and ex.reduce
@@ -65,7 +65,7 @@ def _ddp_equals_single_process(micro_batches, strategy):
                 sync = m == micro_batches - 1
                 ctx = ddp.no_sync() if not sync else torch.enable_grad()
                 with ctx:
-                    loss, _ = lm_loss(ddp, MODEL.aux_loss_coef, _chunk(step, rank, m))
+                    loss = ddp(_chunk(step, rank, m))
                     (loss / micro_batches).backward()
             opt.step()
             opt.zero_grad()
@@ -75,7 +75,7 @@ def _ddp_equals_single_process(micro_batches, strategy):
         # reference: one process, the whole global batch as world x micro chunks
         for r in range(world):
             for m in range(micro_batches):
-                loss, _ = lm_loss(ref_model, MODEL.aux_loss_coef, _chunk(step, r, m))
+                loss = ref_model(_chunk(step, r, m))
                 (loss / (micro_batches * world)).backward()
         ref_opt.step()
         ref_opt.zero_grad()
@@ -109,12 +109,12 @@ def _one_collective_without_overlap():
     issues the one count all-reduce itself."""
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = TinyMoETransformer(MODEL)
+    model = GPTMoE(MODEL)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ex = attach(model, opt)
     for step in range(2):
         for m in range(3):
-            model.loss(_chunk(step, rank, m))[0].backward()
+            model(_chunk(step, rank, m)).backward()
         for p in model.parameters():
             dist.all_reduce(p.grad)
         with count_collectives() as log:
@@ -141,7 +141,7 @@ def _stacked_experts_match_per_expert_lr(micro_batches):
 
     def build():
         torch.manual_seed(0)
-        model = TinyMoETransformer(MODEL)
+        model = GPTMoE(MODEL)
         return model, torch.nn.parallel.DistributedDataParallel(model)
 
     model_a, ddp_a = build()
@@ -157,7 +157,7 @@ def _stacked_experts_match_per_expert_lr(micro_batches):
             for m in range(micro_batches):
                 ctx = ddp.no_sync() if m < micro_batches - 1 else torch.enable_grad()
                 with ctx:
-                    loss, _ = lm_loss(ddp, MODEL.aux_loss_coef, _chunk(step, rank, m))
+                    loss = ddp(_chunk(step, rank, m))
                     (loss / micro_batches).backward()
             if opt is opt_b:
                 counts = counts_b.clone()
@@ -165,7 +165,7 @@ def _stacked_experts_match_per_expert_lr(micro_batches):
                 phi_LE = counts.double() / counts.double().mean(-1, keepdim=True)
                 opt_b.lr_scale = {
                     id(w): phi_LE[layer].view(-1, 1, 1).expand_as(w).contiguous()
-                    for layer, block in enumerate(model_b.blocks) for w in (block.moe.w_in_EDF, block.moe.w_out_EFD)
+                    for layer, block in enumerate(model_b.blocks) for w in (block.ffn.experts.w_in_EDF, block.ffn.experts.w_out_EFD)
                 }
             opt.step()
             opt.zero_grad()

@@ -21,9 +21,9 @@ import sys
 from excitation_dist.recipe.parent_watch import exit_with_parent
 
 BACKENDS = {
-    "deepspeed": "excitation_dist.deepspeed.recipe",
-    "megatron": "excitation_dist.megatron.recipe",
-    "torch": "excitation_dist.torch.recipe",
+    "deepspeed": "excitation_dist.recipe.backends.deepspeed",
+    "megatron": "excitation_dist.recipe.backends.megatron",
+    "torch": "excitation_dist.recipe.backends.torch",
 }
 _HELD: list = []  # the checkpoint-directory lock rank 0 holds for the rest of its life
 _PRINTABLE = ("gpus_per_node", "nodes", "world_size", "backend", "data_parallel", "gradient_accumulation_steps")

@@ -40,7 +40,7 @@ from excitation_dist.recipe.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = ["none", "zerosum", "positivesum", "expdiff", "inverted", "random", "global"]
-CODE_VERSION = 2
+CODE_VERSION = 3  # bump when a change alters what a run computes (invalidates the cache); 3: one GPT-MoE for torch and DeepSpeed
 
 
 def _mean_over_last(records: list[dict], key: str, n: int) -> float:

@@ -14,7 +14,7 @@ Float16OptimizerWithFloat16Params and DistributedOptimizer inside a ChainedOptim
 EP/TP(+SP)/CP/DP/PP (incl. virtual stages), gradient accumulation, activation
 recompute, allgather/alltoall/flex dispatchers. On CPU (tests, laptops) apply
 :mod:`excitation_dist.megatron.cpu_patches` first. Megatron-LM's training loop:
-``python -m excitation_dist.megatron.pretrain_gpt`` (megatron-core 0.19.x).
+``python -m excitation_dist.recipe.pretrain_gpt`` (megatron-core 0.19.x).
 """
 
 from excitation_dist.megatron.backend import attach, attached, detach, rebuild_segments

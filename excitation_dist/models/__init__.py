@@ -1,6 +1,7 @@
-"""Reference MoE models used by the tests and the CPU demo."""
+"""The GPT-MoE language model of the recipe (torch and DeepSpeed backends) and
+the reference plain-PyTorch MoE layer it routes with on the torch backend."""
 
+from excitation_dist.models.gpt_moe import GPTMoE, GPTMoEConfig
 from excitation_dist.models.moe import TopKMoE
-from excitation_dist.models.transformer import TinyMoEConfig, TinyMoETransformer, lm_loss
 
-__all__ = ["TopKMoE", "TinyMoEConfig", "TinyMoETransformer", "lm_loss"]
+__all__ = ["GPTMoE", "GPTMoEConfig", "TopKMoE"]

@@ -3,13 +3,16 @@
 Router: linear -> softmax -> top-k, top-k probabilities renormalized (Mixtral).
 Optional expert capacity (Switch): each expert processes at most
 ``ceil(capacity_factor * T * K / E)`` assignments, in token order; the rest are
-dropped (their contribution is zero). Experts are stacked parameters
-``w_in_EDF`` and ``w_out_EFD``, so expert e is chunk e of each.
+dropped (their contribution is zero). Experts are GELU or SwiGLU MLPs stacked
+into ``w_in_EDF`` (``[E, D, 2F]`` for SwiGLU: gate and up projections) and
+``w_out_EFD``, so expert e is chunk e of each. It reports its routing to
+:mod:`excitation_dist.torch`, the backend that attaches Excitation to it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +30,12 @@ class TopKMoE(nn.Module):
         num_experts: E routed experts.
         top_k: K experts per token.
         capacity_factor: None for no dropping; else the Switch capacity factor.
+        activation: "gelu", or "swiglu" (silu(x W_gate) * x W_up).
     """
 
     def __init__(
-        self, d_model: int, d_ff: int, num_experts: int, top_k: int = 2, capacity_factor: float | None = None
+        self, d_model: int, d_ff: int, num_experts: int, top_k: int = 2, capacity_factor: float | None = None,
+        activation: Literal["gelu", "swiglu"] = "gelu",
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -38,13 +43,14 @@ class TopKMoE(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
+        self.swiglu = activation == "swiglu"
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_ff if self.swiglu else d_ff))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        d_model, d_ff = self.w_in_EDF.shape[1:]
+        d_model, d_ff = self.w_out_EFD.shape[2], self.w_out_EFD.shape[1]
         nn.init.normal_(self.router.weight, std=0.02)
         nn.init.normal_(self.w_in_EDF, std=1.0 / math.sqrt(d_model))
         nn.init.normal_(self.w_out_EFD, std=1.0 / math.sqrt(d_ff))
@@ -89,9 +95,16 @@ class TopKMoE(nn.Module):
             token_idx, slot = torch.nonzero((experts_TK == e) & keep_TK, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
-            h = F.gelu(x_TD[token_idx] @ self.w_in_EDF[e]) @ self.w_out_EFD[e]
+            h = self.expert_mlp(e, x_TD[token_idx])
             out_TD.index_add_(0, token_idx, h * weights_TK[token_idx, slot, None])
         return out_TD.reshape(shape), self.load_balancing_loss(probs_TE, experts_TK, mask_T)
+
+    def expert_mlp(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        h_NF = x_ND @ self.w_in_EDF[e]
+        if self.swiglu:
+            gate_NF, up_NF = h_NF.chunk(2, dim=-1)
+            return (F.silu(gate_NF) * up_NF) @ self.w_out_EFD[e]
+        return F.gelu(h_NF) @ self.w_out_EFD[e]
 
     def load_balancing_loss(
         self, probs_TE: torch.Tensor, experts_TK: torch.Tensor, mask_T: torch.Tensor | None

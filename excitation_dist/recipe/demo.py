@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from excitation_dist.config import ExcitationConfig
 from excitation_dist.data import byte_batches, embedded_corpus_bytes
+from excitation_dist.models import GPTMoE, GPTMoEConfig
 from excitation_dist.recipe.metrics_log import MetricsLogger, excitation_record
-from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, lm_loss
 from excitation_dist.testing import run_distributed
 
 
@@ -30,7 +30,7 @@ class DemoConfig:
     lr: float = 3e-3
     seed: int = 0
     log_dir: str | None = None  # metrics.jsonl + TensorBoard per run: LOG_DIR/baseline, LOG_DIR/excited
-    model: TinyMoEConfig = dataclasses.field(default_factory=TinyMoEConfig)
+    model: GPTMoEConfig = dataclasses.field(default_factory=GPTMoEConfig)
     excitation: ExcitationConfig = dataclasses.field(default_factory=ExcitationConfig)
 
 
@@ -49,7 +49,7 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
     runs = {}
     for name, exc in (("baseline", ExcitationConfig(strategy="none")), ("excited", cfg.excitation)):
         torch.manual_seed(cfg.seed)
-        model = TinyMoETransformer(cfg.model)
+        model = GPTMoE(cfg.model)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.AdamW(ddp.parameters(), lr=cfg.lr, weight_decay=0.01)
         runs[name] = (model, ddp, opt, attach(ddp, opt, exc))
@@ -64,11 +64,10 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
         row: dict[str, Any] = {"step": step}
         for name, (model, ddp, opt, excitation) in runs.items():
             ddp.train()
-            loss, lm = lm_loss(ddp, cfg.model.aux_loss_coef, batch)
-            loss.backward()
+            ddp(batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            lm = lm.detach().clone()
+            lm = model.last_losses["ce"].clone()
             dist.all_reduce(lm)
             row[name] = (lm.item() / world, _summary(excitation.metrics()))
             if name in loggers:
@@ -81,7 +80,8 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
     for name, (model, ddp, _, _) in runs.items():
         model.eval()
         with torch.no_grad():
-            losses = [model.loss(byte_batches(val, cfg.batch_size, cfg.model.seq_len, i, rank, 12345))[1] for i in range(8)]
+            losses = [model.lm_losses(byte_batches(val, cfg.batch_size, cfg.model.seq_len, i, rank, 12345))[1]
+                      for i in range(8)]
         v = torch.stack(losses).mean()
         dist.all_reduce(v)
         val_losses[name] = v.item() / world

@@ -31,7 +31,7 @@ def validate(cfg: RunConfig) -> None:
     bad = [key for key, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: not wired into the megatron recipe yet; "
-                          "use Megatron-LM (python -m excitation_dist.megatron.pretrain_gpt)")
+                          "use Megatron-LM (python -m excitation_dist.recipe.pretrain_gpt)")
     if m.attention == "mla" and cfg.device == "cpu":
         raise ConfigError("model.attention: mla needs Transformer Engine's attention (megatron-core's local "
                           "DotProductAttention cannot run latent attention); use device: cuda with Transformer Engine")

@@ -1,5 +1,7 @@
-"""``backend: torch`` for ``excitation-dist train``: the reference tiny MoE
-transformer under DDP (experts replicated), any process count, CPU or CUDA."""
+"""``backend: torch`` for ``excitation-dist train``: the recipe's GPT-MoE
+(:mod:`excitation_dist.models`, plain-PyTorch experts) under DDP (experts
+replicated), any process count, CPU or CUDA, Excitation attached with
+:func:`excitation_dist.torch.attach`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.config import ConfigError
-from excitation_dist.models import TinyMoEConfig, TinyMoETransformer, lm_loss
+from excitation_dist.models import GPTMoE, GPTMoEConfig
 from excitation_dist.recipe.config import RunConfig
 from excitation_dist.recipe.loop import init_process_group, run_training
 from excitation_dist.torch.backend import attach
@@ -18,32 +20,25 @@ from excitation_dist.torch.backend import attach
 STATE_FILE = "state.pt"
 
 
-def model_config(cfg: RunConfig) -> TinyMoEConfig:
-    """The reference transformer for ``cfg.model``; refuses what it cannot build."""
+def model_config(cfg: RunConfig) -> GPTMoEConfig:
+    """The :class:`GPTMoEConfig` (torch experts) for ``cfg.model``; refuses what it cannot build."""
     m = cfg.model
-    unsupported = {
-        "model.attention": m.attention != "standard",
-        "model.num_query_groups": m.num_query_groups not in (None, m.num_attention_heads),
-        "model.head_dim": m.head_dim not in (None, m.hidden_size // m.num_attention_heads),
-        "model.position_embedding": m.position_embedding != "learned",
-        "model.normalization": m.normalization != "layernorm",
-        "model.activation": m.activation != "gelu",
-        "model.qk_layernorm": m.qk_layernorm,
-        "model.moe.shared_expert_ffn_hidden_size": m.moe.shared_expert_ffn_hidden_size is not None,
-        "model.moe.first_dense_layers": m.moe.first_dense_layers != 0,
-        "model.moe.z_loss_coef": m.moe.z_loss_coef != 0,
-    }
-    bad = [key for key, is_bad in unsupported.items() if is_bad]
-    if bad:
-        raise ConfigError(
-            f"{', '.join(bad)}: not supported by backend torch (the reference tiny transformer: standard MHA, "
-            "learned positions, LayerNorm, GELU, routed experts only); use backend: megatron or deepspeed"
+    if m.attention != "standard":
+        raise ConfigError("model.attention: multi-head latent attention (mla) is not built by backend torch; "
+                          "use backend: megatron")
+    try:
+        return GPTMoEConfig(
+            vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,
+            n_heads=m.num_attention_heads, n_kv_heads=m.num_query_groups, head_dim=m.head_dim,
+            d_ff=m.moe.ffn_hidden_size, dense_d_ff=m.ffn_hidden_size, num_experts=m.moe.num_experts,
+            top_k=m.moe.top_k, experts="torch", capacity_factor=m.moe.capacity_factor,
+            aux_loss_coef=m.moe.aux_loss_coef, z_loss_coef=m.moe.z_loss_coef, position=m.position_embedding,
+            rope_theta=m.rope_theta, norm=m.normalization, qk_norm=m.qk_layernorm, activation=m.activation,
+            shared_expert_d_ff=m.moe.shared_expert_ffn_hidden_size, first_dense_layers=m.moe.first_dense_layers,
+            tie_embeddings=m.tie_embeddings,
         )
-    return TinyMoEConfig(
-        vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,
-        n_heads=m.num_attention_heads, d_ff=m.moe.ffn_hidden_size, num_experts=m.moe.num_experts,
-        top_k=m.moe.top_k, capacity_factor=m.moe.capacity_factor, aux_loss_coef=m.moe.aux_loss_coef,
-    )
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
 
 
 def validate(cfg: RunConfig) -> None:
@@ -64,7 +59,7 @@ class TorchDDPBackend:
     def __init__(self, cfg: RunConfig, device: torch.device) -> None:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.model = TinyMoETransformer(model_config(cfg)).to(device)
+        self.model = GPTMoE(model_config(cfg)).to(device)
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model) if distributed else self.model
         self.optimizer = _optimizer(cfg, self.wrapped.parameters())
@@ -74,9 +69,9 @@ class TorchDDPBackend:
     def forward_backward(self, tokens: torch.Tensor, last_micro_batch: bool, scale: float) -> torch.Tensor:
         sync = last_micro_batch or not isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
         with contextlib.nullcontext() if sync else self.wrapped.no_sync():
-            loss, lm = lm_loss(self.wrapped, self.model.cfg.aux_loss_coef, tokens)
+            loss = self.wrapped(tokens)  # through the DDP wrapper: its gradient hooks
             (loss * scale).backward()
-        return lm.detach()
+        return self.model.last_losses["ce"]
 
     def optimizer_step(self, lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
@@ -90,7 +85,7 @@ class TorchDDPBackend:
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         with torch.no_grad():
-            _, lm = self.model.loss(tokens)
+            _, lm = self.model.lm_losses(tokens)
         self.model.train()
         return lm
 

@@ -1,7 +1,7 @@
 """``backend: deepspeed`` for ``excitation-dist train``.
 
-The run config becomes a DeepSpeed engine: the GPT-style MoE of :mod:`.model`
-built from ``model.*`` (expert parallel over ``parallel.expert_parallel``
+The run config becomes a DeepSpeed engine: the recipe's GPT-MoE
+(:mod:`excitation_dist.models`, ``deepspeed.moe`` experts) built from ``model.*`` (expert parallel over ``parallel.expert_parallel``
 ranks), a DeepSpeed JSON config generated from ``schedule``, ``optimizer``,
 ``precision`` and ``parallel.zero_stage`` (an optional ``deepspeed_config``
 JSON file is merged under it), and Excitation attached with
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.config import ConfigError
+from excitation_dist.models import GPTMoE, GPTMoEConfig
 from excitation_dist.recipe.config import RunConfig
 from excitation_dist.recipe.loop import init_process_group, run_training
 
@@ -40,10 +41,8 @@ _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "gradient_clipping")
 
 
-def model_config(cfg: RunConfig):
-    """The :class:`GPTMoEConfig` for ``cfg.model``; refuses what it cannot build."""
-    from excitation_dist.deepspeed.model import GPTMoEConfig
-
+def model_config(cfg: RunConfig) -> GPTMoEConfig:
+    """The :class:`GPTMoEConfig` (deepspeed experts) for ``cfg.model``; refuses what it cannot build."""
     m = cfg.model
     if m.attention != "standard":
         raise ConfigError("model.attention: multi-head latent attention (mla) is not built by backend deepspeed; "
@@ -55,7 +54,7 @@ def model_config(cfg: RunConfig):
             vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,
             n_heads=m.num_attention_heads, n_kv_heads=m.num_query_groups, head_dim=m.head_dim,
             d_ff=m.moe.ffn_hidden_size, dense_d_ff=m.ffn_hidden_size, num_experts=m.moe.num_experts,
-            top_k=m.moe.top_k, ep_size=cfg.parallel.expert_parallel, capacity_factor=m.moe.capacity_factor,
+            top_k=m.moe.top_k, experts="deepspeed", ep_size=cfg.parallel.expert_parallel, capacity_factor=m.moe.capacity_factor,
             aux_loss_coef=m.moe.aux_loss_coef, z_loss_coef=m.moe.z_loss_coef, position=m.position_embedding,
             rope_theta=m.rope_theta, norm=m.normalization, qk_norm=m.qk_layernorm, activation=m.activation,
             shared_expert_d_ff=m.moe.shared_expert_ffn_hidden_size, first_dense_layers=m.moe.first_dense_layers,
@@ -111,9 +110,20 @@ def validate(cfg: RunConfig) -> None:
     deepspeed_config(cfg)
 
 
-def _client_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    from excitation_dist.deepspeed.model import moe_param_groups
+def moe_param_groups(model: torch.nn.Module, weight_decay: float, max_group_size: int | None = None) -> list[dict]:
+    """Parameter groups for a client optimizer under DeepSpeed: decay on matrices
+    only, then split so expert parameters get their own (expert-data-parallel)
+    groups, as ZeRO requires for MoE (at most ``max_group_size`` elements each)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=max_group_size)
+
+
+def _client_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optimizer
     groups = moe_param_groups(model, o.weight_decay)
     if o.name == "sgd":
@@ -130,7 +140,6 @@ class DeepSpeedBackend:
 
         import excitation_dist.deepspeed as exds
         from excitation_dist.deepspeed.compat import base_optimizer, check_version
-        from excitation_dist.deepspeed.model import GPTMoE
 
         check_version()
         torch.manual_seed(cfg.seed)
@@ -160,7 +169,7 @@ class DeepSpeedBackend:
         self.engine.backward(loss)
         if not last_micro_batch:
             self.engine.step()  # bookkeeping only: not a gradient-accumulation boundary
-        return torch.tensor(self.model.last_losses["ce"])
+        return self.model.last_losses["ce"]
 
     def optimizer_step(self, lr: float) -> dict[str, float]:
         for group in self.base_optimizer.param_groups:

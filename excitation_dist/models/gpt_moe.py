@@ -1,17 +1,25 @@
-"""A GPT-style MoE language model on ``deepspeed.moe.layer.MoE``.
+"""The GPT-style MoE language model the recipe trains on the torch and DeepSpeed backends.
 
 Pre-norm blocks: causal self-attention (multi-head or grouped-query, learned or
 rotary positions, optional QK-norm), then a feed-forward that is either dense
-(the first ``first_dense_layers`` blocks) or a routed MoE (DeepSpeed's
-``TopKGate`` + ``Experts``, expert parallel over ``ep_size`` ranks) with an
-optional always-on shared expert beside it. Experts are GELU or SwiGLU MLPs.
-The knobs cover the architectures of the published configs (OLMoE, Mixtral,
-Qwen3-MoE); multi-head latent attention (DeepSeek-V2) is not built here.
+(the first ``first_dense_layers`` blocks) or routed experts with an optional
+always-on shared expert beside them. Experts are GELU or SwiGLU MLPs. The knobs
+cover the architectures of the published configs (OLMoE, Mixtral, Qwen3-MoE);
+multi-head latent attention (DeepSeek-V2) is not built here.
 
-The loss is next-token cross entropy + ``aux_loss_coef`` x the gates'
+Where the routed experts come from is ``experts``:
+
+- ``"torch"``: :class:`~excitation_dist.models.moe.TopKMoE` (plain PyTorch,
+  experts replicated; for :mod:`excitation_dist.torch`, DDP). Takes a padding
+  mask and activation checkpointing.
+- ``"deepspeed"``: ``deepspeed.moe.layer.MoE`` (DeepSpeed's ``TopKGate`` +
+  ``Experts``, expert parallel over ``ep_size`` ranks; for
+  :mod:`excitation_dist.deepspeed`). ``min_capacity`` applies here only.
+
+The loss is next-token cross entropy + ``aux_loss_coef`` x the routers'
 load-balancing loss + ``z_loss_coef`` x the router z-loss (mean squared
 log-sum-exp of the router logits, ST-MoE), the latter recomputed from the
-gate's weight because DeepSpeed's gate does not return its logits.
+router's weight because DeepSpeed's gate does not return its logits.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from excitation_dist.models.moe import TopKMoE
 
 
 @dataclass
@@ -35,11 +46,12 @@ class GPTMoEConfig:
     head_dim: int | None = None  # None = d_model / n_heads
     d_ff: int = 128  # hidden size of each routed expert
     dense_d_ff: int = 256  # hidden size of the dense FFN blocks (first_dense_layers)
-    num_experts: int = 4
+    num_experts: int = 8
     top_k: int = 2
-    ep_size: int = 1
-    capacity_factor: float | None = 1.25  # None: no token dropping
-    min_capacity: int = 4
+    experts: Literal["torch", "deepspeed"] = "torch"  # the routed experts' implementation (see the module doc)
+    ep_size: int = 1  # expert-parallel ranks (deepspeed experts only)
+    capacity_factor: float | None = None  # None: no token dropping
+    min_capacity: int = 4  # deepspeed experts only
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     position: Literal["learned", "rope"] = "learned"
@@ -50,16 +62,25 @@ class GPTMoEConfig:
     shared_expert_d_ff: int | None = None  # an always-on shared expert of this width beside the routed ones
     first_dense_layers: int = 0
     tie_embeddings: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward (torch experts only)
 
     def __post_init__(self) -> None:
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads} (or set head_dim)")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads {self.kv_heads} must divide n_heads {self.n_heads}")
+        if self.experts not in ("torch", "deepspeed"):
+            raise ValueError(f"experts must be 'torch' or 'deepspeed', got {self.experts!r}")
         if self.num_experts % self.ep_size:
             raise ValueError(f"num_experts {self.num_experts} must be divisible by ep_size {self.ep_size}")
+        if self.experts == "torch" and self.ep_size != 1:
+            raise ValueError(f"ep_size {self.ep_size}: torch experts are replicated (ep_size 1); "
+                             "expert parallelism needs experts='deepspeed'")
+        if self.experts == "deepspeed" and self.activation_checkpointing:
+            raise ValueError("activation_checkpointing: recomputing DeepSpeed's gate would count its tokens twice; "
+                             "use experts='torch' or switch it off")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts], got {self.top_k}")
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if not 0 <= self.first_dense_layers < self.n_layers:
             raise ValueError(f"first_dense_layers must be in [0, n_layers={self.n_layers}), got {self.first_dense_layers}")
         if self.position == "rope" and self.dim_per_head % 2:
@@ -128,30 +149,51 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
 
 
+def _deepspeed_experts(cfg: GPTMoEConfig) -> nn.Module:
+    from deepspeed.moe.layer import MoE
+
+    capacity = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+    return MoE(cfg.d_model, MLP(cfg.d_model, cfg.d_ff, cfg.activation), num_experts=cfg.num_experts,
+               ep_size=cfg.ep_size, k=cfg.top_k, capacity_factor=capacity, eval_capacity_factor=capacity,
+               min_capacity=cfg.min_capacity, drop_tokens=cfg.capacity_factor is not None,
+               top2_2nd_expert_sampling=False)  # deterministic top-k, as Mixtral and OLMoE route
+
+
 class MoEFeedForward(nn.Module):
-    """Routed experts (``deepspeed.moe``) plus an optional shared expert."""
+    """Routed experts (``cfg.experts``) plus an optional shared expert."""
 
     def __init__(self, cfg: GPTMoEConfig) -> None:
-        from deepspeed.moe.layer import MoE
-
         super().__init__()
-        capacity = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
-        self.moe = MoE(cfg.d_model, MLP(cfg.d_model, cfg.d_ff, cfg.activation), num_experts=cfg.num_experts,
-                       ep_size=cfg.ep_size, k=cfg.top_k, capacity_factor=capacity, eval_capacity_factor=capacity,
-                       min_capacity=cfg.min_capacity, drop_tokens=cfg.capacity_factor is not None,
-                       top2_2nd_expert_sampling=False)  # deterministic top-k, as Mixtral and OLMoE route
+        self.on_deepspeed = cfg.experts == "deepspeed"
+        if self.on_deepspeed:
+            self.experts = _deepspeed_experts(cfg)
+        else:
+            self.experts = TopKMoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.capacity_factor,
+                                   cfg.activation)
         self.shared = MLP(cfg.d_model, cfg.shared_expert_d_ff, cfg.activation) if cfg.shared_expert_d_ff else None
         self.with_z_loss = cfg.z_loss_coef > 0
 
-    def forward(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def router_weight_ED(self) -> torch.Tensor:
+        return self.experts.deepspeed_moe.gate.wg.weight if self.on_deepspeed else self.experts.router.weight
+
+    def forward(
+        self, h_BTD: torch.Tensor, mask_BT: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output, load-balancing loss, router z-loss)."""
-        out, l_aux, _ = self.moe(h_BTD)
+        if self.on_deepspeed:
+            if mask_BT is not None:
+                raise ValueError("a padding mask needs experts='torch' (DeepSpeed's gate routes every token)")
+            out, l_aux, _ = self.experts(h_BTD)
+        else:
+            out, l_aux = self.experts(h_BTD, mask_BT)
         if self.shared is not None:
             out = out + self.shared(h_BTD)
         z_loss = l_aux.new_zeros((), dtype=torch.float32)
         if self.with_z_loss:
-            wg = self.moe.deepspeed_moe.gate.wg.weight
-            logits_NE = F.linear(h_BTD.reshape(-1, h_BTD.shape[-1]).float(), wg.float())
+            logits_NE = F.linear(h_BTD.reshape(-1, h_BTD.shape[-1]).float(), self.router_weight_ED.float())
+            if mask_BT is not None:
+                logits_NE = logits_NE[mask_BT.reshape(-1)]
             z_loss = torch.logsumexp(logits_NE, dim=-1).square().mean()
         return out, l_aux.float(), z_loss
 
@@ -163,18 +205,23 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ffn = MLP(cfg.d_model, cfg.dense_d_ff, cfg.activation) if dense else MoEFeedForward(cfg)
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self, x_BTD: torch.Tensor, mask_BT: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (output, load-balancing loss, router z-loss); the losses are None in a dense block."""
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD))
         h_BTD = self.norm2(x_BTD)
         if isinstance(self.ffn, MLP):
             return x_BTD + self.ffn(h_BTD), None, None
-        out, l_aux, z_loss = self.ffn(h_BTD)
+        out, l_aux, z_loss = self.ffn(h_BTD, mask_BT)
         return x_BTD + out, l_aux, z_loss
 
 
 class GPTMoE(nn.Module):
-    """``forward(tokens_BT1)`` with ``[B, T + 1]`` token ids returns the training
-    loss (scalar); the last components are in :attr:`last_losses`."""
+    """``forward(tokens_BT1, mask_BT1=None)`` with ``[B, T + 1]`` token ids (and
+    an optional bool padding mask, False = padding: neither routed nor a target)
+    returns the training loss (scalar); its components, detached, are in
+    :attr:`last_losses` (no host sync)."""
 
     def __init__(self, cfg: GPTMoEConfig) -> None:
         super().__init__()
@@ -184,40 +231,45 @@ class GPTMoE(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, dense=i < cfg.first_dense_layers) for i in range(cfg.n_layers))
         self.ln_f = _norm(cfg, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        for embedding in (self.tok, self.pos):
+            if embedding is not None:
+                nn.init.normal_(embedding.weight, std=0.02)
         if cfg.tie_embeddings:
             self.head.weight = self.tok.weight
-        self.last_losses: dict[str, float] = {}
+        self.last_losses: dict[str, torch.Tensor] = {}
 
-    def lm_losses(self, tokens_BT1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training loss with the router losses, next-token cross entropy)."""
-        x_BT, y_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    def logits(
+        self, x_BT: torch.Tensor, mask_BT: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [B, T, V] in fp32, summed load-balancing loss, summed router z-loss)."""
         h = self.tok(x_BT)
         if self.pos is not None:
             h = h + self.pos(torch.arange(x_BT.shape[1], device=x_BT.device))
         aux = h.new_zeros((), dtype=torch.float32)
         z = h.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
-            h, l_aux, z_loss = block(h)
+            if self.cfg.activation_checkpointing and self.training:
+                h, l_aux, z_loss = checkpoint(block, h, mask_BT, use_reentrant=False)
+            else:
+                h, l_aux, z_loss = block(h, mask_BT)
             if l_aux is not None:
                 aux, z = aux + l_aux, z + z_loss
-        logits = self.head(self.ln_f(h)).float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_BT.reshape(-1))
+        return self.head(self.ln_f(h)).float(), aux, z
+
+    def lm_losses(
+        self, tokens_BT1: torch.Tensor, mask_BT1: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss with the router losses, next-token cross entropy over
+        the unmasked targets)."""
+        x_BT, y_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+        mask_BT = None if mask_BT1 is None else mask_BT1[:, :-1]
+        if mask_BT1 is not None:
+            y_BT = y_BT.masked_fill(~mask_BT1[:, 1:], -100)
+        logits, aux, z = self.logits(x_BT, mask_BT)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_BT.reshape(-1), ignore_index=-100)
         loss = ce + self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
-        self.last_losses = {"ce": float(ce.detach()), "aux": float(aux.detach()), "z": float(z.detach())}
+        self.last_losses = {"ce": ce.detach(), "aux": aux.detach(), "z": z.detach()}
         return loss, ce
 
-    def forward(self, tokens_BT1: torch.Tensor) -> torch.Tensor:
-        return self.lm_losses(tokens_BT1)[0]
-
-
-def moe_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Parameter groups for a client optimizer under DeepSpeed: decay on matrices
-    only, then split so expert parameters get their own (expert-data-parallel)
-    groups, as ZeRO requires for MoE."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+    def forward(self, tokens_BT1: torch.Tensor, mask_BT1: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_losses(tokens_BT1, mask_BT1)[0]

@@ -1,6 +1,6 @@
 """Megatron-LM GPT(-MoE) pretraining with Excitation (megatron-core 0.19.x, ``megatron.training``).
 
-    torchrun --nproc-per-node 8 -m excitation_dist.megatron.pretrain_gpt \\
+    torchrun --nproc-per-node 8 -m excitation_dist.recipe.pretrain_gpt \\
         <the usual Megatron-LM GPT arguments: --num-layers ... --num-experts 8 ...> \\
         --excitation-strategy positivesum --excitation-gamma 1.0
 
@@ -13,7 +13,9 @@ After every optimizer step Excitation's metrics go to Megatron's TensorBoard
 writer (the last rank's; with pipeline parallelism that is the last stage's
 layers). Data: ``--mock-data`` gives the random-token dataset below; otherwise
 Megatron's GPTDataset from ``--data-path``. On a machine without a GPU the
-CPU patches (``patches/megatron_cpu``) are applied first.
+CPU patches (``patches/megatron_cpu``) are applied first. The recipe's own
+megatron-core loop (``excitation-dist train``, ``backend: megatron``) is
+:mod:`excitation_dist.recipe.backends.megatron`.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def use_megatron_with_training_loop() -> str:
             return None
 
     how = (f"Megatron-LM's training loop (megatron.training) ships with megatron-core 0.19.x; "
-           f"excitation_dist.megatron.pretrain_gpt was checked with {TRAINING_LOOP_VERSION}. Get it with "
+           f"excitation_dist.recipe.pretrain_gpt was checked with {TRAINING_LOOP_VERSION}. Get it with "
            f"`pip install megatron-core=={TRAINING_LOOP_VERSION}` on Python >= 3.12, or on Python 3.11 run "
            f"`make megatron-{TRAINING_LOOP_VERSION}` in the project checkout (unpacks the wheel into "
            f"{UNPACKED.name}/, which pretrain_gpt then uses by itself)")
