@@ -469,10 +469,11 @@ class Excitation:
         self._snapshots.clear()
 
     # ------------------------------------------------------------ reporting
-    def metrics(self, prefix: str = "excitation") -> dict[str, float]:
-        """Scalars of the last step: per-layer and summarized utilization and
-        multiplier statistics, snapshot bytes and the step counter."""
-        out = flat_metrics(self.last_counts_LE.cpu(), self.last_multipliers_LE.cpu(), prefix)
+    def metrics(self, prefix: str = "excitation", per_layer: bool = True) -> dict[str, float]:
+        """Scalars of the last step: utilization and multiplier statistics summarized
+        over layers (and, with ``per_layer``, of every layer), snapshot bytes and the
+        step counter. Reads counts and multipliers on the host: two device-to-host copies."""
+        out = flat_metrics(self.last_counts_LE.cpu(), self.last_multipliers_LE.cpu(), prefix, per_layer)
         out[f"{prefix}/snapshot_bytes"] = float(self.last_snapshot_bytes)
         out[f"{prefix}/step"] = float(self.step)
         return out

@@ -40,26 +40,43 @@ def layer_stats(counts_LE: torch.Tensor, phi_LE: torch.Tensor) -> dict[str, torc
     }
 
 
-def flat_metrics(counts_LE: torch.Tensor, phi_LE: torch.Tensor, prefix: str = "excitation") -> dict[str, float]:
-    """Scalars for a logger: ``{prefix}/layer_{l:02d}/{stat}`` for every layer and
-    ``{prefix}/{stat}`` summarized over layers (mean; max for overload factor and
-    multiplier max; min for multiplier min; sum for dead experts)."""
+# How each statistic is summarized over layers (mean for the others).
+SUMMARY_OVER_LAYERS = {
+    "overload_factor": "max",
+    "utilization_max": "max",
+    "multiplier_max": "max",
+    "utilization_min": "min",
+    "multiplier_min": "min",
+    "dead_experts": "sum",
+    "tokens": "sum",
+}
+
+
+def summary_metrics(counts_LE: torch.Tensor, phi_LE: torch.Tensor, prefix: str = "excitation") -> dict[str, float]:
+    """``{prefix}/{stat}``: each statistic of :func:`layer_stats` summarized over layers
+    (mean; max for overload factor, utilization max and multiplier max; min for the
+    minima; sum for dead experts and tokens)."""
+    return _summary(layer_stats(counts_LE, phi_LE), prefix)
+
+
+def flat_metrics(counts_LE: torch.Tensor, phi_LE: torch.Tensor, prefix: str = "excitation",
+                 per_layer: bool = True) -> dict[str, float]:
+    """Scalars for a logger: :func:`summary_metrics`, and with ``per_layer``
+    ``{prefix}/layer_{l:02d}/{stat}`` for every layer."""
     stats = layer_stats(counts_LE, phi_LE)
     out: dict[str, float] = {}
-    for name, per_layer in stats.items():
-        for layer, value in enumerate(per_layer.tolist()):
-            out[f"{prefix}/layer_{layer:02d}/{name}"] = value
-    summary = {
-        "overload_factor": "max",
-        "utilization_max": "max",
-        "multiplier_max": "max",
-        "utilization_min": "min",
-        "multiplier_min": "min",
-        "dead_experts": "sum",
-        "tokens": "sum",
-    }
-    for name, per_layer in stats.items():
-        how = summary.get(name, "mean")
-        value = {"max": per_layer.max, "min": per_layer.min, "sum": per_layer.sum, "mean": per_layer.mean}[how]()
+    if per_layer:
+        for name, per_layer_L in stats.items():
+            for layer, value in enumerate(per_layer_L.tolist()):
+                out[f"{prefix}/layer_{layer:02d}/{name}"] = value
+    out.update(_summary(stats, prefix))
+    return out
+
+
+def _summary(stats: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+    out = {}
+    for name, per_layer_L in stats.items():
+        how = SUMMARY_OVER_LAYERS.get(name, "mean")
+        value = {"max": per_layer_L.max, "min": per_layer_L.min, "sum": per_layer_L.sum, "mean": per_layer_L.mean}[how]()
         out[f"{prefix}/{name}"] = float(value)
     return out

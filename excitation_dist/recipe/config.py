@@ -172,9 +172,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None  # None: no Weights & Biases writer
+    name: str | None = None  # the W&B run's name; None: the run's name
+    entity: str | None = None  # team or user; None: W&B's default
+    mode: Literal["online", "offline"] = "online"  # offline: files under logging.dir/wandb, `wandb sync` later
+
+    def __post_init__(self) -> None:
+        import importlib.util
+
+        _require(self.project is None or importlib.util.find_spec("wandb") is not None, "project",
+                 "is set, but the wandb package is not installed: pip install 'excitation-dist[wandb]', "
+                 "or remove logging.wandb")
+
+
+@dataclass
 class LoggingConfig:
-    dir: str = "runs/default"  # TensorBoard events and metrics.jsonl
-    interval: int = 10
+    dir: str = "runs/default"  # TensorBoard events, metrics.jsonl (and W&B's files)
+    interval: int = 10  # steps between logged steps: loss, throughput and Excitation's summaries over layers
+    # steps between per-layer statistics and the [layers, experts] matrices; None: every logged step
+    layer_interval: int | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # a Weights & Biases writer beside TensorBoard
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 1, "interval", "must be >= 1")
+        _require(self.layer_interval is None or (self.layer_interval >= 1 and self.layer_interval % self.interval == 0),
+                 "layer_interval", f"must be a multiple of logging.interval={self.interval} (per-layer statistics are "
+                 f"written on logged steps), or null for every logged step; got {self.layer_interval}")
 
 
 @dataclass
