@@ -9,9 +9,11 @@ Runs ``megatron.training.pretrain`` unchanged. Excitation is enabled by
 :class:`ExcitationConfig`) and attached by wrapping
 ``megatron.training.training.get_megatron_optimizer``, which the loop looks up by
 name when it builds the optimizer: no Megatron-LM code is copied or forked.
-After every optimizer step Excitation's metrics go to Megatron's TensorBoard
-writer (the last rank's; with pipeline parallelism that is the last stage's
-layers). Data: ``--mock-data`` gives the random-token dataset below; otherwise
+On Megatron's logging iterations (``--log-interval``) Excitation's statistics
+summarized over layers go to Megatron-LM's own writers, TensorBoard
+(``--tensorboard-dir``) and Weights & Biases (``--wandb-project``), and each layer's
+every ``--excitation-log-layer-interval`` iterations (the last rank's writers; with
+pipeline parallelism that is the last stage's layers). Data: ``--mock-data`` gives the random-token dataset below; otherwise
 Megatron's GPTDataset from ``--data-path``. On a machine without a GPU the
 CPU patches (``patches/megatron_cpu``) are applied first. The recipe's own
 megatron-core loop (``excitation-dist train``, ``backend: megatron``) is
@@ -41,6 +43,9 @@ def add_excitation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """``--excitation-<field>`` for every field of :class:`ExcitationConfig`
     (``extra_args_provider`` of Megatron's argument parser)."""
     group = parser.add_argument_group("excitation", "Excitation (arXiv 2602.21798); off unless --excitation-strategy")
+    group.add_argument(_FLAG + "log-layer-interval", type=int, default=None,
+                       help="iterations between per-layer Excitation statistics (a multiple of --log-interval; "
+                            "default: every logged iteration); the summaries over layers go out every logged iteration")
     defaults = ExcitationConfig()
     for f in dataclasses.fields(ExcitationConfig):
         flag, default = _FLAG + f.name.replace("_", "-"), getattr(defaults, f.name)
@@ -89,15 +94,21 @@ def _log_metrics_on_logging_steps(optimizer: Any, excitation: Any) -> None:
 
     def step_and_log(*args: Any, **kwargs: Any) -> Any:
         result = step(*args, **kwargs)
-        from megatron.training.global_vars import get_args, get_tensorboard_writer
+        from megatron.training.global_vars import get_args, get_tensorboard_writer, get_wandb_writer
 
-        writer = get_tensorboard_writer()
+        from excitation_dist.recipe.metrics_log import TensorBoardScalars, WandbScalars, layers_due
+
+        # Megatron-LM's writers (on its last rank), which Megatron-LM closes itself
+        writers = [cls(writer, owned=False) for cls, writer in ((TensorBoardScalars, get_tensorboard_writer()),
+                                                                 (WandbScalars, get_wandb_writer())) if writer is not None]
         args = get_args()
         iteration = getattr(args, "curr_iteration", excitation.step) + 1
         # metrics() reads counts and multipliers on the host: only on Megatron's logging iterations
-        if writer is not None and excitation.step > 0 and iteration % max(1, getattr(args, "log_interval", 1)) == 0:
-            for name, value in excitation.metrics().items():
-                writer.add_scalar(name, value, iteration)
+        if writers and excitation.step > 0 and iteration % max(1, getattr(args, "log_interval", 1)) == 0:
+            per_layer = layers_due(iteration, getattr(args, "excitation_log_layer_interval", None))
+            scalars = excitation.metrics(per_layer=per_layer)
+            for writer in writers:
+                writer.write(iteration, scalars)
         return result
 
     optimizer.step = step_and_log
@@ -280,6 +291,10 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
     if args.mock_data:
         _skip_dataset_helper_build()
     container = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+    layer_interval = args.excitation_log_layer_interval
+    if layer_interval is not None and (layer_interval < 1 or layer_interval % max(1, args.log_interval)):
+        raise SystemExit(f"pretrain_gpt: --excitation-log-layer-interval {layer_interval} must be a multiple of "
+                         f"--log-interval {args.log_interval} (per-layer statistics go out on logged iterations)")
     pretrain(container, datasets_provider, ModelType.encoder_or_decoder, forward_step)
 
 
