@@ -285,16 +285,16 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
 
     args = parse_and_validate_args(extra_args_provider=add_excitation_args,
                                    args_defaults={"tokenizer_type": "NullTokenizer", "eval_interval": 1000})
+    layer_interval = args.excitation_log_layer_interval
+    if layer_interval is not None and (layer_interval < 1 or layer_interval % max(1, args.log_interval)):
+        raise SystemExit(f"pretrain_gpt: --excitation-log-layer-interval {layer_interval} must be a multiple of "
+                         f"--log-interval {args.log_interval} (per-layer statistics go out on logged iterations)")
     config = excitation_config_from_args(args)
     if config is not None:
         install_excitation(config)
     if args.mock_data:
         _skip_dataset_helper_build()
     container = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
-    layer_interval = args.excitation_log_layer_interval
-    if layer_interval is not None and (layer_interval < 1 or layer_interval % max(1, args.log_interval)):
-        raise SystemExit(f"pretrain_gpt: --excitation-log-layer-interval {layer_interval} must be a multiple of "
-                         f"--log-interval {args.log_interval} (per-layer statistics go out on logged iterations)")
     pretrain(container, datasets_provider, ModelType.encoder_or_decoder, forward_step)
 
 
