@@ -100,6 +100,59 @@ def test_truncated_or_foreign_dataset_is_refused(prepared, tmp_path):
     assert code != 0 and "holds 3 tokens; its training and validation splits" in err, err
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("no_idx", "data.path: TMP/d_text_document.idx does not exist; give the prefix prepare-data printed"),
+    ("truncated_idx", "data.path: TMP/d_text_document.idx is truncated: its header describes"),
+    ("foreign_idx", "data.path: TMP/d_text_document.idx is not a Megatron indexed-dataset index (it starts with "
+                    "b'{\"text\": '"),
+    ("legacy_idx", "data.path: TMP/d_text_document.idx is in the legacy (pre-mmap) indexed format"),
+])
+def test_missing_truncated_or_foreign_index_is_refused_with_the_fix(prepared, tmp_path, damage, message):
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"d_text_document{suffix}").write_bytes((prepared / f"c_text_document{suffix}").read_bytes())
+    idx = tmp_path / "d_text_document.idx"
+    if damage == "no_idx":
+        idx.unlink()
+    elif damage == "truncated_idx":
+        idx.write_bytes(idx.read_bytes()[:-12])
+    elif damage == "foreign_idx":
+        idx.write_text('{"text": "a jsonl file, not an index"}\n')
+    else:
+        idx.write_bytes(b"TNTIDX\x00\x00" + bytes(64))
+    code, err = _dry_run(*_data(prepared, path=str(tmp_path / "d_text_document")), "model.vocab_size=auto")
+    assert code != 0 and message.replace("TMP", str(tmp_path)) in err, err
+    assert "prepare-data" in err or "preprocess_data" in err  # the fix
+
+
+@pytest.mark.parametrize("path, message", [
+    ("0.3 DATA 0.7", "data.path: '0.3 DATA 0.7' mixes weights and prefixes but has 3 items; a weighted blend is "
+                     "pairs 'W1 PREFIX1 W2 PREFIX2 ...'"),
+    ("0.3 DATA half DATA", "data.path: weight 'half' (item 3) is not a number"),
+    ("0 DATA 1 DATA", "data.path: weight '0' (item 1) must be a finite number > 0"),
+    ("0.5 DATA 0.5 MISSING", "data.path: MISSING.idx does not exist; give the prefix"),
+])
+def test_blend_weights_that_do_not_parse_or_a_missing_prefix_are_named(prepared, tmp_path, path, message):
+    prefix = str(prepared / "c_text_document")
+    path = path.replace("DATA", prefix).replace("MISSING", str(tmp_path / "gone"))
+    code, err = _dry_run(*_data(prepared, path=path), "model.vocab_size=auto")
+    assert code != 0 and message.replace("DATA", prefix).replace("MISSING", str(tmp_path / "gone")) in err, err
+    assert _dry_run(*_data(prepared, path=f"1 {prefix} 2.5 {prefix}"), "model.vocab_size=auto")[0] == 0
+
+
+def test_hugging_face_tokenizer_larger_than_the_model_is_refused(prepared, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(1000)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    (tmp_path / "hf").mkdir()
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    code, err = _dry_run(*_data(prepared, tokenizer=str(tmp_path / "hf")), "model.vocab_size=512")
+    assert code != 0 and ("model.vocab_size: 512 is smaller than the tokenizer's vocabulary of 1000 tokens; set "
+                          "model.vocab_size=auto (pads it to 1024) or at least 1000") in err, err
+    code, err = _dry_run(*_data(prepared, tokenizer=str(tmp_path / "hf")), "model.vocab_size=auto")
+    assert code == 0, err  # its ids hold the data's (a different tokenizer, but no id out of range)
+
+
 def test_unwritable_or_locked_checkpoint_directory(tmp_path):
     (tmp_path / "file").write_text("")
     code, err = _dry_run(f"checkpoint.dir={tmp_path / 'file' / 'ckpt'}")

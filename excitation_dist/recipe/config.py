@@ -87,14 +87,31 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "embedded"  # indexed-dataset prefix from prepare-data, or "embedded" (bytes of the stdlib)
-    tokenizer: str | None = None  # sentencepiece model for a prepared dataset
-    validation_fraction: float = 0.02
+    # "embedded" (the standard library's sources, bytes), an indexed-dataset prefix (prepare-data's or
+    # Megatron-LM's preprocess_data's, without .bin/.idx), or a blend in Megatron's --data-path syntax:
+    # "W1 PREFIX1 W2 PREFIX2 ..." (or the same items as a YAML list)
+    path: str | list[str | float] = "embedded"
+    tokenizer: str | None = None  # sentencepiece .model, or a Hugging Face tokenizer.json or its directory
+    tokenizer_kind: Literal["auto", "sentencepiece", "huggingface"] = "auto"  # auto: by the path
+    split: str = "98,2,0"  # training, validation, test shares of each prefix's documents (Megatron's --split)
+    cache_dir: str | None = None  # megatron-core's index files; shared by all nodes. None: <logging.dir>/data_cache
 
     def __post_init__(self) -> None:
-        _require(0 <= self.validation_fraction < 0.5, "validation_fraction", "must be in [0, 0.5)")
+        from excitation_dist.data.datasets import parse_blend, parse_split
+        from excitation_dist.data.errors import DataError
+
+        for key, check in (("split", lambda: parse_split(self.split)), ("path", lambda: parse_blend(self.path))):
+            try:
+                check()
+            except DataError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         _require(self.path == "embedded" or self.tokenizer is not None, "tokenizer",
-                 "a prepared dataset needs its sentencepiece model (data.tokenizer); see prepare-data's output")
+                 "a prepared dataset needs its tokenizer (data.tokenizer: the sentencepiece .model or Hugging Face "
+                 "tokenizer that wrote it); see prepare-data's output")
+
+    @property
+    def embedded(self) -> bool:
+        return self.path == "embedded"
 
 
 @dataclass

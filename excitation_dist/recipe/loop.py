@@ -22,7 +22,7 @@ import torch.distributed as dist
 from excitation_dist.core import Excitation
 from excitation_dist.recipe.checkpoint import CheckpointManager
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.data import TokenSource, batch
+from excitation_dist.recipe.data import TokenSource
 from excitation_dist.recipe.metrics_log import MetricsLogger, excitation_record
 
 
@@ -111,7 +111,7 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
     rank = dist.get_rank() if dist.is_initialized() else 0
     s = cfg.schedule
     accumulation = cfg.gradient_accumulation_steps
-    source = TokenSource.from_config(cfg.data, cfg.model.vocab_size, cfg.model.seq_length)
+    source = TokenSource.from_config(cfg)
 
     manager = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last) if cfg.checkpoint.dir else None
     start = 0
@@ -133,8 +133,7 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
         lr = learning_rate(cfg, step)
         losses = []
         for micro in range(accumulation):
-            tokens = batch(source.train, s.micro_batch_size, cfg.model.seq_length, seed=cfg.seed, step=step,
-                           micro=micro, rank=backend.data_parallel_rank)
+            tokens = source.train_batch(step, micro, backend.data_parallel_rank)
             losses.append(backend.forward_backward(tokens.to(device), micro == accumulation - 1, 1.0 / accumulation))
         stats = backend.optimizer_step(lr)
         window_steps += 1
@@ -156,8 +155,7 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
 
         if s.eval_interval and (step % s.eval_interval == 0 or step == s.train_steps):
             val = torch.stack([
-                backend.eval_loss(batch(source.validation, s.micro_batch_size, cfg.model.seq_length, seed=cfg.seed,
-                                        step=i, micro=0, rank=backend.data_parallel_rank, split=1).to(device))
+                backend.eval_loss(source.validation_batch(i, backend.data_parallel_rank).to(device))
                 for i in range(s.eval_steps)
             ]).mean()
             last["val_loss"] = _mean_over_ranks(val, device)

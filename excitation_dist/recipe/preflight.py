@@ -35,22 +35,16 @@ def padded_vocab_size(vocab: int, tensor_parallel: int = 1) -> int:
 
 def tokenizer_vocab_size(data: DataConfig) -> int:
     """Vocabulary of the run's tokenizer (256 for the byte-level embedded corpus)."""
-    if data.path == "embedded":
+    if data.embedded:
         return EMBEDDED_VOCAB
-    path = Path(str(data.tokenizer))
-    if not path.is_file():
-        raise ConfigError(f"data.tokenizer: {path} does not exist; pass the .model file that prepare-data wrote "
-                          "(its 'tokenizer:' line)")
+    from excitation_dist.data.errors import DataError
+    from excitation_dist.data.tokenizers import load_tokenizer
+
     try:
-        import sentencepiece as spm
-    except ImportError:
-        raise ConfigError("data.tokenizer: the sentencepiece package is missing; pip install sentencepiece") from None
-    try:
-        return int(spm.SentencePieceProcessor(model_file=str(path)).vocab_size())
-    except (RuntimeError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"data.tokenizer: {path} is not a sentencepiece model ({reason}); pass the .model file "
-                          "that prepare-data wrote") from None
+        return load_tokenizer(str(data.tokenizer), data.tokenizer_kind).vocab_size
+    except DataError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}; pass the .model file that prepare-data wrote (its 'tokenizer:' "
+                          "line), or a Hugging Face tokenizer.json or its directory") from None
 
 
 def resolve_vocab_size(cfg: RunConfig, vocab: int) -> None:
@@ -68,42 +62,50 @@ def resolve_vocab_size(cfg: RunConfig, vocab: int) -> None:
 
 
 def check_data(cfg: RunConfig, vocab: int | None) -> None:
-    """The indexed dataset at ``data.path`` parses, is complete, holds more than one
-    sequence per split, and its first tokens are ids of the tokenizer."""
-    if cfg.data.path == "embedded":
+    """Every prefix of ``data.path`` (one, or a blend whose weights parse) is a
+    complete Megatron indexed dataset (``.idx`` present, of the right format and
+    size, ``.bin`` of the size it describes), each split the run reads holds a
+    document, and the first tokens are ids of the tokenizer. Reads headers and a
+    sample of tokens, never a whole corpus."""
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        raise ConfigError("data: the recipe reads its data through megatron-core's dataset stack (every backend), "
+                          "and megatron-core is not installed; pip install -e '.[recipe]'")
+    if cfg.data.embedded:
         return
-    from excitation_dist.data.indexed import IndexedDataset
+    from excitation_dist.data.datasets import SPLIT_NAMES, parse_blend, split_ranges
+    from excitation_dist.data.errors import DataError
+    from excitation_dist.data.indexed import inspect_index
 
-    prefix = cfg.data.path
     hint = ("give the prefix prepare-data printed (its 'dataset:' line, e.g. data/corpus_text_document, "
-            "without .bin/.idx)")
-    if prefix.endswith((".bin", ".idx")):
-        raise ConfigError(f"data.path: {prefix} ends with {prefix[-4:]}; {hint}")
+            "without .bin/.idx) or one Megatron-LM's preprocess_data wrote")
     try:
-        dataset = IndexedDataset(prefix)
-    except FileNotFoundError as exc:
-        missing = str(exc).split(" not found", 1)[0]
-        raise ConfigError(f"data.path: {missing} does not exist; {hint}") from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"data.path: {exc}; write the dataset again with excitation-dist prepare-data") from None
-    expected = dataset.num_tokens * dataset.dtype.itemsize
-    actual = os.path.getsize(f"{prefix}.bin")
-    if actual != expected:
-        raise ConfigError(f"data.path: {prefix}.bin has {actual} bytes but its .idx describes {expected}; the files "
-                          "do not belong together (or one is truncated): write the dataset again with prepare-data")
-    tokens = dataset.num_tokens
-    validation = tokens - int(tokens * (1 - cfg.data.validation_fraction))
-    seq = cfg.model.seq_length
-    if min(tokens - validation, validation) <= seq + 1:
-        raise ConfigError(f"data.path: {prefix} holds {tokens} tokens; its training and validation splits "
-                          f"(data.validation_fraction={cfg.data.validation_fraction}) each need more than one "
-                          f"sequence of model.seq_length={seq}: use more data or a shorter sequence")
-    if vocab is not None and tokens:
-        largest = int(np.max(dataset.tokens()[:_TOKEN_SAMPLE]))
-        if largest >= vocab:
-            raise ConfigError(f"data.path: {prefix} holds token id {largest} but data.tokenizer has {vocab} tokens: "
-                              "the dataset was written with another tokenizer; pass that tokenizer or run "
-                              "prepare-data again")
+        blend = parse_blend(cfg.data.path)
+    except DataError as exc:
+        raise ConfigError(f"data.path: {exc}") from None
+    needed = [0, 1] if cfg.schedule.eval_interval else [0]
+    for prefix in blend.prefixes:
+        if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
+            missing = f"{prefix}.idx" if not Path(f"{prefix}.idx").is_file() else f"{prefix}.bin"
+            raise ConfigError(f"data.path: {missing} does not exist; {hint}")
+        try:
+            index = inspect_index(prefix)
+        except DataError as exc:
+            raise ConfigError(f"data.path: {exc}") from None
+        if vocab is not None and index.tokens:
+            largest = int(np.max(index.first_tokens(_TOKEN_SAMPLE)))
+            if largest >= vocab:
+                raise ConfigError(f"data.path: {prefix} holds token id {largest} but data.tokenizer has {vocab} tokens: "
+                                  "the dataset was written with another tokenizer; pass that tokenizer or run "
+                                  "prepare-data again")
+        ranges = split_ranges(cfg.data.split, index.sequences)
+        for i in needed:
+            begin, end = ranges[i]
+            if index.tokens_of_sequences(begin, end) == 0:
+                raise ConfigError(
+                    f"data.path: {prefix} holds {index.tokens} tokens; its training and validation splits "
+                    f"(data.split={cfg.data.split}) each need at least one non-empty document, and the "
+                    f"{SPLIT_NAMES[i]} split gets none ({index.documents} document(s) in all): use more data, change "
+                    "data.split, or set schedule.eval_interval=0 with a split such as 100,0,0")
 
 
 def _writable(path: Path) -> bool:
@@ -116,7 +118,8 @@ def _writable(path: Path) -> bool:
 
 
 def check_directories(cfg: RunConfig, *, check_lock: bool = True) -> None:
-    for key, value in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
+    for key, value in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir),
+                       ("data.cache_dir", cfg.data.cache_dir)):
         if value is None:
             continue
         path = Path(value)
