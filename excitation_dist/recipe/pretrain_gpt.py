@@ -13,7 +13,10 @@ On Megatron's logging iterations (``--log-interval``) Excitation's statistics
 summarized over layers go to Megatron-LM's own writers, TensorBoard
 (``--tensorboard-dir``) and Weights & Biases (``--wandb-project``), and each layer's
 every ``--excitation-log-layer-interval`` iterations (the last rank's writers; with
-pipeline parallelism that is the last stage's layers). Data: ``--mock-data`` gives the random-token dataset below; otherwise
+pipeline parallelism that is the last stage's layers). Checkpoints
+(``--save`` / ``--load``, torch_dist) carry Excitation's state
+(:mod:`excitation_dist.megatron.checkpointing`; ``--excitation-require-state``).
+Data: ``--mock-data`` gives the random-token dataset below; otherwise
 Megatron's GPTDataset from ``--data-path``. On a machine without a GPU the
 CPU patches (``patches/megatron_cpu``) are applied first. The recipe's own
 megatron-core loop (``excitation-dist train``, ``backend: megatron``) is
@@ -57,6 +60,9 @@ def add_excitation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
             group.add_argument(flag, type=float, default=None, help=f"ExcitationConfig.{f.name}")
         else:
             group.add_argument(flag, type=type(default), default=default, help=f"ExcitationConfig.{f.name} (default {default})")
+    group.add_argument(_FLAG + "require-state", action="store_true",
+                       help="when --load finds a checkpoint without Excitation's state, refuse instead of starting "
+                            "Excitation fresh")
     return parser
 
 
@@ -67,12 +73,14 @@ def excitation_config_from_args(args: argparse.Namespace) -> ExcitationConfig | 
 
 
 # ------------------------------------------------------------ integration
-def install_excitation(config: ExcitationConfig) -> None:
+def install_excitation(config: ExcitationConfig, *, require_state: bool = False) -> None:
     """Wrap ``megatron.training.training.get_megatron_optimizer`` so that the
-    optimizer Megatron-LM builds comes back with Excitation attached."""
+    optimizer Megatron-LM builds comes back with Excitation attached, and
+    Megatron-LM's checkpointing so that its torch_dist checkpoints carry
+    Excitation's state (:mod:`excitation_dist.megatron.checkpointing`)."""
     from megatron.training import training
 
-    from excitation_dist.megatron import compat
+    from excitation_dist.megatron import checkpointing, compat
     from excitation_dist.megatron.backend import attach
 
     compat.check_version()
@@ -87,6 +95,7 @@ def install_excitation(config: ExcitationConfig) -> None:
         return optimizer
 
     training.get_megatron_optimizer = get_megatron_optimizer_with_excitation
+    checkpointing.install_megatron_lm_hooks(require_state=require_state)
 
 
 def _log_metrics_on_logging_steps(optimizer: Any, excitation: Any) -> None:
@@ -291,7 +300,9 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
                          f"--log-interval {args.log_interval} (per-layer statistics go out on logged iterations)")
     config = excitation_config_from_args(args)
     if config is not None:
-        install_excitation(config)
+        install_excitation(config, require_state=args.excitation_require_state)
+    elif args.excitation_require_state:
+        raise SystemExit("pretrain_gpt: --excitation-require-state needs --excitation-strategy (Excitation is off)")
     if args.mock_data:
         _skip_dataset_helper_build()
     container = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))

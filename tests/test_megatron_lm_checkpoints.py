@@ -1,0 +1,178 @@
+"""Megatron-LM's own checkpoints (``pretrain_gpt``, torch_dist) carry Excitation's state.
+
+Megatron-LM 0.19.2's loop over gloo on CPU, 2 ranks, EP 2, mock data:
+
+- a run killed inside its iteration-4 save (after the shards were written, before
+  Megatron's tracker file names them) resumes from iteration 2 and ends with the
+  uninterrupted run's Excitation state (step, utilization EMA, last counts) and
+  bit-identical weights;
+- resuming with another Excitation strategy is refused before training;
+- a checkpoint written without Excitation: ``--excitation-require-state`` refuses,
+  without it Excitation starts fresh and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from excitation_dist.testing import run_distributed
+from tests.megatron_support import ENV
+from tests.test_megatron_0192 import PRETRAIN_ARGS, megatron_0192  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
+    """``argv`` with ``flag`` set to ``value`` (None: removed; flags without a value: pass "")."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        out.append(a)
+    if value is not None:
+        out += [flag] + ([value] if value else [])
+    return out
+
+
+def _args(tmp, *, iters: int, save: str | None = None, load: str | None = None, excitation: str | None = "positivesum",
+          extra: tuple[str, ...] = ()) -> list[str]:
+    argv = _set(PRETRAIN_ARGS, "--train-iters", str(iters))
+    argv = _set(argv, "--excitation-strategy", excitation)
+    argv = _set(argv, "--excitation-gamma", "1.0" if excitation else None)
+    if excitation:
+        argv += ["--excitation-utilization-ema", "0.5"]
+    # dropout off: on CPU Megatron-LM's resume does not restore the dropout RNG stream (its CUDA RNG tracker),
+    # so even without Excitation a resumed run then differs from the uninterrupted one after the resume
+    argv += ["--lr-decay-style", "constant", "--save-interval", "2", "--ckpt-format", "torch_dist",
+             "--hidden-dropout", "0", "--attention-dropout", "0"]
+    if save:
+        argv += ["--save", str(tmp / save)]
+    if load:
+        argv += ["--load", str(tmp / load)]
+    return argv + list(extra)
+
+
+DRIVER = """
+import os, sys
+sys.path.insert(0, {megatron!r})
+from excitation_dist.recipe import pretrain_gpt
+
+
+def main():
+    die_at = int(os.environ.get("DIE_IN_SAVE_AT", "0"))
+    if die_at:
+        pretrain_gpt.use_megatron_with_training_loop()
+        from excitation_dist.megatron import cpu_patches
+
+        cpu_patches.apply(training_loop=True)  # before megatron.core's first import, as main() does
+        from megatron.core import dist_checkpointing
+
+        save = dist_checkpointing.save
+
+        def save_then_die(state_dict, checkpoint_dir, *a, **kw):
+            result = save(state_dict, checkpoint_dir, *a, **kw)
+            if str(checkpoint_dir).rstrip("/").endswith(f"iter_{{die_at:07d}}"):
+                os._exit(9)  # the shards are written; Megatron has not yet pointed its tracker at them
+            return result
+
+        dist_checkpointing.save = save_then_die
+    pretrain_gpt.main(sys.argv[1:], cpu=True)
+
+
+if __name__ == "__main__":  # Megatron's checkpoint writer starts processes
+    main()
+"""
+
+
+def _torchrun(tmp, megatron: str, argv: list[str], die_in_save_at: int = 0) -> subprocess.CompletedProcess:
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER.format(megatron=megatron))
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT), "DIE_IN_SAVE_AT": str(die_in_save_at)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), *argv]
+    log = tmp / f"torchrun-{len(list(tmp.glob('torchrun-*.log')))}.log"
+    with open(log, "w") as out:  # a file, not a pipe: a killed rank's checkpoint-writer process may outlive it
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left behind
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
+
+
+def _read(megatron_path: str, directory: str):
+    """(Excitation state, every plain tensor) of a torch_dist checkpoint."""
+    sys.path.insert(0, megatron_path)
+    from excitation_dist.recipe import pretrain_gpt
+
+    pretrain_gpt.use_megatron_with_training_loop()
+    from excitation_dist.megatron import cpu_patches
+
+    cpu_patches.apply(training_loop=True)  # before megatron.core's first import
+    from megatron.core import dist_checkpointing
+
+    from excitation_dist.megatron import checkpointing
+
+    tensors = dist_checkpointing.load_plain_tensors(directory)
+    state = checkpointing.read_excitation_state(directory) or {"common": None, "layers": {}}
+    layers = {n: None if row is None else row.tolist() for n, row in state["layers"].items()}
+    # plain values: tensors would travel back through shared memory the exiting worker takes with it
+    return {**state, "layers": layers}, {k: v.tolist() for k, v in tensors.items() if hasattr(v, "tolist")}
+
+
+def _checkpoint(megatron: str, directory):
+    return run_distributed(_read, 1, megatron, str(directory), env=ENV, timeout=300)[0]
+
+
+def test_megatron_lm_checkpoint_killed_in_save_resumes_excitation_exactly(megatron_0192, tmp_path):  # noqa: F811
+    full = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="full"))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-5000:]
+
+    broken = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b"), die_in_save_at=4)
+    assert broken.returncode != 0
+    assert (tmp_path / "b" / "iter_0000004").is_dir(), broken.stdout[-4000:]  # written, but never named by the tracker
+    assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+    resumed = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b", load="b"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "Excitation resumed from" in resumed.stdout and "iter_0000002 at its step 2" in resumed.stdout
+
+    state_a, weights_a = _checkpoint(megatron_0192, tmp_path / "full" / "iter_0000004")
+    state_b, weights_b = _checkpoint(megatron_0192, tmp_path / "b" / "iter_0000004")
+    assert state_a["common"]["step"] == state_b["common"]["step"] == 4
+    assert weights_a.keys() == weights_b.keys() and any("decoder" in k for k in weights_a)
+    for key, value in weights_a.items():
+        assert value == weights_b[key], key  # bit-identical
+    assert list(state_a["layers"]) == [1, 2]  # both MoE layers, by global layer number
+    for n, row in state_a["layers"].items():
+        assert row is not None and row == state_b["layers"][n], n
+
+    other = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b", load="b", excitation="zerosum"))
+    assert other.returncode != 0
+    assert "trained with Excitation strategy 'positivesum', this run asks for 'zerosum'" in other.stdout + other.stderr
+    assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"  # nothing written
+
+
+def test_megatron_lm_checkpoint_without_excitation_state(megatron_0192, tmp_path):  # noqa: F811
+    base = _torchrun(tmp_path, megatron_0192,
+                     _args(tmp_path, iters=4, save="base", excitation=None, extra=("--exit-interval", "2")))
+    assert base.returncode == 0, base.stdout[-3000:] + base.stderr[-5000:]
+    refused = _torchrun(tmp_path, megatron_0192,
+                        _args(tmp_path, iters=4, load="base", extra=("--excitation-require-state",)))
+    assert refused.returncode != 0
+    assert "holds no Excitation state and --excitation-require-state is set" in refused.stdout + refused.stderr
+    fresh = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, load="base", save="fresh"))
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
+    assert "holds no Excitation state: Excitation starts fresh" in fresh.stdout
+    state, _ = _checkpoint(megatron_0192, tmp_path / "fresh" / "iter_0000004")
+    assert state["common"]["step"] == 2  # iterations 3 and 4 only
