@@ -225,3 +225,25 @@ def test_megatron_entry_logs_through_megatrons_own_writers(megatron_0192, tmp_pa
     assert [i for i, row in sorted(rows.items()) if "excitation/layer_00/entropy" in row] == [2]
     assert rows[2]["excitation/overload_factor"] == pytest.approx(events.Scalars("excitation/overload_factor")[1].value)
     assert any("loss" in key for key in rows[2])  # the same run as Megatron-LM's own scalars
+
+
+def test_recipe_train_logs_per_layer_every_layer_interval_to_tensorboard_and_wandb(tmp_path, wandb_offline):
+    """``excitation-dist train`` (torch backend, 2 CPU ranks, 6 steps): summaries every step,
+    per-layer detail every 3rd, in metrics.jsonl, TensorBoard and an offline W&B run."""
+    import subprocess
+
+    log_dir = tmp_path / "log"
+    proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", str(ROOT / "configs" / "tiny_cpu_torch.yaml"),
+                           "schedule.train_steps=6", "schedule.warmup_steps=1", "schedule.eval_interval=0",
+                           "logging.interval=1", "logging.layer_interval=3", "model.num_layers=2", "model.hidden_size=32",
+                           "model.moe.ffn_hidden_size=32", "model.seq_length=32", f"logging.dir={log_dir}",
+                           "logging.wandb.project=excitation-dist-test", "logging.wandb.mode=offline", "name=recipe"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = read_metrics(log_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "utilization_LE" in r] == [3, 6]
+    _, config, rows = _wandb_run(log_dir)
+    assert config["name"] == "recipe" and sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert [i for i, row in rows.items() if "excitation/layer_01/entropy" in row] == [3, 6]
+    assert all(row["loss"] == records[i - 1]["loss"] for i, row in rows.items())

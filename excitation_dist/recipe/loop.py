@@ -123,9 +123,7 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
             if rank == 0:
                 print(f"resumed from {latest} (step {start})", flush=True)
 
-    logger = MetricsLogger(cfg.logging.dir, rank, run_info={
-        "name": cfg.name, "backend": cfg.backend, "strategy": cfg.excitation.strategy, "gamma": cfg.excitation.gamma,
-        "seed": cfg.seed})
+    logger = MetricsLogger.from_config(cfg, rank)  # TensorBoard, metrics.jsonl, W&B if logging.wandb.project
     tokens_per_step = s.global_batch_size * cfg.model.seq_length
     t_start, last = time.perf_counter(), {}
     window_start, window_steps = time.perf_counter(), 0
@@ -146,7 +144,7 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
             window_start, window_steps = time.perf_counter(), 0
             eta = (time.perf_counter() - t_start) / (step - start) * (s.train_steps - step)
             last["tokens_per_s"] = tokens_per_s
-            logger.log(step, {**last, **excitation_record(backend.excitation)})
+            logger.log(step, {**last, **excitation_record(backend.excitation, per_layer=logger.layers_due(step))})
             if rank == 0:
                 print(f"step {step:>6}/{s.train_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
                       f"{stats.get('grad_norm', float('nan')):.3f} | {tokens_per_s:,.0f} tokens/s | ETA {eta:,.0f} s | "
