@@ -15,7 +15,7 @@ RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "mod
 def test_configs_exist():
     names = {p.relative_to(CONFIGS).as_posix() for p in RUN_CONFIGS}
     assert "tiny_cpu.yaml" in names
-    for model in ("olmoe-1b-7b", "mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"):
+    for model in ("olmoe-1b-7b", "mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b", "deepseek-v3"):
         assert any(n.startswith(model + "/") for n in names), model
 
 
@@ -25,7 +25,7 @@ def test_every_config_validates(path):
     assert isinstance(cfg, RunConfig)
     assert cfg.gradient_accumulation_steps >= 1
     if not path.name.startswith("tiny_cpu"):  # the CPU defaults have no published counterpart
-        assert cfg.model.source and cfg.device == "cuda" and cfg.parallel.world_size in (8, 64)
+        assert cfg.model.source and cfg.device == "cuda" and cfg.parallel.world_size in (8, 64, 256)
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(CONFIGS).as_posix())

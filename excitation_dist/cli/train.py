@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one derived value of the config (for launch scripts) and exit")
 
 
+_FAST_PATHS_SAID = "EXCITATION_DIST_FAST_PATHS_SAID"
+
+
 def _launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
@@ -83,6 +86,16 @@ def run(args: argparse.Namespace) -> int:
         print(value)
         return 0
 
+    # device-aware fast paths (recipe/fast_paths.py): a GPU config on a machine without CUDA runs on CPU,
+    # saying once (the launching process, or a rank 0 started directly) which settings fall back
+    from excitation_dist.recipe import fast_paths
+
+    fast = fast_paths.resolve(cfg)
+    if fast.fallbacks and cfg.device == "cuda" and int(os.environ.get("RANK", 0)) == 0 \
+            and not os.environ.get(_FAST_PATHS_SAID):
+        print(f"excitation-dist train: {args.config}: " + fast_paths.report(cfg, fast), flush=True)
+        os.environ[_FAST_PATHS_SAID] = "1"  # the ranks this process launches inherit it
+    cfg = fast_paths.apply_device(cfg, fast)
     if cfg.backend == "deepspeed" and cfg.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, for the launcher and ranks
     rank = int(os.environ.get("RANK", 0))

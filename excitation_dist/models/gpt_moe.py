@@ -57,12 +57,22 @@ class GPTMoEConfig:
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float | None = None  # None: 1e-6 for RMSNorm, 1e-5 for LayerNorm
     qk_norm: bool = False
     activation: Literal["gelu", "swiglu"] = "gelu"
     shared_expert_d_ff: int | None = None  # an always-on shared expert of this width beside the routed ones
     first_dense_layers: int = 0
     tie_embeddings: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward (torch experts only)
+    # router options (TopKMoE's); deepspeed experts take the defaults only (DeepSpeed's TopKGate)
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    normalize_topk: bool = True
+    topk_scaling_factor: float | None = None
+    router_num_groups: int | None = None
+    router_group_topk: int | None = None
+    load_balancing: Literal["none", "aux", "seq_aux"] = "aux"
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.head_dim is None and self.d_model % self.n_heads:
@@ -79,6 +89,17 @@ class GPTMoEConfig:
         if self.experts == "deepspeed" and self.activation_checkpointing:
             raise ValueError("activation_checkpointing: recomputing DeepSpeed's gate would count its tokens twice; "
                              "use experts='torch' or switch it off")
+        if self.experts == "deepspeed":
+            changed = [name for name, default in (("score_function", "softmax"), ("topk_scaling_factor", None),
+                                                  ("router_num_groups", None), ("expert_bias", False))
+                       if getattr(self, name) != default]
+            if self.load_balancing == "seq_aux":
+                changed.append("load_balancing")
+            if not self.normalize_topk and self.top_k > 1:
+                changed.append("normalize_topk")
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: DeepSpeed's TopKGate cannot express this router option; "
+                                 "use experts='torch'")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if not 0 <= self.first_dense_layers < self.n_layers:
@@ -96,7 +117,9 @@ class GPTMoEConfig:
 
 
 def _norm(cfg: GPTMoEConfig, dim: int) -> nn.Module:
-    return nn.RMSNorm(dim, eps=1e-6) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim)
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6 if cfg.norm_eps is None else cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=1e-5 if cfg.norm_eps is None else cfg.norm_eps)
 
 
 class MLP(nn.Module):
@@ -168,8 +191,12 @@ class MoEFeedForward(nn.Module):
         if self.on_deepspeed:
             self.experts = _deepspeed_experts(cfg)
         else:
-            self.experts = TopKMoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.capacity_factor,
-                                   cfg.activation)
+            self.experts = TopKMoE(
+                cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.activation,
+                score_function=cfg.score_function, normalize_topk=cfg.normalize_topk,
+                topk_scaling_factor=cfg.topk_scaling_factor, num_groups=cfg.router_num_groups,
+                group_topk=cfg.router_group_topk, load_balancing=cfg.load_balancing, expert_bias=cfg.expert_bias,
+                expert_bias_update_rate=cfg.expert_bias_update_rate)
         self.shared = MLP(cfg.d_model, cfg.shared_expert_d_ff, cfg.activation) if cfg.shared_expert_d_ff else None
         self.with_z_loss = cfg.z_loss_coef > 0
 
@@ -267,9 +294,16 @@ class GPTMoE(nn.Module):
             y_BT = y_BT.masked_fill(~mask_BT1[:, 1:], -100)
         logits, aux, z = self.logits(x_BT, mask_BT)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_BT.reshape(-1), ignore_index=-100)
-        loss = ce + self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
+        aux_coef = 0.0 if self.cfg.load_balancing == "none" else self.cfg.aux_loss_coef
+        loss = ce + aux_coef * aux + self.cfg.z_loss_coef * z
         self.last_losses = {"ce": ce.detach(), "aux": aux.detach(), "z": z.detach()}
         return loss, ce
 
     def forward(self, tokens_BT1: torch.Tensor, mask_BT1: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_losses(tokens_BT1, mask_BT1)[0]
+
+    def update_expert_biases(self) -> None:
+        """After each optimizer step: move the auxiliary-loss-free expert biases (``expert_bias``); no-op otherwise."""
+        for module in self.modules():
+            if isinstance(module, TopKMoE):
+                module.update_expert_bias()

@@ -30,7 +30,23 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int | None = None  # total width of the shared expert(s); None = none
     first_dense_layers: int = 0  # leading layers with a dense FFN instead of MoE
     capacity_factor: float | None = None  # None: no token dropping
-    aux_loss_coef: float = 0.01  # load-balancing loss
+    # Router. Scores: softmax over the experts (Mixtral, OLMoE, Qwen3, DeepSeek-V2) or a sigmoid per expert
+    # (DeepSeek-V3). normalize_topk: the k selected scores are divided by their sum (Hugging Face's
+    # norm_topk_prob; no effect at top_k 1: the weight is the score); topk_scaling_factor multiplies them afterwards (DeepSeek's routed_scaling_factor).
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    normalize_topk: bool = True
+    topk_scaling_factor: float | None = None
+    # Group-limited routing (DeepSeek-V3's n_group / topk_group): experts in router_num_groups groups, each
+    # token picks among the experts of its router_group_topk best groups. None: no groups.
+    router_num_groups: int | None = None
+    router_group_topk: int | None = None
+    # Load balancing: the auxiliary loss over the micro-batch (aux, Switch/GShard), per sequence (seq_aux,
+    # DeepSeek), or none; expert_bias: auxiliary-loss-free balancing (DeepSeek-V3), a per-expert bias added to
+    # the scores for the top-k choice only, moved by expert_bias_update_rate x sign(mean load - load) each step.
+    load_balancing: Literal["none", "aux", "seq_aux"] = "aux"
+    aux_loss_coef: float = 0.01  # load-balancing loss (unused with load_balancing: none)
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
     z_loss_coef: float = 0.0  # router z-loss
     router_dtype: Literal["fp32", "model"] = "fp32"
 
@@ -41,6 +57,19 @@ class MoEConfig:
         _require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be > 0 or null")
         _require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef", "loss coefficients must be >= 0")
         _require(self.first_dense_layers >= 0, "first_dense_layers", "must be >= 0")
+        _require(self.topk_scaling_factor is None or self.topk_scaling_factor > 0, "topk_scaling_factor",
+                 "must be > 0 or null")
+        _require(self.expert_bias_update_rate > 0, "expert_bias_update_rate", "must be > 0")
+        _require((self.router_num_groups is None) == (self.router_group_topk is None), "router_group_topk",
+                 "set router_num_groups and router_group_topk together (or neither)")
+        if self.router_num_groups is not None:
+            _require(self.router_num_groups >= 1 and self.num_experts % self.router_num_groups == 0,
+                     "router_num_groups", f"must divide num_experts={self.num_experts}")
+            _require(1 <= self.router_group_topk <= self.router_num_groups, "router_group_topk",
+                     f"must be in [1, router_num_groups={self.router_num_groups}]")
+            _require(self.top_k % self.router_group_topk == 0
+                     and self.top_k // self.router_group_topk <= self.num_experts // self.router_num_groups,
+                     "router_group_topk", "must divide top_k, with top_k / router_group_topk <= experts per group")
 
 
 @dataclass
@@ -54,6 +83,7 @@ class ModelConfig:
     ffn_hidden_size: int = 256  # dense FFN layers (first_dense_layers)
     activation: Literal["swiglu", "gelu"] = "swiglu"  # FFN and expert MLPs
     attention: Literal["standard", "mla"] = "standard"
+    q_lora_rank: int | None = None  # MLA only: low-rank query projection (DeepSeek-V3); None = full-rank queries
     kv_lora_rank: int | None = None  # MLA only
     qk_rope_head_dim: int | None = None  # MLA only
     vocab_size: int | Literal["auto"] = 256  # auto: the tokenizer's vocabulary padded to 128 x tensor_parallel
@@ -61,7 +91,16 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     position_embedding: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
+    # YaRN context extension of the rotary embeddings (DeepSeek-V2/V3's rope_scaling), with attention: mla
+    rope_scaling: Literal["none", "yarn"] = "none"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_position_embeddings: int | None = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
     normalization: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_epsilon: float = 1e-5  # of every RMSNorm / LayerNorm (Hugging Face's rms_norm_eps), on every backend
     qk_layernorm: bool = False
     tie_embeddings: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -79,6 +118,11 @@ class ModelConfig:
                      "mla needs kv_lora_rank and qk_rope_head_dim")
         _require(self.vocab_size == "auto" or self.vocab_size >= 2, "vocab_size", "must be >= 2, or auto")
         _require(self.seq_length >= 2, "seq_length", "must be >= 2")
+        _require(self.norm_epsilon > 0, "norm_epsilon", "must be > 0")
+        _require(self.rope_scaling == "none" or self.attention == "mla", "rope_scaling",
+                 "yarn is built with attention: mla only (megatron-core's latent attention); set none")
+        _require(self.rope_scaling == "none" or self.rope_original_max_position_embeddings is not None,
+                 "rope_original_max_position_embeddings", "yarn needs the pretraining context length")
 
     @property
     def num_moe_layers(self) -> int:
@@ -237,6 +281,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self._check_layout()
+        self._check_router()
+
+    def _check_router(self) -> None:
+        """A router option this backend cannot express fails here, at load, naming the key and the backend."""
+        for key, reason in router_gaps(self.model.moe, self.backend):
+            raise ConfigError(f"model.moe.{key}: backend {self.backend} cannot express this: {reason}")
 
     def _check_layout(self) -> None:
         p, m, s = self.parallel, self.model, self.schedule
@@ -277,6 +327,42 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def router_gaps(moe: MoEConfig, backend: str) -> list[tuple[str, str]]:
+    """(model.moe key, reason) for each router option ``backend`` cannot express; empty when it can.
+
+    torch (:class:`excitation_dist.models.moe.TopKMoE`) expresses every option. megatron maps them onto
+    megatron-core's router (TransformerConfig.moe_router_*); deepspeed's TopKGate is softmax-only with the
+    micro-batch auxiliary loss."""
+    gaps: list[tuple[str, str]] = []
+    if backend == "megatron":
+        if moe.score_function == "sigmoid" and not moe.normalize_topk and moe.top_k > 1:
+            gaps.append(("normalize_topk", "megatron-core's sigmoid router always normalizes the top-k scores; "
+                         "set normalize_topk: true, or use backend: torch"))
+        if moe.expert_bias and moe.score_function != "sigmoid":
+            gaps.append(("expert_bias", "megatron-core's expert bias (aux-loss-free balancing) needs "
+                         "score_function: sigmoid"))
+    elif backend == "deepspeed":
+        if moe.score_function != "softmax":
+            gaps.append(("score_function", "DeepSpeed's TopKGate scores with a softmax only; use backend: megatron "
+                         "or torch"))
+        if not moe.normalize_topk and moe.top_k > 1:
+            gaps.append(("normalize_topk", "DeepSpeed's TopKGate renormalizes the top-k probabilities (top_k > 1); "
+                         "set normalize_topk: true, or use backend: megatron or torch"))
+        if moe.topk_scaling_factor not in (None, 1.0):
+            gaps.append(("topk_scaling_factor", "DeepSpeed's TopKGate has no scaling factor; use backend: megatron "
+                         "or torch"))
+        if moe.router_num_groups is not None:
+            gaps.append(("router_num_groups", "DeepSpeed's TopKGate has no group-limited routing; use backend: "
+                         "megatron or torch"))
+        if moe.load_balancing == "seq_aux":
+            gaps.append(("load_balancing", "DeepSpeed's TopKGate computes its auxiliary loss over the micro-batch "
+                         "(aux) only; use aux or none, or backend: megatron or torch"))
+        if moe.expert_bias:
+            gaps.append(("expert_bias", "DeepSpeed's TopKGate has no expert bias (aux-loss-free balancing); use "
+                         "backend: megatron or torch"))
+    return gaps
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

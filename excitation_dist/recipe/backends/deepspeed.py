@@ -32,7 +32,10 @@ import torch.distributed as dist
 
 from excitation_dist.config import ConfigError
 from excitation_dist.models import GPTMoE, GPTMoEConfig
+from excitation_dist.recipe import fast_paths
 from excitation_dist.recipe.config import RunConfig
+from excitation_dist.recipe.fast_paths import FastPaths
+from excitation_dist.recipe.model_options import gpt_moe_options
 from excitation_dist.recipe.loop import init_process_group, run_training
 
 CHECKPOINT_TAG = "deepspeed"
@@ -50,22 +53,23 @@ def model_config(cfg: RunConfig) -> GPTMoEConfig:
     if m.moe.router_dtype != "fp32":
         raise ConfigError("model.moe.router_dtype: DeepSpeed's TopKGate always routes in fp32; set fp32")
     try:
-        return GPTMoEConfig(
-            vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,
-            n_heads=m.num_attention_heads, n_kv_heads=m.num_query_groups, head_dim=m.head_dim,
-            d_ff=m.moe.ffn_hidden_size, dense_d_ff=m.ffn_hidden_size, num_experts=m.moe.num_experts,
-            top_k=m.moe.top_k, experts="deepspeed", ep_size=cfg.parallel.expert_parallel, capacity_factor=m.moe.capacity_factor,
-            aux_loss_coef=m.moe.aux_loss_coef, z_loss_coef=m.moe.z_loss_coef, position=m.position_embedding,
-            rope_theta=m.rope_theta, norm=m.normalization, qk_norm=m.qk_layernorm, activation=m.activation,
-            shared_expert_d_ff=m.moe.shared_expert_ffn_hidden_size, first_dense_layers=m.moe.first_dense_layers,
-            tie_embeddings=m.tie_embeddings,
-        )
+        return GPTMoEConfig(**gpt_moe_options(m), experts="deepspeed", ep_size=cfg.parallel.expert_parallel)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
 
-def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON config for ``cfg`` (``cfg.deepspeed_config`` merged under it)."""
+def _fused_optimizer(cfg: RunConfig) -> dict[str, Any]:
+    """DeepSpeed's optimizer block for ``optimizer.*``: on CUDA DeepSpeed builds its FusedAdam from it."""
+    o = cfg.optimizer
+    return {"type": "AdamW" if o.name == "adamw" else "Adam",
+            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}}
+
+
+def deepspeed_config(cfg: RunConfig, fast: FastPaths | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``cfg`` (``cfg.deepspeed_config`` merged under it). With the fast
+    paths on (CUDA, Adam/AdamW: :func:`excitation_dist.recipe.fast_paths.resolve`) it carries an
+    ``optimizer`` block, so DeepSpeed builds FusedAdam; on CPU the recipe passes a torch optimizer."""
+    fast = fast_paths.resolve(cfg) if fast is None else fast
     s, o = cfg.schedule, cfg.optimizer
     generated: dict[str, Any] = {
         "train_batch_size": s.global_batch_size,
@@ -77,6 +81,8 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16"},
     }
+    if fast.deepspeed_optimizer == "FusedAdam":
+        generated["optimizer"] = _fused_optimizer(cfg)
     if not cfg.deepspeed_config:
         return generated
     path = Path(cfg.deepspeed_config)
@@ -99,6 +105,8 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     if stage != cfg.parallel.zero_stage:
         raise ConfigError(f"deepspeed_config: {path} sets zero_optimization.stage={stage} but parallel.zero_stage is "
                           f"{cfg.parallel.zero_stage}: set it in one place")
+    if "optimizer" in user:  # the JSON's optimizer block wins over the generated one
+        generated.pop("optimizer", None)
     merged = dict(user)
     for key, value in generated.items():
         merged[key] = {**user[key], **value} if isinstance(value, dict) and isinstance(user.get(key), dict) else value
@@ -150,8 +158,10 @@ class DeepSpeedBackend:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. FusedAdam on GPUs); lr still set every step
-                self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=list(self.model.parameters()),
-                                                       config=ds_config)
+                # MoE parameter groups (expert-data-parallel ones apart), as ZeRO requires for MoE
+                self.engine, *_ = deepspeed.initialize(
+                    model=self.model, model_parameters=moe_param_groups(self.model, cfg.optimizer.weight_decay),
+                    config=ds_config)
             else:
                 self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=_client_optimizer(cfg, self.model),
                                                        config=ds_config)

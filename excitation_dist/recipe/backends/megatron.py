@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.config import ConfigError
+from excitation_dist.recipe import fast_paths
 from excitation_dist.recipe.config import RunConfig
+from excitation_dist.recipe.fast_paths import FastPaths
 from excitation_dist.recipe.loop import init_process_group, run_training
 
 
@@ -45,41 +47,67 @@ def validate(cfg: RunConfig) -> None:
         )
 
 
-def transformer_config(cfg: RunConfig):
+def router_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``model.moe``'s router options as megatron-core TransformerConfig keywords (what megatron cannot
+    express is refused when the config loads: :func:`excitation_dist.recipe.config.router_gaps`)."""
+    moe = cfg.model.moe
+    load_balancing = {"none": "none", "aux": "aux_loss", "seq_aux": "seq_aux_loss"}[moe.load_balancing]
+    return dict(
+        moe_router_score_function=moe.score_function,
+        # softmax: top-k of the logits, then a softmax over those k (normalized); pre-softmax: softmax over all
+        # experts, then top-k (not normalized). sigmoid: megatron always normalizes (top_k > 1).
+        moe_router_pre_softmax=moe.score_function == "softmax" and (not moe.normalize_topk or moe.top_k == 1),
+        moe_router_topk_scaling_factor=moe.topk_scaling_factor,
+        moe_router_num_groups=moe.router_num_groups, moe_router_group_topk=moe.router_group_topk,
+        moe_router_load_balancing_type=load_balancing,
+        moe_aux_loss_coeff=0.0 if moe.load_balancing == "none" else moe.aux_loss_coef,
+        moe_router_enable_expert_bias=moe.expert_bias, moe_router_bias_update_rate=moe.expert_bias_update_rate,
+        moe_z_loss_coeff=moe.z_loss_coef or None, moe_expert_capacity_factor=moe.capacity_factor,
+        moe_router_dtype="fp32" if moe.router_dtype == "fp32" else None,
+    )
+
+
+def transformer_config(cfg: RunConfig, fast: FastPaths | None = None):
     """megatron-core's TransformerConfig for ``cfg`` (MLATransformerConfig for
-    ``model.attention: mla``: DeepSeek-V2 latent attention with YaRN rotary
-    embeddings at megatron's DeepSeek defaults)."""
+    ``model.attention: mla``: DeepSeek-V2/V3 latent attention, rotary embeddings
+    with ``model.rope_scaling``). The fusions, grouped GEMM and
+    token dispatcher come from ``fast`` (:func:`excitation_dist.recipe.fast_paths.resolve`;
+    default: resolved on this machine)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+    fast = fast_paths.resolve(cfg) if fast is None else fast
     m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fast.precision]
     config_class, attention = TransformerConfig, {}
     if m.attention == "mla":
         head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
         config_class = MLATransformerConfig
-        attention = dict(q_lora_rank=None, kv_lora_rank=m.kv_lora_rank, qk_head_dim=head_dim,
-                         qk_pos_emb_head_dim=m.qk_rope_head_dim, v_head_dim=head_dim, rotary_base=m.rope_theta)
+        attention = dict(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=head_dim,
+                         qk_pos_emb_head_dim=m.qk_rope_head_dim, v_head_dim=head_dim, rotary_base=m.rope_theta,
+                         rope_type="yarn" if m.rope_scaling == "yarn" else "rope")
+        if m.rope_scaling == "yarn":
+            attention.update(rotary_scaling_factor=m.rope_scaling_factor,
+                             original_max_position_embeddings=m.rope_original_max_position_embeddings,
+                             beta_fast=m.yarn_beta_fast, beta_slow=m.yarn_beta_slow, mscale=m.yarn_mscale,
+                             mscale_all_dim=m.yarn_mscale_all_dim)
     return config_class(
-        **attention,
+        **attention, **router_kwargs(cfg), **fast.megatron_transformer_kwargs(),
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, kv_channels=m.head_dim, ffn_hidden_size=m.ffn_hidden_size,
         gated_linear_unit=m.activation == "swiglu", activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         normalization="RMSNorm" if m.normalization == "rmsnorm" else "LayerNorm", qk_layernorm=m.qk_layernorm,
+        layernorm_epsilon=m.norm_epsilon,
         num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=moe.ffn_hidden_size,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         moe_layer_freq=[0] * moe.first_dense_layers + [1] * (m.num_layers - moe.first_dense_layers),
-        moe_expert_capacity_factor=moe.capacity_factor, moe_aux_loss_coeff=moe.aux_loss_coef,
-        moe_z_loss_coeff=moe.z_loss_coef or None, moe_router_load_balancing_type="aux_loss",
-        moe_router_dtype="fp32" if moe.router_dtype == "fp32" else None,
-        moe_token_dispatcher_type=p.token_dispatcher,
+        moe_token_dispatcher_type=fast.token_dispatcher,
         tensor_model_parallel_size=p.tensor_parallel, pipeline_model_parallel_size=p.pipeline_parallel,
         sequence_parallel=p.sequence_parallel, expert_model_parallel_size=p.expert_parallel,
         expert_tensor_parallel_size=p.expert_tensor_parallel,
-        pipeline_dtype=dtype, params_dtype=torch.float32, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
-        use_cpu_initialization=cfg.device == "cpu", hidden_dropout=0.0, attention_dropout=0.0,
-        add_bias_linear=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+        pipeline_dtype=dtype, params_dtype=torch.float32, bf16=fast.precision == "bf16",
+        fp16=fast.precision == "fp16", use_cpu_initialization=fast.device == "cpu", hidden_dropout=0.0,
+        attention_dropout=0.0, add_bias_linear=False,
     )
 
 
@@ -105,8 +133,9 @@ class MegatronBackend:
         )
         torch.manual_seed(cfg.seed)
         model_parallel_cuda_manual_seed(cfg.seed)
-        config = transformer_config(cfg)
-        use_te = device.type == "cuda" and _has_transformer_engine()
+        self.fast = fast = fast_paths.resolve(cfg)
+        config = transformer_config(cfg, fast)
+        use_te = fast.transformer_engine
         if m.attention == "mla" and not use_te:
             raise RuntimeError("model.attention: mla needs Transformer Engine (import transformer_engine failed); "
                                "use NVIDIA's PyTorch container (docker/)")
@@ -125,14 +154,16 @@ class MegatronBackend:
 
             model = Float16Module(config, model)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   use_distributed_optimizer=p.distributed_optimizer)
+                                                   use_distributed_optimizer=fast.distributed_optimizer,
+                                                   overlap_grad_reduce=fast.overlap_grad_reduce,
+                                                   overlap_param_gather=fast.overlap_param_gather)
         self.model = DistributedDataParallel(config, ddp_config, model)
         config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="sgd" if o.name == "sgd" else "adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, sgd_momentum=o.beta1, clip_grad=o.clip_grad,
             decoupled_weight_decay=o.name != "adam", bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
-            use_distributed_optimizer=p.distributed_optimizer,
+            use_distributed_optimizer=fast.distributed_optimizer,
         ), [self.model])
         if cfg.precision == "fp16":
             config.grad_scale_func = self.optimizer.scale_loss
@@ -246,6 +277,7 @@ def _has_transformer_engine() -> bool:
 
 
 def train(cfg: RunConfig) -> int:
+    cfg = fast_paths.apply_device(cfg, fast_paths.resolve(cfg))  # a GPU config on a CPU machine runs on CPU
     validate(cfg)
     if cfg.device == "cpu":
         from torch import _dynamo

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from excitation_dist.config import ConfigError
 from excitation_dist.models import GPTMoE, GPTMoEConfig
 from excitation_dist.recipe.config import RunConfig
+from excitation_dist.recipe.model_options import gpt_moe_options
 from excitation_dist.recipe.loop import init_process_group, run_training
 from excitation_dist.torch.backend import attach
 
@@ -27,16 +28,7 @@ def model_config(cfg: RunConfig) -> GPTMoEConfig:
         raise ConfigError("model.attention: multi-head latent attention (mla) is not built by backend torch; "
                           "use backend: megatron")
     try:
-        return GPTMoEConfig(
-            vocab_size=m.vocab_size, seq_len=m.seq_length, d_model=m.hidden_size, n_layers=m.num_layers,
-            n_heads=m.num_attention_heads, n_kv_heads=m.num_query_groups, head_dim=m.head_dim,
-            d_ff=m.moe.ffn_hidden_size, dense_d_ff=m.ffn_hidden_size, num_experts=m.moe.num_experts,
-            top_k=m.moe.top_k, experts="torch", capacity_factor=m.moe.capacity_factor,
-            aux_loss_coef=m.moe.aux_loss_coef, z_loss_coef=m.moe.z_loss_coef, position=m.position_embedding,
-            rope_theta=m.rope_theta, norm=m.normalization, qk_norm=m.qk_layernorm, activation=m.activation,
-            shared_expert_d_ff=m.moe.shared_expert_ffn_hidden_size, first_dense_layers=m.moe.first_dense_layers,
-            tie_embeddings=m.tie_embeddings,
-        )
+        return GPTMoEConfig(**gpt_moe_options(m), experts="torch")
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -80,6 +72,7 @@ class TorchDDPBackend:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_expert_biases()  # model.moe.expert_bias: aux-loss-free balancing, once per step
         return {"grad_norm": float(norm), "applied": 1.0}
 
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
