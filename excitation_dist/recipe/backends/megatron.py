@@ -12,6 +12,7 @@ after the step). Works with megatron-core 0.16.1 and 0.19.x; on CPU the
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,7 @@ class MegatronBackend:
         self.excitation = attach([self.model], self.optimizer, cfg.excitation)
         self.data_parallel_rank = ps.get_data_parallel_rank()
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens, loss slot) of this step
+        self._step = 0  # of the last save or load
 
     # ---------------------------------------------------------------- steps
     def _run(self, tokens_list: list[torch.Tensor], forward_only: bool) -> list[torch.Tensor]:
@@ -190,7 +192,7 @@ class MegatronBackend:
 
             def loss_func(output: torch.Tensor):
                 loss = output.float().mean()
-                return loss, {"lm": loss.detach()}
+                return loss, {"lm": loss.detach().clone()}  # megatron divides the loss in place by the micro-batch count
 
             return out, loss_func
 
@@ -231,49 +233,273 @@ class MegatronBackend:
         return loss
 
     # ----------------------------------------------------------- checkpoints
-    def _file(self, directory: str) -> Path:
-        return Path(directory) / f"rank{dist.get_rank():05d}.pt"
+    def _layout(self) -> dict[str, Any]:
+        """What a checkpoint records of the run that wrote it (``recipe.common``)."""
+        from dataclasses import asdict
 
-    def save(self, directory: str, step: int) -> None:
-        """Every rank writes its own file: model state, and per megatron optimizer
-        the tensors its torch optimizer steps (fp32 main params or shards) and that
-        optimizer's state. Resume needs the same parallel layout."""
+        from megatron.core import parallel_state as ps
+
         from excitation_dist.megatron import compat
 
-        leaves = []
+        p = self.cfg.parallel
+        return {
+            "world_size": dist.get_world_size(), "tensor_parallel": p.tensor_parallel,
+            "pipeline_parallel": p.pipeline_parallel, "expert_parallel": p.expert_parallel,
+            "expert_tensor_parallel": p.expert_tensor_parallel, "data_parallel": ps.get_data_parallel_world_size(),
+            "distributed_optimizer": p.distributed_optimizer, "precision": self.cfg.precision,
+            "optimizer": self.cfg.optimizer.name, "model": asdict(self.cfg.model),
+            "optimizer_chain": len(compat.leaf_optimizers(self.optimizer)),  # megatron's dense / expert optimizers
+        }
+
+    def _sharded_state(self, *, loading: bool, with_rng: bool) -> dict[str, Any]:
+        """The state dict ``dist_checkpointing`` saves (and, built the same way, the template it loads into)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        from excitation_dist.megatron import checkpointing, compat
+
+        model_sd = self._gpt().sharded_state_dict()  # keys of the GPTModel itself, whatever wraps it
+        state: dict[str, Any] = {
+            "model": model_sd,
+            # fully_reshardable: each parameter's optimizer state keyed by the parameter, in its global shape,
+            # so it reshards over DP, EP, TP and PP; no chained_N prefix, so the dense/expert split may change too
+            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIM_METADATA),
+            checkpointing.KEY: checkpointing.sharded_state_dict(self.excitation, self._moe_layers(),
+                                                                compat.counts_process_group()),
+            "recipe": ShardedObject(_COMMON, {"layout": self._layout(), "step": self._step}, (1,), (0,),
+                                    replica_id=0 if dist.get_rank() == 0 else 1),
+        }
+        if with_rng:
+            state["rng"] = ShardedObject(_RNG, _rng_state(), (dist.get_world_size(),), (dist.get_rank(),),
+                                         replica_id=0)
+        return state
+
+    def _gpt(self) -> Any:
+        """The GPTModel inside DDP (and Float16Module)."""
+        from megatron.core.models.gpt import GPTModel
+
+        model = self.model
+        while not isinstance(model, GPTModel):
+            model = model.module
+        return model
+
+    def _moe_layers(self) -> list[Any]:
+        from excitation_dist.megatron import checkpointing
+
+        attached = checkpointing.attachment_of(self.optimizer)
+        if attached is None:
+            raise RuntimeError("the megatron backend's optimizer has no Excitation attached")
+        return attached[1]
+
+    def _init_optimizer_state(self) -> None:
+        """Give a fresh optimizer the state tensors a load fills in place (megatron's
+        optimizers build their load template from them). Unlike megatron's own dummy
+        step, this steps nothing, so no Excitation hook runs."""
+        from excitation_dist.megatron import compat
+
         for leaf in compat.leaf_optimizers(self.optimizer):
             base = compat.base_optimizer(leaf)
             if base is None:
-                leaves.append(None)
                 continue
-            scaler = getattr(leaf, "grad_scaler", None)
-            leaves.append({"main": [t.detach().clone() for g in base.param_groups for t in g["params"]],
-                           "state": base.state_dict(), "grad_scaler": scaler.state_dict() if scaler else None})
-        torch.save({"model": self.model.state_dict(), "optimizers": leaves, "excitation": self.excitation.state_dict(),
-                    "step": step}, self._file(directory))
+            init = getattr(leaf, "init_state_fn", None)
+            if init is not None:
+                init(base, getattr(leaf, "config", None))
+            for group in base.param_groups:
+                for param in group["params"]:
+                    state = base.state[param]
+                    if "exp_avg" in state and "step" not in state:
+                        state["step"] = torch.tensor(0.0)
+
+    def save(self, directory: str, step: int) -> None:
+        """megatron-core ``dist_checkpointing`` (torch_dist, every rank writes its
+        shards into ``directory``): model, optimizer (fully_reshardable),
+        Excitation (per MoE layer), the step, and every rank's RNG state."""
+        from megatron.core import dist_checkpointing
+
+        self._step = step
+        dist_checkpointing.save(self._sharded_state(loading=False, with_rng=True), directory,
+                                validate_access_integrity=False)
 
     def load(self, directory: str) -> None:
-        from excitation_dist.megatron import compat
+        """Restore what :meth:`save` wrote, on this run's layout: DP, EP, TP and PP
+        sizes may differ from the saving run's (megatron-core reshards); the RNG
+        state is restored only on the same layout. Whatever cannot load is refused
+        before any tensor is read (SystemExit naming what differs and the fix)."""
+        from megatron.core import dist_checkpointing
 
-        state = torch.load(self._file(directory), map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        for leaf, saved in zip(compat.leaf_optimizers(self.optimizer), state["optimizers"]):
-            base = compat.base_optimizer(leaf)
-            if base is None or saved is None:
-                continue
-            with torch.no_grad():
-                for t, value in zip((t for g in base.param_groups for t in g["params"]), saved["main"]):
-                    t.copy_(value)
-            base.load_state_dict(saved["state"])
-            if saved["grad_scaler"] is not None:
-                leaf.grad_scaler.load_state_dict(saved["grad_scaler"])
-        self.excitation.load_state_dict(state["excitation"])
+        from excitation_dist.megatron import checkpointing
+
+        saved = _saved_common(directory)
+        before, now = saved["layout"], self._layout()
+        problems = _incompatible(before, now)
+        if problems:
+            raise SystemExit(f"megatron backend: cannot resume from checkpoint {directory}: " + "; ".join(problems)
+                             + f". Resume with the settings that wrote it, or set checkpoint.dir to a new directory")
+        saved_excitation = checkpointing.saved_excitation_state(directory)
+        if saved_excitation is None:
+            raise SystemExit(f"megatron backend: checkpoint {directory} holds no Excitation state; "
+                             "set checkpoint.dir to a new directory")
+        try:
+            checkpointing.check_compatible(saved_excitation, self.excitation, where=f"checkpoint {directory}",
+                                           flag="excitation.strategy")
+        except ValueError as exc:
+            raise SystemExit(f"megatron backend: {exc}") from None
+        same_layout = all(before[k] == now[k] for k in _PLACEMENT)
+        self._init_optimizer_state()
+        loaded = dist_checkpointing.load(self._sharded_state(loading=True, with_rng=same_layout), directory,
+                                         validate_access_integrity=False)
+        self._gpt().load_state_dict(loaded["model"])
+        optimizer_state = _rechain(loaded["optimizer"], before.get("optimizer_chain", 1), now["optimizer_chain"])
+        with _keep_adam_step(self.optimizer):
+            self.optimizer.load_state_dict(optimizer_state)
+        checkpointing.load_loaded_state(self.excitation, loaded[checkpointing.KEY], self._moe_layers())
+        if same_layout:
+            _set_rng_state(loaded["rng"])
+        elif dist.get_rank() == 0:
+            print(f"megatron backend: checkpoint {directory} was written on another layout ("
+                  + ", ".join(f"{k} {before[k]}" for k in _PLACEMENT) + "): its per-rank RNG states do not map "
+                  "onto this run's ranks and are not restored", flush=True)
+        self._step = saved["step"]
 
 
-def _has_transformer_engine() -> bool:
-    import importlib.util
+_COMMON = "recipe.common"  # ShardedObject keys may not contain "/"
+_RNG = "recipe.rng_state"
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+_PLACEMENT = ("world_size", "tensor_parallel", "pipeline_parallel", "expert_parallel", "expert_tensor_parallel")
+# settings a resume must keep (config key -> what it changes)
+_MUST_MATCH = {
+    "distributed_optimizer": ("parallel.distributed_optimizer", "the optimizer state's format"),
+    "precision": ("precision", "which main-parameter copies the optimizer holds"),
+    "optimizer": ("optimizer.name", "the optimizer's state tensors"),
+}
 
-    return importlib.util.find_spec("transformer_engine") is not None
+
+def _incompatible(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Why a checkpoint written with layout ``before`` cannot load into ``now`` (empty: it can)."""
+    out = [f"{key} was {before[name]!r} when it was written, this run has {now[name]!r} ({what} differ)"
+           for name, (key, what) in _MUST_MATCH.items() if before.get(name) != now[name]]
+    if not now["distributed_optimizer"] and before.get("optimizer_chain", 1) != now["optimizer_chain"]:
+        out.append(f"parallel.expert_parallel was {before['expert_parallel']} when it was written, this run has "
+                   f"{now['expert_parallel']}: megatron-core then splits the optimizer into dense and expert "
+                   "optimizers differently, which it reshards only with parallel.distributed_optimizer: true "
+                   f"(keep expert_parallel {before['expert_parallel']} > 1 or = 1 as written)")
+    model_before, model_now = _flat(before.get("model", {})), _flat(now["model"])
+    for key in sorted(set(model_before) & set(model_now)):  # a setting added since the save is not compared
+        if key == "source" or model_before[key] == model_now[key]:
+            continue
+        out.append(f"model.{key} was {model_before.get(key)!r} when it was written, this run has "
+                   f"{model_now.get(key)!r} (another model shape)")
+    return out
+
+
+def _rechain(state: dict[Any, Any], saved: int, now: int) -> dict[Any, Any]:
+    """The optimizer state dict ``dist_checkpointing.load`` returned, with the
+    common part (param groups) regrouped for this run's chain of optimizers.
+
+    megatron-core splits the DistributedOptimizer into a dense and an expert
+    optimizer only when their data-parallel groups differ (EP > 1); the common
+    part comes back in the saving run's structure, the tensors in this run's.
+    Param groups are matched by their (lr/wd multipliers, expert-parallel) keys,
+    so every optimizer gets all saved groups and picks its own."""
+    if saved == now:
+        return state
+    commons = [state[i] for i in range(saved)] if saved > 1 else [state]
+    groups = [g for c in commons for g in c["optimizer"]["param_groups"]]
+    extra = {k: v for k, v in commons[0].items() if not isinstance(k, int) and k not in ("optimizer", "param_state")}
+    targets = [state[i] for i in range(now)] if now > 1 else [state]
+    for target in targets:
+        for k in [k for k in target if isinstance(k, int)]:
+            if now == 1:
+                del target[k]
+        target.update({k: v for k, v in extra.items() if k not in target})
+        target["optimizer"] = {**commons[0]["optimizer"], "param_groups": groups}
+    return state
+
+
+@contextlib.contextmanager
+def _keep_adam_step(optimizer: Any):
+    """Work around megatron-core 0.16.1 with torch's own Adam (no Apex / Transformer
+    Engine): loading a fully_reshardable checkpoint, the DistributedOptimizer sets
+    each parameter's Adam ``step`` from the saved param groups, then copies every
+    key of that state from the loaded tensors, which carry no ``step`` (KeyError).
+    Within this block the copy keeps the step already set."""
+    from excitation_dist.megatron import compat
+
+    patched = []
+    for leaf in compat.leaf_optimizers(optimizer):
+        setter = getattr(leaf, "_set_main_param_and_optimizer_states", None)
+        if setter is None or not hasattr(leaf, "model_param_group_index_map"):
+            continue
+
+        def set_states(model_param: Any, tensors: dict[str, Any], _leaf: Any = leaf, _set: Any = setter) -> Any:
+            group, order = _leaf.model_param_group_index_map[model_param]
+            state = _leaf.optimizer.state[_leaf.optimizer.param_groups[group]["params"][order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"].clone()}
+            return _set(model_param, tensors)
+
+        leaf._set_main_param_and_optimizer_states = set_states
+        patched.append(leaf)
+    try:
+        yield
+    finally:
+        for leaf in patched:
+            del leaf._set_main_param_and_optimizer_states  # the instance attribute shadowed the method
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _saved_common(directory: str) -> dict[str, Any]:
+    """The ``recipe.common`` object of a checkpoint (no process group needed)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    path = Path(directory)
+    if list(path.glob("rank*.pt")):
+        raise SystemExit(f"megatron backend: checkpoint {directory} is in the old one-file-per-rank format "
+                         "(rank00000.pt); this version reads megatron-core dist_checkpointing (torch_dist) "
+                         "checkpoints only: set checkpoint.dir to a new directory")
+    try:
+        metadata = load_sharded_metadata(directory)
+    except Exception as exc:  # noqa: BLE001 - not a dist_checkpointing directory
+        raise SystemExit(f"megatron backend: checkpoint {directory} is not a megatron-core torch_dist checkpoint "
+                         f"({type(exc).__name__}: {exc}); set checkpoint.dir to a new directory") from None
+    common = next((obj for obj in metadata.values() if getattr(obj, "key", None) == _COMMON), None)
+    if common is None:
+        raise SystemExit(f"megatron backend: checkpoint {directory} was not written by excitation-dist's megatron "
+                         "backend (no recipe.common object); set checkpoint.dir to a new directory")
+    return dist_checkpointing.load({"c": common}, directory, validate_access_integrity=False)["c"]
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    state: dict[str, Any] = {"random": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def train(cfg: RunConfig) -> int:
