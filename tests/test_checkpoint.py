@@ -62,3 +62,26 @@ def test_latest_pointer_to_incomplete_dir_is_ignored(tmp_path):
     assert mgr.latest().name == "step_00000001"
     with pytest.raises(FileNotFoundError, match="prepare"):
         mgr.publish(5)
+
+
+def test_complete_record_holds_what_a_resume_must_agree_with(tmp_path):
+    from excitation_dist.recipe.checkpoint import holds_excitation_state, read_metadata, resume_metadata
+    from excitation_dist.recipe.config import load_run_config
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_cpu.yaml")
+    cfg = load_run_config(config, ["model.moe.num_experts=4", "parallel.zero_stage=2"])
+    mgr = CheckpointManager(tmp_path)
+    mgr.prepare(10)
+    path = mgr.publish(10, resume_metadata(cfg, excitation_state=True))
+    meta = read_metadata(path)
+    assert meta["step"] == 10 and meta["resume_metadata"] == 1 and meta["backend"] == "deepspeed"
+    assert meta["model"]["moe"]["num_experts"] == 4 and meta["model"]["hidden_size"] == 64
+    assert meta["excitation"]["strategy"] == "zerosum" and meta["excitation_state"] is True
+    assert meta["parallel"] == {"world_size": 2, "data_parallel": 2, "tensor_parallel": 1, "pipeline_parallel": 1,
+                                "context_parallel": 1, "expert_parallel": 2, "expert_tensor_parallel": 1,
+                                "zero_stage": 2}
+    assert meta["precision"] == "fp32" and holds_excitation_state(meta) is True
+
+    off = resume_metadata(load_run_config(config, ["excitation.strategy=none"]), excitation_state=True)
+    assert off["excitation"] is None and holds_excitation_state(off) is False
+    assert holds_excitation_state({"step": 3, "world_size": 2}) is None  # written before the records

@@ -211,3 +211,94 @@ def test_prepare_data_hint_trains_as_printed(prepared):
 def test_config_refusals_say_what_to_do(override, message):
     code, err = _dry_run(override, config=str(ROOT / "configs" / "tiny_cpu.yaml"))
     assert code != 0 and message in err, err
+
+
+# ------------------------------------------------------------ resuming a checkpoint written by another run
+def _checkpoint(root: Path, *overrides: str, config: str = TORCH_CONFIG, metadata: dict | None = None) -> Path:
+    """A checkpoint directory whose step-10 COMPLETE record is what a run of ``config`` + ``overrides`` writes."""
+    from excitation_dist.recipe.checkpoint import CheckpointManager, resume_metadata
+    from excitation_dist.recipe.config import load_run_config
+
+    manager = CheckpointManager(root)
+    (manager.prepare(10) / "state.pt").write_bytes(b"weights")
+    if metadata is None:
+        metadata = resume_metadata(load_run_config(config, list(overrides)), excitation_state=True)
+    return manager.publish(10, metadata) / "COMPLETE"
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+DS_CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
+
+
+@pytest.mark.parametrize("saved, config, overrides, message", [
+    ((), TORCH_CONFIG, ["model.hidden_size=32"],
+     "model: FILE holds another model shape: model.hidden_size 64 -> 32 (checkpoint -> this run); resume with the "
+     "configuration that wrote it, or set checkpoint.dir to a new directory"),
+    ((), TORCH_CONFIG, ["model.moe.num_experts=4", "model.num_layers=3"],
+     "model.moe.num_experts 8 -> 4, model.num_layers 2 -> 3 (checkpoint -> this run)"),
+    ((), TORCH_CONFIG, ["excitation.strategy=random"],
+     "excitation.strategy: FILE was trained with Excitation strategy 'zerosum', this run asks for 'random' "
+     "(excitation.strategy 'zerosum' -> 'random'); resume with excitation.strategy=zerosum, or set checkpoint.dir "
+     "to a new directory"),
+    ((), TORCH_CONFIG, ["excitation.strategy=none"], "(excitation.strategy 'zerosum' -> 'none')"),
+    (("DS",), TORCH_CONFIG, [],
+     "backend: FILE was written by backend 'deepspeed', this run is 'torch' (backend 'deepspeed' -> 'torch')"),
+    (("DS",), DS_CONFIG, ["parallel.gpus_per_node=1", "parallel.expert_parallel=1"],
+     "parallel: FILE was written on another layout: parallel.data_parallel 2 -> 1, parallel.expert_parallel 2 -> 1, "
+     "parallel.world_size 2 -> 1 (checkpoint -> this run); DeepSpeed's ZeRO checkpoints hold the optimizer state per "
+     "data-parallel rank"),
+    (("DS",), DS_CONFIG, ["parallel.zero_stage=2", "precision=bf16"],
+     "parallel.zero_stage 1 -> 2, precision 'fp32' -> 'bf16' (checkpoint -> this run)"),
+    (("excitation.strategy=none",), TORCH_CONFIG, ["checkpoint.require_excitation_state=true"],
+     "checkpoint.require_excitation_state: FILE was written with Excitation off (excitation.strategy 'none'), and "
+     "this run requires Excitation's state to resume; resume from a checkpoint written with Excitation 'zerosum', "
+     "or set checkpoint.require_excitation_state=false to start Excitation fresh"),
+])
+def test_checkpoint_of_another_run_is_refused_before_launch(tmp_path, saved, config, overrides, message):
+    if config == DS_CONFIG:
+        pytest.importorskip("deepspeed")
+    ds = saved[:1] == ("DS",)
+    record = _checkpoint(tmp_path / "ckpt", *saved[1:] if ds else saved, config=DS_CONFIG if ds else TORCH_CONFIG)
+    before = _tree(tmp_path / "ckpt")
+    code, err = _dry_run(f"checkpoint.dir={tmp_path / 'ckpt'}", *overrides, config=config)
+    assert code != 0 and message.replace("FILE", str(record)) in err, err
+    if "layout" in message:
+        assert "python -m deepspeed.checkpoint.ds_to_universal" in err
+    assert _tree(tmp_path / "ckpt") == before
+    # the same configuration resumes; checkpoint.resume=false does not look at it
+    assert _dry_run(f"checkpoint.dir={tmp_path / 'ckpt'}", *saved[1:], config=DS_CONFIG if ds else TORCH_CONFIG)[0] == 0
+    assert _dry_run(f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.resume=false", *overrides, config=config)[0] == 0
+
+
+def test_resume_notes_fresh_excitation_other_torch_world_size_and_old_checkpoints(tmp_path, capsys):
+    record = _checkpoint(tmp_path / "off", "excitation.strategy=none")
+    assert _dry_run(f"checkpoint.dir={tmp_path / 'off'}")[0] == 0
+    out = capsys.readouterr().out
+    assert (f"checkpoint {record.parent} was written with Excitation off (excitation.strategy 'none'): Excitation "
+            "starts fresh (step 0, no EMA); set checkpoint.require_excitation_state=true to refuse this instead") in out
+
+    record = _checkpoint(tmp_path / "two")
+    assert _dry_run(f"checkpoint.dir={tmp_path / 'two'}", "parallel.gpus_per_node=1", "excitation.gamma=0.5")[0] == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {record.parent} was written by 2 ranks, this run has 1: fine for backend torch" in out
+    assert f"checkpoint {record.parent}: excitation.gamma 1.0 -> 0.5 (checkpoint -> this run)" in out
+
+    record = _checkpoint(tmp_path / "old", metadata={"world_size": 2})
+    assert _dry_run(f"checkpoint.dir={tmp_path / 'old'}", "model.hidden_size=32")[0] == 0
+    assert (f"checkpoint {record.parent} was written before checkpoints recorded their configuration: resuming "
+            "without checking") in capsys.readouterr().out
+
+
+def test_refused_resume_starts_no_process_and_writes_nothing(tmp_path):
+    record = _checkpoint(tmp_path / "ckpt")
+    before = _tree(tmp_path / "ckpt")
+    proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", TORCH_CONFIG,
+                           f"checkpoint.dir={tmp_path / 'ckpt'}", "excitation.strategy=expdiff"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and "launching" not in proc.stdout and "Traceback" not in proc.stderr
+    assert f"excitation.strategy: {record} was trained with Excitation strategy 'zerosum'" in proc.stderr
+    assert _tree(tmp_path / "ckpt") == before and not (tmp_path / "ckpt" / ".lock").exists()

@@ -19,11 +19,66 @@ COMMON = ["schedule.train_steps=30", "schedule.warmup_steps=5", "schedule.eval_i
           "model.seq_length=32"]
 
 
-def _train(tmp, name, *extra, config=CONFIG, **popen):
-    args = [sys.executable, "-m", "excitation_dist.cli", "train", config, *COMMON,
+def _train(tmp, name, *extra, config=CONFIG, common=COMMON, **popen):
+    args = [sys.executable, "-m", "excitation_dist.cli", "train", config, *common,
             f"checkpoint.dir={tmp / name / 'ckpt'}", f"logging.dir={tmp / name / 'log'}", *extra]
     return subprocess.Popen(args, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)
+
+
+# Test-only fault injection, installed through PYTHONPATH into the launcher, torchrun and every rank (the
+# product has none): rank 0 calls CheckpointManager.publish after the barrier that follows every rank's
+# save, so at that moment the staging directory holds the whole checkpoint except its COMPLETE marker.
+# At step KILL_AT_STEP rank 0 records what the staging directory holds, then SIGKILLs the other ranks
+# (torchrun starts each in a session of its own), the process group of its launcher (torchrun, which
+# replaced `excitation-dist train`) and itself: a kill mid-save, at a known instant.
+_KILL_IN_PUBLISH = """
+import os
+import signal
+
+from excitation_dist.recipe import checkpoint as _checkpoint
+
+_publish = _checkpoint.CheckpointManager.publish
+
+
+def _children(parent):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def publish(self, step, metadata=None):
+    if step == int(os.environ["EXCITATION_TEST_KILL_AT_STEP"]):
+        staging = self.staging_dir(step)
+        with open(os.environ["EXCITATION_TEST_KILL_RECORD"], "w") as f:
+            f.write("\\n".join(sorted(str(p.relative_to(staging)) for p in staging.rglob("*"))))
+        launcher = os.getppid()
+        for pid in _children(launcher):
+            if pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+        os.killpg(os.getpgid(launcher), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _publish(self, step, metadata)
+
+
+_checkpoint.CheckpointManager.publish = publish
+"""
+
+
+def _kill_in_save_env(tmp, step: int) -> dict[str, str]:
+    hook = tmp / "kill_in_save"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_KILL_IN_PUBLISH)
+    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "EXCITATION_TEST_KILL_AT_STEP": str(step),
+            "EXCITATION_TEST_KILL_RECORD": str(tmp / "kill_record")}
 
 
 def _losses(run_dir):
@@ -55,15 +110,39 @@ def _final_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+_UNINTERRUPTED: dict[str, Path] = {}
+
+
+def _uninterrupted(tmp_path_factory, backend: str) -> Path:
+    """The run directory of the uninterrupted 30-step run of ``backend`` (trained once per module)."""
+    if backend not in _UNINTERRUPTED:
+        tmp = tmp_path_factory.mktemp(f"full_{backend}")
+        full = _train(tmp, "full", config=CONFIG if backend == "torch" else DEEPSPEED_CONFIG)
+        out, _ = full.communicate(timeout=600)
+        assert full.returncode == 0, out
+        assert "step     30/30 | loss" in out and "tokens/s" in out and "ETA" in out
+        _UNINTERRUPTED[backend] = tmp / "full"
+    return _UNINTERRUPTED[backend]
+
+
+def _assert_same_run(full: Path, resumed: Path) -> None:
+    """Losses of every step and the final weights are bit-identical."""
+    a, b = _losses(full), _losses(resumed)
+    assert sorted(a) == list(range(1, 31)) and set(b) == set(a)
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    final_a = _final_weights(full / "ckpt/step_00000030")
+    final_b = _final_weights(resumed / "ckpt/step_00000030")
+    assert final_a.keys() == final_b.keys()
+    for key, value in final_a.items():
+        assert torch.equal(value, final_b[key]), key
+
+
 @pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_killed_run_resumes_exactly(tmp_path, backend):
+def test_killed_run_resumes_exactly(tmp_path, tmp_path_factory, backend):
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
     config = CONFIG if backend == "torch" else DEEPSPEED_CONFIG
-    full = _train(tmp_path, "full", config=config)
-    out, _ = full.communicate(timeout=600)
-    assert full.returncode == 0, out
-    assert "step     30/30 | loss" in out and "tokens/s" in out and "ETA" in out
+    full = _uninterrupted(tmp_path_factory, backend)
 
     # the same run, killed (SIGKILL, whole process group) once its step-10 checkpoint exists
     broken = _train(tmp_path, "resumed", config=config)
@@ -79,15 +158,64 @@ def test_killed_run_resumes_exactly(tmp_path, backend):
     out2, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out2
     assert "resumed from" in out2
+    _assert_same_run(full, tmp_path / "resumed")
 
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(a) == list(range(1, 31)) and set(b) == set(a)
-    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    final_a = _final_weights(tmp_path / "full/ckpt/step_00000030")
-    final_b = _final_weights(tmp_path / "resumed/ckpt/step_00000030")
-    assert final_a.keys() == final_b.keys()
-    for key, value in final_a.items():
-        assert torch.equal(value, final_b[key]), key
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_killed_mid_save_resumes_exactly(tmp_path, tmp_path_factory, backend):
+    """SIGKILL of every process while the step-20 checkpoint is being saved (all ranks wrote their files, the
+    COMPLETE marker and the latest pointer not yet): the step-20 staging directory is never loaded, the run
+    resumes from step 10 and matches the uninterrupted run bit for bit."""
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    config = CONFIG if backend == "torch" else DEEPSPEED_CONFIG
+    full = _uninterrupted(tmp_path_factory, backend)
+    ckpt = tmp_path / "resumed" / "ckpt"
+
+    broken = _train(tmp_path, "resumed", config=config, env=_kill_in_save_env(tmp_path, 20))
+    out, _ = broken.communicate(timeout=600)
+    assert broken.returncode == -signal.SIGKILL, out
+    assert "saved" in out and "step_00000010" in out and "step_00000020" not in out
+    written = (tmp_path / "kill_record").read_text().split()
+    assert written and "COMPLETE" not in written  # every rank's files were there, unpublished
+    staging = ckpt / ".staging-step_00000020"
+    assert staging.is_dir() and not (staging / "COMPLETE").exists()
+    assert sorted(str(p.relative_to(staging)) for p in staging.rglob("*")) == sorted(written)
+    assert (ckpt / "latest").read_text().strip() == "step_00000010" and not (ckpt / "step_00000020").exists()
+
+    again = _train(tmp_path, "resumed", config=config)
+    out2, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out2
+    assert f"resumed from {ckpt / 'step_00000010'} (step 10)" in out2 and ".staging" not in out2
+    assert "step     11/30 | loss" in out2 and "step     10/30" not in out2
+    assert not staging.exists() and (ckpt / "step_00000020" / "COMPLETE").is_file()  # cleared by the next save
+    _assert_same_run(full, tmp_path / "resumed")
+
+
+def test_checkpoint_without_excitation_state_resumes_with_excitation_fresh(tmp_path):
+    """Written with Excitation off, resumed with it on: said once, trains, Excitation counts from step 0;
+    refused before launch with checkpoint.require_excitation_state=true, the checkpoint untouched."""
+    common = [*COMMON, "schedule.train_steps=10"]
+    off = _train(tmp_path, "run", "excitation.strategy=none", common=common)
+    out, _ = off.communicate(timeout=600)
+    assert off.returncode == 0, out
+    ckpt = tmp_path / "run" / "ckpt"
+    snapshot = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    refused = _train(tmp_path, "run", "checkpoint.require_excitation_state=true", common=common)
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 1 and "launching" not in out, out
+    assert (f"checkpoint.require_excitation_state: {ckpt / 'step_00000010' / 'COMPLETE'} was written with "
+            "Excitation off") in out
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"} == snapshot
+
+    on = _train(tmp_path, "run", "schedule.train_steps=12", common=common)
+    out, _ = on.communicate(timeout=600)
+    assert on.returncode == 0, out
+    assert f"checkpoint {ckpt / 'step_00000010'} was written with Excitation off" in out
+    assert "Excitation starts fresh (step 0, no EMA)" in out and "resumed from" in out
+    state = torch.load(ckpt / "step_00000012" / "state.pt", weights_only=False)
+    assert state["excitation"]["step"] == 2 and state["excitation"]["config"]["strategy"] == "zerosum"
 
 
 def test_bad_config_fails_before_any_process_starts(tmp_path):

@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, for the launcher and ranks
     rank = int(os.environ.get("RANK", 0))
     # Every rank checks (cheap, and each resolves model.vocab_size: auto); only the first reports.
+    notes: list[str] = []  # said at resume by rank 0; here only by --dry-run
     problems = preflight.check_run(cfg, launching_locally=not launched and cfg.parallel.nodes == 1,
-                                   check_lock=not launched)
+                                   check_lock=not launched, notes=notes)
     try:
         backend = importlib.import_module(BACKENDS[cfg.backend])
         if hasattr(backend, "validate"):
@@ -117,8 +118,10 @@ def run(args: argparse.Namespace) -> int:
         raise _fail(args.config, problems)
     if args.dry_run:
         print(_layout(cfg))
+        for note in notes:
+            print(f"excitation-dist train: {args.config}: {note}")
         print(f"excitation-dist train: {args.config}: checked data, tokenizer (model.vocab_size "
-              f"{cfg.model.vocab_size}), directories, device and backend: ready to launch")
+              f"{cfg.model.vocab_size}), directories, the checkpoint to resume, device and backend: ready to launch")
         return 0
 
     if not launched:

@@ -5,6 +5,12 @@ shared filesystem), then rank 0 marks it complete, renames it to
 ``ROOT/step_NNNNNNNN`` and atomically rewrites ``ROOT/latest``. A run killed
 while saving leaves only a staging directory, which is never loaded and is
 removed by the next save: no checkpoint ever loads half-written.
+
+The ``COMPLETE`` marker is a JSON object: the step, and what a resume must agree
+with (:func:`resume_metadata`: backend, model architecture, Excitation's
+configuration and whether its state is inside, parallel layout, precision).
+:func:`excitation_dist.recipe.preflight.resume_check` compares it with the
+run's configuration before any rank starts.
 """
 
 from __future__ import annotations
@@ -13,10 +19,57 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+METADATA_VERSION = 1  # "resume_metadata" in COMPLETE; absent in checkpoints written before the resume checks
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def resume_metadata(cfg: Any, *, excitation_state: bool) -> dict[str, Any]:
+    """What a resumed run must agree with, for ``CheckpointManager.publish``:
+    ``cfg`` is the :class:`~excitation_dist.recipe.config.RunConfig` that wrote
+    the checkpoint; ``excitation_state`` whether the backend saved Excitation's
+    state (its step counter and EMA). ``excitation`` is None when Excitation is
+    off (strategy ``none``)."""
+    p = cfg.parallel
+    return {
+        "resume_metadata": METADATA_VERSION,
+        "backend": cfg.backend,
+        "model": _plain(asdict(cfg.model)),
+        "excitation": None if cfg.excitation.strategy == "none" else _plain(asdict(cfg.excitation)),
+        "excitation_state": bool(excitation_state),
+        "parallel": {"world_size": p.world_size, "data_parallel": p.data_parallel,
+                     "tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                     "context_parallel": p.context_parallel, "expert_parallel": p.expert_parallel,
+                     "expert_tensor_parallel": p.expert_tensor_parallel, "zero_stage": p.zero_stage},
+        "precision": cfg.precision,
+        "world_size": p.world_size,
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path/COMPLETE`` (raises OSError / ValueError)."""
+    data = json.loads((Path(path) / COMPLETE).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{Path(path) / COMPLETE} does not hold a JSON object")
+    return data
+
+
+def holds_excitation_state(metadata: dict[str, Any]) -> bool | None:
+    """Whether the checkpoint holds Excitation state a run with Excitation on
+    can resume: False when it was written with Excitation off or without the
+    state, None when its metadata predates the resume checks."""
+    if "resume_metadata" not in metadata:
+        return None
+    return metadata.get("excitation") is not None and bool(metadata.get("excitation_state"))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,7 +152,7 @@ class CheckpointManager:
 
     @staticmethod
     def step_of(path: Path) -> int:
-        return json.loads((Path(path) / COMPLETE).read_text())["step"]
+        return read_metadata(path)["step"]
 
     def _prune(self) -> None:
         for old in self.complete_checkpoints()[: -self.keep_last]:

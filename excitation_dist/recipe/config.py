@@ -230,6 +230,9 @@ class CheckpointConfig:
     interval: int = 100
     resume: bool = True  # continue from the latest checkpoint in dir
     keep_last: int = 2
+    # resuming with Excitation on from a checkpoint without Excitation state: refuse (true) instead of
+    # starting Excitation fresh (false, said in one line)
+    require_excitation_state: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ progress, metrics, atomic checkpoints and resume.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.core import Excitation
-from excitation_dist.recipe.checkpoint import CheckpointManager
+from excitation_dist.recipe.checkpoint import CheckpointManager, holds_excitation_state, read_metadata, resume_metadata
 from excitation_dist.recipe.config import RunConfig
 from excitation_dist.recipe.data import TokenSource
 from excitation_dist.recipe.metrics_log import MetricsLogger, excitation_record
@@ -43,7 +44,8 @@ class TrainBackend(Protocol):
         """Write this rank's share of the state (model, optimizer, Excitation)."""
 
     def load(self, directory: str) -> None:
-        """Restore the state written by :meth:`save`."""
+        """Restore the state written by :meth:`save` (Excitation's state too
+        where the checkpoint holds it; else Excitation stays as built)."""
 
 
 def restart_safe_store(timeout: timedelta) -> dist.Store | None:
@@ -106,6 +108,27 @@ def _mean_over_ranks(value: torch.Tensor, device: torch.device) -> float:
     return value.item()
 
 
+def resume_from(cfg: RunConfig, backend: TrainBackend, checkpoint, rank: int) -> None:
+    """Load ``checkpoint`` into ``backend`` after the checks ``excitation-dist
+    train`` ran before launch (:func:`~excitation_dist.recipe.preflight.resume_check`,
+    repeated here against the checkpoint actually loaded). A checkpoint without
+    Excitation state, resumed with Excitation on, leaves Excitation as built
+    (step 0, no EMA)."""
+    from excitation_dist.recipe.preflight import resume_check
+
+    problems, notes = resume_check(cfg, checkpoint)
+    if problems:
+        raise SystemExit("excitation-dist train: " + "\n".join(problems))
+    if rank == 0:
+        for note in notes:
+            print(f"excitation-dist train: {note}", flush=True)
+    fresh = cfg.excitation.strategy != "none" and holds_excitation_state(read_metadata(checkpoint)) is False
+    built = copy.deepcopy(backend.excitation.state_dict()) if fresh else None
+    backend.load(str(checkpoint))
+    if built is not None:
+        backend.excitation.load_state_dict(built)
+
+
 def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) -> dict[str, float]:
     """Train ``backend`` as ``cfg`` says; returns the final metrics (rank 0 logs)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -118,7 +141,7 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
     if manager and cfg.checkpoint.resume:
         latest = manager.latest()
         if latest is not None:
-            backend.load(str(latest))
+            resume_from(cfg, backend, latest, rank)
             start = manager.step_of(latest)
             if rank == 0:
                 print(f"resumed from {latest} (step {start})", flush=True)
@@ -170,7 +193,8 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
             if dist.is_initialized():
                 dist.barrier()
             if rank == 0:
-                path = manager.publish(step, {"world_size": int(os.environ.get("WORLD_SIZE", 1))})
+                path = manager.publish(step, resume_metadata(
+                    cfg, excitation_state=getattr(backend, "saves_excitation_state", True)))
                 print(f"saved {path}", flush=True)
     logger.close()
     return last

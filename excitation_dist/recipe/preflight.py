@@ -4,9 +4,11 @@
 config loaded: the data prefix exists and parses, the tokenizer loads and fits
 ``model.vocab_size`` (``auto`` is resolved here, padded as Megatron pads), the
 checkpoint and log directories are writable and the checkpoint directory is not
-held by another live run, and the device and framework are there. Every
-problem is one line naming the key, what is wrong and the fix; all of them are
-reported together.
+held by another live run, the checkpoint a resume would load was written by a
+compatible run (:func:`resume_check`: backend, model, Excitation strategy and
+state, layout, precision, from its ``COMPLETE`` record only), and the device and
+framework are there. Every problem is one line naming the key, what is wrong
+and the fix; all of them are reported together. Nothing is written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from excitation_dist.config import ConfigError
+from excitation_dist.recipe.checkpoint import CheckpointManager, holds_excitation_state, read_metadata, resume_metadata
 from excitation_dist.recipe.config import DataConfig, RunConfig
 from excitation_dist.recipe.run_lock import held_by_our_launcher, locked_by, locked_message
 
@@ -133,6 +136,107 @@ def check_directories(cfg: RunConfig, *, check_lock: bool = True) -> None:
             raise ConfigError(locked_message(cfg.checkpoint.dir, holder))
 
 
+def _flat(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out.update(_flat(f"{prefix}.{key}", sub))
+        return out
+    return {prefix: value}
+
+
+def _changes(saved: dict, now: dict, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """``key old -> new`` for every key whose value differs (checkpoint -> this run). Keys only one side
+    has (a field added to or removed from the config since the checkpoint was written) are not compared."""
+    a, b = _flat(prefix, saved), _flat(prefix, now)
+    return [f"{key} {a[key]!r} -> {b[key]!r}" for key in sorted(set(a) & set(b))
+            if key not in skip and a[key] != b[key]]
+
+
+def resume_check(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[list[str], list[str]]:
+    """(problems, notes) of resuming ``cfg`` from ``checkpoint`` (default: the
+    one ``checkpoint.dir/latest`` names; nothing when the run does not resume or
+    the directory holds none). Reads only the checkpoint's ``COMPLETE`` record
+    and compares it with what :func:`~excitation_dist.recipe.checkpoint.resume_metadata`
+    would record for ``cfg``: another backend, model, Excitation strategy, a
+    DeepSpeed checkpoint of another layout or precision, or (with
+    ``checkpoint.require_excitation_state``) no Excitation state to resume are
+    problems; a fresh Excitation start and a torch run on another number of
+    ranks are notes."""
+    if checkpoint is None:
+        if cfg.checkpoint.dir is None or not cfg.checkpoint.resume:
+            return [], []
+        checkpoint = CheckpointManager(cfg.checkpoint.dir).latest()
+        if checkpoint is None:
+            return [], []
+    record = Path(checkpoint) / "COMPLETE"
+    fix = ("resume with the configuration that wrote it, or set checkpoint.dir to a new directory to start "
+           "another run (the checkpoint is left as it is)")
+    try:
+        saved = read_metadata(checkpoint)
+    except (OSError, ValueError) as exc:
+        return [f"checkpoint.dir: {record} cannot be read ({exc}); set checkpoint.dir to a new directory, or "
+                "remove that checkpoint directory to resume from the previous one"], []
+    if "resume_metadata" not in saved:
+        return [], [f"checkpoint {checkpoint} was written before checkpoints recorded their configuration: resuming "
+                    "without checking its backend, model, Excitation strategy or layout"]
+    now = resume_metadata(cfg, excitation_state=True)
+    problems: list[str] = []
+    notes: list[str] = []
+    if saved.get("backend") != now["backend"]:
+        problems.append(f"backend: {record} was written by backend {saved.get('backend')!r}, this run is "
+                        f"{now['backend']!r} (backend {saved.get('backend')!r} -> {now['backend']!r}); their "
+                        f"checkpoint formats differ: {fix}")
+        return problems, notes  # the rest is not comparable across backends
+    skip = ("model.source",) + (("model.vocab_size",) if cfg.model.vocab_size == "auto" else ())
+    model = _changes(saved.get("model") or {}, now["model"], "model", skip)
+    if model:
+        problems.append(f"model: {record} holds another model shape: {', '.join(model)} (checkpoint -> this run); "
+                        f"{fix}")
+
+    before, after = saved.get("excitation"), now["excitation"]
+    strategy_before = "none" if before is None else before.get("strategy")
+    if before is not None and strategy_before != cfg.excitation.strategy:
+        problems.append(f"excitation.strategy: {record} was trained with Excitation strategy {strategy_before!r}, "
+                        f"this run asks for {cfg.excitation.strategy!r} (excitation.strategy {strategy_before!r} -> "
+                        f"{cfg.excitation.strategy!r}); resume with excitation.strategy={strategy_before}, or set "
+                        "checkpoint.dir to a new directory to start another run")
+    elif after is not None and not holds_excitation_state(saved):
+        why = ("was written with Excitation off (excitation.strategy 'none')" if before is None
+               else "holds no Excitation state")
+        if cfg.checkpoint.require_excitation_state:
+            problems.append(f"checkpoint.require_excitation_state: {record} {why}, and this run requires "
+                            "Excitation's state to resume; resume from a checkpoint written with Excitation "
+                            f"{cfg.excitation.strategy!r}, or set checkpoint.require_excitation_state=false to start "
+                            "Excitation fresh")
+        else:
+            notes.append(f"checkpoint {checkpoint} {why}: Excitation starts fresh (step 0, no EMA); set "
+                         "checkpoint.require_excitation_state=true to refuse this instead")
+    elif before is not None and after is not None:
+        tuned = _changes(before, after, "excitation")
+        if tuned:
+            notes.append(f"checkpoint {checkpoint}: {', '.join(tuned)} (checkpoint -> this run): Excitation's saved "
+                         "state resumes under the new settings")
+
+    layout_keys = {"deepspeed": ("world_size", "data_parallel", "expert_parallel", "zero_stage")}.get(cfg.backend, ())
+    layout = _changes({k: saved.get("parallel", {}).get(k) for k in layout_keys},
+                      {k: now["parallel"][k] for k in layout_keys}, "parallel")
+    if cfg.backend == "deepspeed" and saved.get("precision") != now["precision"]:
+        layout.append(f"precision {saved.get('precision')!r} -> {now['precision']!r}")
+    if layout:
+        problems.append(f"parallel: {record} was written on another layout: {', '.join(layout)} (checkpoint -> "
+                        "this run); DeepSpeed's ZeRO checkpoints hold the optimizer state per data-parallel rank "
+                        "and load only on the layout and precision that wrote them: resume with that layout, convert "
+                        "the checkpoint with DeepSpeed's universal checkpoint (python -m "
+                        "deepspeed.checkpoint.ds_to_universal) to load it on another, or set checkpoint.dir to a new "
+                        "directory")
+    ranks_before = saved.get("parallel", {}).get("world_size")
+    if cfg.backend == "torch" and ranks_before != now["parallel"]["world_size"]:
+        notes.append(f"checkpoint {checkpoint} was written by {ranks_before} ranks, this run has "
+                     f"{now['parallel']['world_size']}: fine for backend torch (DDP keeps full replicas)")
+    return problems, notes
+
+
 def check_device_and_backend(cfg: RunConfig, *, launching_locally: bool) -> None:
     """The device exists (enough GPUs for a one-node launch) and the backend's
     framework is installed in a version the project was checked against."""
@@ -174,10 +278,13 @@ def check_device_and_backend(cfg: RunConfig, *, launching_locally: bool) -> None
                                   f"megatron-core==0.16.1 (Python 3.11) or 0.19.2 (Python >= 3.12), or use a GPU")
 
 
-def check_run(cfg: RunConfig, *, launching_locally: bool, check_lock: bool = True) -> list[str]:
+def check_run(cfg: RunConfig, *, launching_locally: bool, check_lock: bool = True,
+              notes: list[str] | None = None) -> list[str]:
     """Run every check; resolves ``model.vocab_size: auto`` in place. Returns the
-    problems found (empty when the run can start), one message each. Ranks pass
-    ``check_lock=False``: rank 0 takes the lock itself, and the others would see it."""
+    problems found (empty when the run can start), one message each; what the
+    run should say but that does not stop it (Excitation starting fresh at
+    resume) is appended to ``notes``. Ranks pass ``check_lock=False``: rank 0
+    takes the lock itself, and the others would see it."""
     problems: list[str] = []
     vocab = None
     try:
@@ -191,4 +298,8 @@ def check_run(cfg: RunConfig, *, launching_locally: bool, check_lock: bool = Tru
             check()
         except ConfigError as exc:
             problems.append(str(exc))
+    resume_problems, resume_notes = resume_check(cfg)
+    problems.extend(resume_problems)
+    if notes is not None:
+        notes.extend(resume_notes)
     return problems

@@ -91,7 +91,8 @@ class TorchDDPBackend:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.excitation.load_state_dict(state["excitation"])
+        if state.get("excitation") is not None:  # absent: Excitation starts fresh (the loop has said so)
+            self.excitation.load_state_dict(state["excitation"])
 
 
 def train(cfg: RunConfig) -> int:
