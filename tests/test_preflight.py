@@ -172,9 +172,13 @@ def test_unwritable_or_locked_checkpoint_directory(tmp_path):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
-def test_cuda_without_a_gpu_is_refused():
-    code, err = _dry_run("device=cuda")
-    assert code != 0 and "device: cuda, but this machine has no usable GPU" in err and "set device=cpu" in err
+def test_cuda_config_on_a_machine_without_gpu_falls_back_and_says_so(capsys):
+    """Issue 14: a GPU config started on a CPU machine names each setting that falls back, and runs."""
+    code, _ = _dry_run("device=cuda")
+    out = capsys.readouterr()
+    assert code == 0, out
+    assert "fast paths: 1 setting(s) fall back" in out.out + out.err
+    assert "device: cuda requested, but no CUDA device is visible: CPU ranks over gloo" in out.out + out.err
 
 
 def test_the_real_launch_fails_before_starting_processes_and_without_traceback(tmp_path):
