@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from excitation_dist.testing import run_distributed  # noqa: E402
+from excitation_dist.recipe.run_lock import LOCK_FILE  # noqa: E402
 from tests.megatron_support import ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,8 @@ def test_megatron_checkpoint_resumes_on_1_and_4_ranks(tmp_path):
             and "parallel.distributed_optimizer was True when it was written, this run has False" in refused.stdout
             and "Resume with the settings that wrote it" in refused.stdout), refused.stdout[-5000:]
     assert "step      5/6" not in refused.stdout
-    assert sorted(p.name for p in (tmp_path / "refused" / "ckpt").iterdir()) == ["latest", "step_00000004"]
+    written = sorted(p.name for p in (tmp_path / "refused" / "ckpt").iterdir() if p.name != LOCK_FILE)
+    assert written == ["latest", "step_00000004"]  # the launcher's lock file aside
 
 
 def test_megatron_killed_inside_save_resumes_exactly(tmp_path):
@@ -158,3 +160,17 @@ def test_megatron_killed_inside_save_resumes_exactly(tmp_path):
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
     assert sorted(a) == list(range(1, 7)) and set(b) == set(a)
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]  # bit-exact
+
+
+def test_megatron_resumes_a_checkpoint_without_excitation_state_with_excitation_fresh(tmp_path):
+    """A checkpoint written with Excitation off loads into a run with Excitation on:
+    model and optimizer resume, Excitation starts at step 0 (the loop's note says so)."""
+    off = _train(tmp_path, "run", "excitation.strategy=none", "schedule.train_steps=2")
+    assert off.returncode == 0, off.stdout[-5000:]
+    on = _train(tmp_path, "run", "schedule.train_steps=4")
+    assert on.returncode == 0, on.stdout[-5000:]
+    assert "resumed from" in on.stdout and "step_00000002 (step 2)" in on.stdout
+    assert "Excitation starts fresh" in on.stdout
+    state = _excitation(tmp_path / "run" / "ckpt" / "step_00000004")
+    assert state["step"] == 2  # counted from the resume, not from the run's start
+    assert all(row is not None for row in state["layers"].values())

@@ -327,6 +327,7 @@ class MegatronBackend:
         from megatron.core import dist_checkpointing
 
         from excitation_dist.megatron import checkpointing
+        from excitation_dist.recipe import checkpoint as checkpoint_lib
 
         saved = _saved_common(directory)
         before, now = saved["layout"], self._layout()
@@ -334,24 +335,33 @@ class MegatronBackend:
         if problems:
             raise SystemExit(f"megatron backend: cannot resume from checkpoint {directory}: " + "; ".join(problems)
                              + f". Resume with the settings that wrote it, or set checkpoint.dir to a new directory")
-        saved_excitation = checkpointing.saved_excitation_state(directory)
-        if saved_excitation is None:
-            raise SystemExit(f"megatron backend: checkpoint {directory} holds no Excitation state; "
-                             "set checkpoint.dir to a new directory")
-        try:
-            checkpointing.check_compatible(saved_excitation, self.excitation, where=f"checkpoint {directory}",
-                                           flag="excitation.strategy")
-        except ValueError as exc:
-            raise SystemExit(f"megatron backend: {exc}") from None
+        # Excitation's state is restored only when the checkpoint holds it and this run has Excitation on;
+        # otherwise Excitation stays as built (the loop's resume_from decided, by
+        # checkpoint.require_excitation_state, whether starting it fresh is allowed)
+        restore_excitation = self.cfg.excitation.strategy != "none" and _holds_excitation_state(directory)
+        if restore_excitation:
+            saved_excitation = checkpointing.saved_excitation_state(directory)
+            if saved_excitation is None:
+                raise SystemExit(f"megatron backend: checkpoint {directory} holds no Excitation state although its "
+                                 f"{checkpoint_lib.COMPLETE} record says it does; set checkpoint.dir to a new directory")
+            try:
+                checkpointing.check_compatible(saved_excitation, self.excitation, where=f"checkpoint {directory}",
+                                               flag="excitation.strategy")
+            except ValueError as exc:
+                raise SystemExit(f"megatron backend: {exc}") from None
         same_layout = all(before[k] == now[k] for k in _PLACEMENT)
         self._init_optimizer_state()
-        loaded = dist_checkpointing.load(self._sharded_state(loading=True, with_rng=same_layout), directory,
-                                         validate_access_integrity=False)
+        template = self._sharded_state(loading=True, with_rng=same_layout)
+        if not restore_excitation:
+            del template[checkpointing.KEY]
+        loaded = dist_checkpointing.load(template, directory, validate_access_integrity=False)
         self._gpt().load_state_dict(loaded["model"])
         optimizer_state = _rechain(loaded["optimizer"], before.get("optimizer_chain", 1), now["optimizer_chain"])
         with _keep_adam_step(self.optimizer):
             self.optimizer.load_state_dict(optimizer_state)
-        checkpointing.load_loaded_state(self.excitation, loaded[checkpointing.KEY], self._moe_layers())
+        _unshare_adam_steps(self.optimizer)
+        if restore_excitation:
+            checkpointing.load_loaded_state(self.excitation, loaded[checkpointing.KEY], self._moe_layers())
         if same_layout:
             _set_rng_state(loaded["rng"])
         elif dist.get_rank() == 0:
@@ -446,11 +456,51 @@ def _keep_adam_step(optimizer: Any):
             del leaf._set_main_param_and_optimizer_states  # the instance attribute shadowed the method
 
 
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """Give every parameter its own Adam ``step`` tensor after a load.
+
+    megatron-core 0.16.1 without Apex / Transformer Engine (torch's own Adam)
+    loads the DistributedOptimizer's state with one ``step`` tensor object for
+    all parameters (``s["step"] = step`` in ``DistributedOptimizer.load_state_dict``),
+    and torch's Adam increments ``state["step"]`` in place per parameter: after
+    a resume every step then advanced the shared counter once per parameter
+    (3 -> 45 after three steps with 14 parameters), so the bias correction, and
+    every weight after the first resumed step, differed from the uninterrupted
+    run. Cloning restores the per-parameter counters the uninterrupted run has."""
+    from excitation_dist.megatron import compat
+
+    for leaf in compat.leaf_optimizers(optimizer):
+        base = compat.base_optimizer(leaf)
+        if base is None:
+            continue
+        for state in base.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                state["step"] = step.clone()
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def _holds_excitation_state(directory: str) -> bool:
+    """Whether the checkpoint in ``directory`` holds Excitation state to restore: its
+    ``COMPLETE`` record says so (:func:`excitation_dist.recipe.checkpoint.holds_excitation_state`);
+    without that record (a directory loaded directly) or with one that predates
+    the resume checks, whether the torch_dist checkpoint has the Excitation objects."""
+    from excitation_dist.megatron import checkpointing
+    from excitation_dist.recipe.checkpoint import holds_excitation_state, read_metadata
+
+    try:
+        holds = holds_excitation_state(read_metadata(directory))
+    except (OSError, ValueError):
+        holds = None
+    if holds is None:
+        return checkpointing.saved_excitation_state(directory) is not None
+    return holds
 
 
 def _saved_common(directory: str) -> dict[str, Any]:
