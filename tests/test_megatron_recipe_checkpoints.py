@@ -3,7 +3,6 @@
 DistributedOptimizer), resumed on 1 rank (EP 1) and on 4 ranks (EP 4); a layout
 that cannot load is refused; a run killed inside a save resumes bit-exactly."""
 
-import json
 import os
 import shutil
 import signal
@@ -16,6 +15,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from excitation_dist.testing import run_distributed  # noqa: E402
+from excitation_dist.recipe.metrics_log import read_metrics  # noqa: E402
 from excitation_dist.recipe.run_lock import LOCK_FILE  # noqa: E402
 from tests.megatron_support import ENV  # noqa: E402
 
@@ -61,12 +61,7 @@ def _train(tmp: Path, name: str, *extra: str, env: dict | None = None) -> subpro
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "log" / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "log") if "loss" in r}
 
 
 def _from(tmp: Path, source: Path, name: str) -> None:

@@ -1,7 +1,6 @@
 """excitation-dist train end to end (backends torch and deepspeed, 2 CPU
 processes): progress, metrics, checkpoints, and a killed run that resumes exactly."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from excitation_dist.recipe.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu_torch.yaml")
@@ -82,12 +83,7 @@ def _kill_in_save_env(tmp, step: int) -> dict[str, str]:
 
 
 def _losses(run_dir):
-    out = {}
-    for line in (run_dir / "log" / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "log") if "loss" in r}
 
 
 def _final_weights(step_dir: Path) -> dict[str, torch.Tensor]:
