@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from excitation_dist.counting import tokens_per_expert
 from excitation_dist.torch import ExpertSlice, report_expert_counts
 
 
@@ -146,9 +147,8 @@ class TopKMoE(nn.Module):
         return out_TD.reshape(shape), self.load_balancing_loss(probs_TE, experts_TK, mask_T)
 
     def _count_for_bias(self, experts_TK: torch.Tensor, kept_TK: torch.Tensor) -> None:
-        with torch.no_grad():
-            counts_E = torch.zeros(self.num_experts, device=experts_TK.device, dtype=torch.float32)
-            counts_E.index_add_(0, experts_TK[kept_TK], torch.ones_like(experts_TK[kept_TK], dtype=torch.float32))
+        with torch.no_grad():  # the sync-free counter Excitation uses (no boolean-mask indexing)
+            counts_E = tokens_per_expert(torch.where(kept_TK, experts_TK, -1), self.num_experts).float()
             self._bias_counts_E = counts_E if self._bias_counts_E is None else self._bias_counts_E + counts_E
 
     @torch.no_grad()
