@@ -73,7 +73,7 @@ def test_overrides_and_inherit():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.moe.num_expert=4", "unknown key(s) model.moe.num_expert; allowed under model.moe: num_experts"),
+    ("model.moe.num_expert=4", "unknown key(s) model.moe.num_expert (did you mean num_experts?); allowed under model.moe: "),
     ("parallel.expert_parallel=3", "parallel.expert_parallel: must divide model.moe.num_experts=8"),
     ("excitation.strategy=bogus", "excitation.strategy: must be one of none, zerosum"),
     ("schedule.global_batch_size=10", "schedule.global_batch_size: must be a multiple"),

@@ -33,10 +33,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from excitation_dist.models.moe import TopKMoE
+from excitation_dist.router_options import RouterOptions
 
 
 @dataclass
-class GPTMoEConfig:
+class GPTMoEConfig(RouterOptions):
     vocab_size: int = 256  # bytes
     seq_len: int = 64
     d_model: int = 64
@@ -64,15 +65,8 @@ class GPTMoEConfig:
     first_dense_layers: int = 0
     tie_embeddings: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward (torch experts only)
-    # router options (TopKMoE's); deepspeed experts take the defaults only (DeepSpeed's TopKGate)
-    score_function: Literal["softmax", "sigmoid"] = "softmax"
-    normalize_topk: bool = True
-    topk_scaling_factor: float | None = None
-    router_num_groups: int | None = None
-    router_group_topk: int | None = None
-    load_balancing: Literal["none", "aux", "seq_aux"] = "aux"
-    expert_bias: bool = False
-    expert_bias_update_rate: float = 1e-3
+    # Router options (TopKMoE's): inherited from RouterOptions; deepspeed experts take the defaults only (DeepSpeed's
+    # TopKGate).
 
     def __post_init__(self) -> None:
         if self.head_dim is None and self.d_model % self.n_heads:

@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 
 from excitation_dist.config import ConfigError, ExcitationConfig
+from excitation_dist.router_options import RouterOptions
 from excitation_dist.recipe.schema import apply_overrides, from_dict, to_dict
 
 
@@ -23,30 +24,16 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(RouterOptions):
     num_experts: int = 8
     top_k: int = 2
     ffn_hidden_size: int = 128  # hidden width of each routed expert
     shared_expert_ffn_hidden_size: int | None = None  # total width of the shared expert(s); None = none
     first_dense_layers: int = 0  # leading layers with a dense FFN instead of MoE
     capacity_factor: float | None = None  # None: no token dropping
-    # Router. Scores: softmax over the experts (Mixtral, OLMoE, Qwen3, DeepSeek-V2) or a sigmoid per expert
-    # (DeepSeek-V3). normalize_topk: the k selected scores are divided by their sum (Hugging Face's
-    # norm_topk_prob; no effect at top_k 1: the weight is the score); topk_scaling_factor multiplies them afterwards (DeepSeek's routed_scaling_factor).
-    score_function: Literal["softmax", "sigmoid"] = "softmax"
-    normalize_topk: bool = True
-    topk_scaling_factor: float | None = None
-    # Group-limited routing (DeepSeek-V3's n_group / topk_group): experts in router_num_groups groups, each
-    # token picks among the experts of its router_group_topk best groups. None: no groups.
-    router_num_groups: int | None = None
-    router_group_topk: int | None = None
-    # Load balancing: the auxiliary loss over the micro-batch (aux, Switch/GShard), per sequence (seq_aux,
-    # DeepSeek), or none; expert_bias: auxiliary-loss-free balancing (DeepSeek-V3), a per-expert bias added to
-    # the scores for the top-k choice only, moved by expert_bias_update_rate x sign(mean load - load) each step.
-    load_balancing: Literal["none", "aux", "seq_aux"] = "aux"
+    # Router options (score function, top-k normalization, groups, load balancing, expert bias): inherited from
+    # RouterOptions (excitation_dist/router_options.py).
     aux_loss_coef: float = 0.01  # load-balancing loss (unused with load_balancing: none)
-    expert_bias: bool = False
-    expert_bias_update_rate: float = 1e-3
     z_loss_coef: float = 0.0  # router z-loss
     router_dtype: Literal["fp32", "model"] = "fp32"
 

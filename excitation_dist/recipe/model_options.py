@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from excitation_dist.recipe.config import ModelConfig
+from excitation_dist.router_options import router_options
 
 
 def gpt_moe_options(m: ModelConfig) -> dict[str, Any]:
@@ -18,9 +19,5 @@ def gpt_moe_options(m: ModelConfig) -> dict[str, Any]:
         capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef,
         position=m.position_embedding, rope_theta=m.rope_theta, norm=m.normalization, norm_eps=m.norm_epsilon,
         qk_norm=m.qk_layernorm, activation=m.activation, shared_expert_d_ff=moe.shared_expert_ffn_hidden_size,
-        first_dense_layers=moe.first_dense_layers, tie_embeddings=m.tie_embeddings,
-        score_function=moe.score_function, normalize_topk=moe.normalize_topk,
-        topk_scaling_factor=moe.topk_scaling_factor, router_num_groups=moe.router_num_groups,
-        router_group_topk=moe.router_group_topk, load_balancing=moe.load_balancing, expert_bias=moe.expert_bias,
-        expert_bias_update_rate=moe.expert_bias_update_rate,
+        first_dense_layers=moe.first_dense_layers, tie_embeddings=m.tie_embeddings, **router_options(moe),
     )

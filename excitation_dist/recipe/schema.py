@@ -8,6 +8,7 @@ Knows nothing of the recipe: it walks dataclass fields and their type hints
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
@@ -95,9 +96,12 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{path}." if path else ""
+        named = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            named.append(where + str(k) + (f" (did you mean {close[0]}?)" if close else ""))
         raise ConfigError(
-            f"unknown key(s) {', '.join(where + str(k) for k in unknown)}; allowed under "
-            f"{path or 'the top level'}: {', '.join(fields)}"
+            f"unknown key(s) {', '.join(named)}; allowed under {path or 'the top level'}: {', '.join(sorted(fields))}"
         )
     kwargs = {name: _convert(value, hints[name], f"{path}.{name}" if path else name) for name, value in data.items()}
     try:
