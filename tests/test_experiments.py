@@ -104,3 +104,27 @@ def test_lm_sweep_report_chooses_lr_on_selection_seeds_and_pairs_report_seeds(tm
     assert float(best["none"]["best_lr"]) == 0.003 and float(best["zerosum"]["best_lr"]) == 0.01
     assert best["zerosum"]["verdict"] == "better" and float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.1)
     assert (tmp_path / "best_vs_best.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lm_sweep_balancing_settings_parse_and_name():
+    assert lm_sweep.parse_balancing("aux:0.01") == (0.01, False)
+    assert lm_sweep.parse_balancing("bias") == (0.0, True)
+    assert lm_sweep.parse_balancing("bias+aux:0.001") == (0.001, True)
+    with pytest.raises(Exception, match="unknown load-balancing setting"):
+        lm_sweep.parse_balancing("aux=0.01")
+    assert lm_sweep.setting_name("0.0", "1") == "aux-free bias"
+    assert lm_sweep.setting_name("0.01", "0") == "aux loss 0.01"
+    assert lm_sweep.setting_name(0.01, True) == "aux-free bias + aux loss 0.01"
+
+
+def test_lm_sweep_trains_through_the_recipe_and_reuses_runs_by_config_hash(tmp_path):
+    argv = ["--out", str(tmp_path), "--steps", "24", "--eval-steps", "2", "--lrs", "0.003", "--strategies", "zerosum",
+            "--balancing", "bias", "--select-seeds", "0", "--report-seeds", "1", "--jobs", "2"]
+    assert lm_sweep.main(argv) == 0
+    runs = _rows(tmp_path / "runs.csv")
+    assert sorted((r["stage"], r["seed"], r["expert_bias"]) for r in runs) == [("confirm", "1", "1"), ("sweep", "0", "1")]
+    assert all(math.isfinite(float(r["val_loss"])) and float(r["overload_last10pct"]) >= 1 for r in runs)
+    assert (tmp_path / "last_invocation.txt").read_text().startswith("2 runs trained, 0 reused")
+    assert lm_sweep.main(argv) == 0  # the same cells again: nothing retrains
+    assert (tmp_path / "last_invocation.txt").read_text().startswith("0 runs trained, 2 reused")
+    assert "| aux-free bias | zerosum |" in (tmp_path / "tables.md").read_text()

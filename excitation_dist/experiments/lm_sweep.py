@@ -3,10 +3,10 @@ path (``excitation-dist train``), at tuned learning rates.
 
 Two stages, one command:
 
-1. sweep: every (aux-loss coefficient, strategy) over a log-spaced grid of peak
+1. sweep: every (load-balancing setting, strategy) over a log-spaced grid of peak
    learning rates (min_lr = lr / 10, the config's cosine schedule) with the
    selection seeds (default: seed 0);
-2. confirm: each (aux, strategy) at its own best learning rate (lowest final
+2. confirm: each (balancing, strategy) at its own best learning rate (lowest final
    validation loss, mean over the selection seeds) with fresh report seeds
    (default 1..5) that took no part in choosing it. Best-vs-best and the paired
    differences to the baseline (same report seeds) come from stage 2 only.
@@ -17,8 +17,13 @@ Every run is a separate ``train`` process (one process, ``parallel.gpus_per_node
 by default). Writes runs.csv (final validation loss and expert metrics of every
 run), curves.csv (training loss every 50 steps and validation loss at every
 evaluation), sweep.csv, best.csv, tables.md and PNGs. Runs already in runs.csv
-with the same config hash are reused; ``--strategies``, ``--aux-coefs``,
+with the same config hash are reused; ``--strategies``, ``--balancing``,
 ``--lrs``, ``--select-seeds`` and ``--report-seeds`` rerun one cell.
+
+Load-balancing settings (``--balancing``): ``aux:C`` trains with the
+load-balancing loss at coefficient C (``aux:0`` without it); ``bias`` is
+auxiliary-loss-free balancing (DeepSeek-V3's per-expert router bias,
+``model.moe.expert_bias``) without the loss; ``bias+aux:C`` both.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from excitation_dist.experiments import plots
@@ -43,13 +50,36 @@ STRATEGIES = ["none", "zerosum", "positivesum", "expdiff", "inverted", "random",
 CODE_VERSION = 3  # bump when a change alters what a run computes (invalidates the cache); 3: one GPT-MoE for torch and DeepSpeed
 
 
+def parse_balancing(spec: str) -> tuple[float, bool]:
+    """``aux:C`` -> (C, False); ``bias`` -> (0, True); ``bias+aux:C`` -> (C, True)."""
+    aux, bias = 0.0, False
+    for part in spec.split("+"):
+        if part == "bias":
+            bias = True
+        elif part.startswith("aux:"):
+            aux = float(part[4:])
+        else:
+            raise argparse.ArgumentTypeError(f"unknown load-balancing setting {spec!r}: use aux:C, bias or bias+aux:C")
+    return aux, bias
+
+
+def setting_name(aux: float | str, bias: bool | str) -> str:
+    aux = float(aux)
+    bias = str(bias) in ("1", "True", "true")
+    if bias:
+        return "aux-free bias" + (f" + aux loss {aux:g}" if aux else "")
+    return f"aux loss {aux:g}"
+
+
 def _mean_over_last(records: list[dict], key: str, n: int) -> float:
     values = [r[key] for r in records if isinstance(r.get(key), (int, float))][-n:]
     return statistics.mean(values) if values else float("nan")
 
 
-def _cfg(args, aux: float, strategy: str, lr: float, seed: int, stage: str) -> dict:
-    cfg = {"config": Path(args.config).name, "steps": args.steps, "aux": aux, "strategy": strategy,
+def _cfg(args, balancing: tuple[float, bool], strategy: str, lr: float, seed: int, stage: str) -> dict:
+    aux, bias = balancing
+    cfg = {"config": Path(args.config).name, "steps": args.steps, "aux": aux, "expert_bias": int(bias),
+           "strategy": strategy,
            "gamma": args.gamma, "lr": lr, "seed": seed, "procs": args.procs, "eval_steps": args.eval_steps,
            "overrides": " ".join(args.overrides), "code_version": CODE_VERSION}
     cfg["hash"] = config_hash(cfg)
@@ -60,7 +90,8 @@ def _cfg(args, aux: float, strategy: str, lr: float, seed: int, stage: str) -> d
 def _train(args, cfg: dict) -> tuple[dict, list[dict]]:
     with tempfile.TemporaryDirectory(prefix="lm_sweep_") as tmp:
         overrides = [f"excitation.strategy={cfg['strategy']}", f"excitation.gamma={cfg['gamma']}",
-                     f"model.moe.aux_loss_coef={cfg['aux']}", f"seed={1000 + cfg['seed']}",
+                     f"model.moe.aux_loss_coef={cfg['aux']}", f"model.moe.expert_bias={bool(cfg['expert_bias'])}",
+                     f"seed={1000 + cfg['seed']}",
                      f"optimizer.lr={cfg['lr']}", f"optimizer.min_lr={cfg['lr'] / 10}",
                      f"parallel.gpus_per_node={cfg['procs']}",
                      f"schedule.train_steps={cfg['steps']}", f"schedule.eval_interval={max(1, cfg['steps'] // 6)}",
@@ -108,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu_torch.yaml"))
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (x 16 x 64 tokens with the tiny configs)")
     p.add_argument("--strategies", type=lambda s: s.split(","), default=["none", "zerosum", "positivesum", "global"])
-    p.add_argument("--aux-coefs", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.0])
-    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    p.add_argument("--balancing", type=lambda s: [parse_balancing(x) for x in s.split(",")],
+                   default=[(0.01, False), (0.0, False), (0.0, True)],
+                   help="load-balancing settings: aux:C (loss coefficient C), bias (aux-loss-free), bias+aux:C")
+    p.add_argument("--aux-coefs", type=lambda s: [(float(x), False) for x in s.split(",")], dest="balancing",
+                   help="shorthand for --balancing aux:C1,aux:C2,...")
+    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 2.2e-3, 4.6e-3, 1e-2, 2.2e-2])
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--select-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0])
     p.add_argument("--report-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 3, 4, 5])
     p.add_argument("--procs", type=int, default=1, help="training processes per run (parallel.gpus_per_node)")
     p.add_argument("--eval-steps", type=int, default=32)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (each a separate process)")
     p.add_argument("--report-only", action="store_true", help="tables and plots from runs.csv, no training")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
@@ -125,36 +161,44 @@ def main(argv: list[str] | None = None) -> int:
     new_rows: list[dict] = []
     new_curves: list[dict] = []
     stats = {"reused": 0, "run": 0}
+    lock = threading.Lock()
 
     def ensure(cfg: dict) -> dict:
-        if cfg["hash"] in old:
-            stats["reused"] += 1
-            return old[cfg["hash"]]
+        with lock:
+            if cfg["hash"] in old:
+                stats["reused"] += 1
+                return old[cfg["hash"]]
         if args.report_only:
             return {}
         row, curve = _train(args, cfg)
-        stats["run"] += 1
-        new_rows.append(row)
-        new_curves.extend(curve)
-        old[cfg["hash"]] = row
-        write_csv(args.out / "runs.csv", list(old.values()))
-        write_csv(args.out / "curves.csv", old_curves + new_curves)
-        print(f"[{stats['run']} run, {stats['reused']} reused] {cfg['stage']} aux {cfg['aux']} {cfg['strategy']:>11} "
+        with lock:  # runs.csv and curves.csv are rewritten after every run, so a stopped sweep keeps what it trained
+            stats["run"] += 1
+            new_rows.append(row)
+            new_curves.extend(curve)
+            old[cfg["hash"]] = row
+            write_csv(args.out / "runs.csv", list(old.values()))
+            write_csv(args.out / "curves.csv", old_curves + new_curves)
+            print(f"[{stats['run']} run, {stats['reused']} reused] {cfg['stage']} "
+              f"{setting_name(cfg['aux'], cfg['expert_bias'])} {cfg['strategy']:>11} "
               f"lr {cfg['lr']:g} seed {cfg['seed']}: val loss {row['val_loss']:.4f}, overload "
-              f"{row['overload_last10pct']:.2f}, dead {row['dead_experts_last10pct']:.2f} ({row['seconds']:.0f} s)",
-              flush=True)
+                  f"{row['overload_last10pct']:.2f}, dead {row['dead_experts_last10pct']:.2f} ({row['seconds']:.0f} s)",
+                  flush=True)
         return row
 
     chosen = {}
-    for aux in args.aux_coefs:  # stage 1: the sweep, every cell
-        for strategy in args.strategies:
-            sweep_rows = [ensure(_cfg(args, aux, strategy, lr, s, "sweep")) for lr in args.lrs for s in args.select_seeds]
-            sweep_rows = [r for r in sweep_rows if r]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # runs start in submission order
+        cells = [(balancing, strategy) for balancing in args.balancing for strategy in args.strategies]
+        sweep = {cell: [pool.submit(ensure, _cfg(args, cell[0], cell[1], lr, s, "sweep"))  # stage 1: every cell
+                        for lr in args.lrs for s in args.select_seeds] for cell in cells}
+        for cell, futures in sweep.items():
+            sweep_rows = [r for r in (f.result() for f in futures) if r]
             if sweep_rows:
-                chosen[(aux, strategy)] = best_lr(sweep_rows, "val_loss", higher_is_better=False)[0]
-    for s in args.report_seeds:  # stage 2: seed-major, so that a stopped run leaves every cell with as many seeds
-        for (aux, strategy), lr in chosen.items():
-            ensure(_cfg(args, aux, strategy, lr, s, "confirm"))
+                chosen[cell] = best_lr(sweep_rows, "val_loss", higher_is_better=False)[0]
+        # stage 2: seed-major, so that a stopped run leaves every cell with as many seeds
+        confirm = [pool.submit(ensure, _cfg(args, cell[0], cell[1], lr, s, "confirm"))
+                   for s in args.report_seeds for cell, lr in chosen.items()]
+        for f in confirm:
+            f.result()
     (args.out / "last_invocation.txt").write_text(
         f"{stats['run']} runs trained, {stats['reused']} reused from runs.csv by config hash\n")
     report(args)
@@ -163,17 +207,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args) -> None:
     runs = [r for r in read_csv(args.out / "runs.csv")]
+    for r in runs:
+        r["setting"] = setting_name(r["aux"], r.get("expert_bias", 0))
     curves = read_csv(args.out / "curves.csv")
     select = set(args.select_seeds)
     report_seeds = set(args.report_seeds) & {int(r["seed"]) for r in runs}  # the report seeds actually run
-    auxes = list(dict.fromkeys(r["aux"] for r in runs))
     methods = [m for m in STRATEGIES if any(r["strategy"] == m for r in runs)]
-    settings = [f"aux loss {a}" for a in auxes]
+    settings = list(dict.fromkeys(r["setting"] for r in runs))
     sweep, best = [], []
-    for aux, setting in zip(auxes, settings):
+    for setting in settings:
         base = None
         for m in methods:
-            rows = [r for r in runs if r["aux"] == aux and r["strategy"] == m]
+            rows = [r for r in runs if r["setting"] == setting and r["strategy"] == m]
             sel = [r for r in rows if int(r["seed"]) in select]
             if not sel:
                 continue
@@ -212,12 +257,12 @@ def report(args) -> None:
               "loss = better); overload = max over layers of (max tokens of one expert / mean tokens per expert) "
               "in a step; dead = experts with no token in a step, summed over layers; both averaged over the last "
               "10% of steps.", "",
-              "| aux loss | method | best lr | seeds | val loss [95% CI] | minus baseline [95% CI] | verdict | "
+              "| balancing | method | best lr | seeds | val loss [95% CI] | minus baseline [95% CI] | verdict | "
               "overload | dead experts / step | entropy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in best:
         pr = {"n": 1, "diff": b["diff_vs_baseline"], "lo": b["diff_lo"], "hi": b["diff_hi"]}
         lr = f"{b['best_lr']:g}" + (" (edge)" if b["lr_at_grid_edge"] else "")
-        lines.append(f"| {b['setting'].split()[-1]} | {b['strategy']} | {lr} | {b['seeds']} | "
+        lines.append(f"| {b['setting']} | {b['strategy']} | {lr} | {b['seeds']} | "
                      f"{fmt_ci(b['test_mean'], b['test_lo'], b['test_hi'], 1, 3)} | "
                      f"{fmt_diff(pr, 1, 3) if b['strategy'] != 'none' else '-'} | {b['verdict'] or '-'} | "
                      f"{fmt_ci(b['overload_last10pct'], b['overload_last10pct_lo'], b['overload_last10pct_hi'], 1, 2)} | "
@@ -247,9 +292,9 @@ def report(args) -> None:
     plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, "validation loss", ylim=(lo_b - pad, hi_b + pad),
                     diff_label="minus baseline (negative = better)",
                     title=f"GPT-MoE: each method at its best lr, seeds {sorted(report_seeds)} (mean, 95% CI)")
-    rows = [{"setting": f"aux loss {r['aux']}", "strategy": r["strategy"], "step": int(c["step"]),
+    rows = [{"setting": r["setting"], "strategy": r["strategy"], "step": int(c["step"]),
              "train_loss": fnum(c["train_loss"]), "val_loss": fnum(c["val_loss"])}
-            for r, c in curves_at_best_lr(runs, curves, best, setting_of=lambda r: f"aux loss {r['aux']}",
+            for r, c in curves_at_best_lr(runs, curves, best, setting_of=lambda r: r["setting"],
                                           keep=lambda r: int(r["seed"]) in report_seeds)]
     plots.curves_plot(args.out / "training_curves.png", rows, settings, methods, x_key="step",
                       panels=[("train_loss", "training loss (50-step mean)", 1, (lo_b - 0.3, 3.5), False),
