@@ -296,9 +296,19 @@ def report(args) -> None:
              "train_loss": fnum(c["train_loss"]), "val_loss": fnum(c["val_loss"])}
             for r, c in curves_at_best_lr(runs, curves, best, setting_of=lambda r: r["setting"],
                                           keep=lambda r: int(r["seed"]) in report_seeds)]
+    base_val: dict[tuple, list[float]] = {}  # the baseline's validation loss per (setting, step), over report seeds
+    for r in rows:
+        if r["strategy"] == "none" and r["val_loss"] == r["val_loss"]:
+            base_val.setdefault((r["setting"], r["step"]), []).append(r["val_loss"])
+    for r in rows:  # averaged per step by the plot: mean(method) - mean(baseline) over the report seeds
+        base = base_val.get((r["setting"], r["step"]))
+        r["val_minus_base"] = r["val_loss"] - statistics.mean(base) if base and r["val_loss"] == r["val_loss"] else float("nan")
+    spread = max([abs(r["val_minus_base"]) for r in rows if r["val_minus_base"] == r["val_minus_base"]] + [0.01])
     plots.curves_plot(args.out / "training_curves.png", rows, settings, methods, x_key="step",
                       panels=[("train_loss", "training loss (50-step mean)", 1, (lo_b - 0.3, 3.5), False),
-                              ("val_loss", "validation loss", 1, (lo_b - 0.3, 3.5), False)],
+                              ("val_loss", "validation loss", 1, (lo_b - 0.3, 3.5), False),
+                              ("val_minus_base", "validation loss minus baseline", 1,
+                               (-1.1 * spread, 1.1 * spread), False)],
                       title="GPT-MoE: training curves at each method's best lr (mean over report seeds)",
                       xlabel="optimizer step")
     print((args.out / "tables.md").read_text())
