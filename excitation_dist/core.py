@@ -8,12 +8,13 @@ One object per model (per pipeline stage). Per optimizer step it
    tokens (:meth:`Excitation.reduce_counts_async`), as soon as the caller knows
    the counts are final, and waits for it only when the optimizer step starts;
 3. turns the global counts into multipliers ``phi_LE`` (:mod:`strategies`);
-4. in an optimizer step pre-hook, snapshots the registered expert slices whose
-   multiplier differs from 1, and in the post-hook blends
-   ``new = old + phi * (stepped - old)`` on exactly those slices.
+4. inside the optimizer step (after its pre-hooks and its closure), steps the
+   registered expert slices at ``lr * phi`` (the folded path, :mod:`folded`), or
+   snapshots the slices whose multiplier differs from 1 and, in the post-hook,
+   blends ``new = old + phi * (stepped - old)`` on exactly those slices.
 
 "Where are counts reduced" is :meth:`reduce_counts_async`; "where is the update
-scaled" is :meth:`_blend` (vectorized in :mod:`excitation_dist.blend`). Every
+scaled" is :meth:`_prepare_update` (:mod:`folded`, or :mod:`blend` and :meth:`_blend`). Every
 backend uses these two.
 
 Backends translate their framework into :class:`ExpertSegment` s: slices of the
@@ -61,6 +62,20 @@ class ExpertSegment:
 def in_backward() -> bool:
     """True while autograd runs a backward pass (where activation recompute happens)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def in_nonreentrant_recompute() -> bool:
+    """True while ``torch.utils.checkpoint(use_reentrant=False)`` recomputes a
+    forward in backward. Its original forward ran with grad enabled and was
+    counted, so the recompute must not consume an uncounted (reentrant) original.
+    torch marks the recompute only by its saved-tensor hooks (``_recomputation_hook``,
+    torch 2.1-2.13); an unknown torch reads as False (the recompute is then
+    matched against pending reentrant originals, as before this check existed)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return False
+    hooks = top(True)
+    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 def collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
@@ -136,6 +151,8 @@ class Excitation:
         self._update_paths: dict[int, str] = {}  # id(base optimizer) -> "folded:<kind>" or "blend"
         self._row_factors: RowFactors | None = None  # this step's, shared by every optimizer call
         self._hidden_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._closures_owed: set[int] = set()  # optimizers handed our closure this step, not yet called
+        self._warned_sparse = False
         self._snapshots: list[Snapshot] = []
         self._hook_handles: list[Any] = []
         # Host-side tallies per layer for this step (Python ints: no device sync), see count_this_forward().
@@ -186,27 +203,31 @@ class Excitation:
         * a forward outside backward with grad enabled: counted (the usual case,
           and the original forward of non-reentrant activation checkpointing);
         * a training-mode forward outside backward under ``no_grad``: not counted
-          now, remembered as an *uncounted original* (reentrant checkpointing:
-          ``torch.utils.checkpoint(use_reentrant=True)``, DeepSpeed's and
-          megatron's checkpoint functions run the original forward so);
-        * a forward inside backward (activation recompute): counted only when it
-          replays an uncounted original of the same layer, so each token counts
-          once whichever checkpointing each layer uses. A recompute with nothing
-          to replay (its original was counted) is only tallied.
+          now, remembered as one *uncounted original* of the layer (reentrant
+          checkpointing: ``torch.utils.checkpoint(use_reentrant=True)``,
+          DeepSpeed's and megatron's checkpoint functions run the original
+          forward so);
+        * a recompute inside backward of a non-reentrant checkpoint (its original
+          ran with grad and was counted): only tallied;
+        * any other forward inside backward (a reentrant recompute): counted when
+          it replays one of the layer's uncounted originals, else only tallied.
 
-        All bookkeeping is in Python integers: no device synchronization.
+        Uncounted originals are kept per forward, not per layer: a reentrant-
+        checkpointed micro-batch followed by plain ones in the same step (Megatron's
+        partial activation checkpointing, 1F1B warm-up forwards) still counts the
+        checkpointed one at its recompute. Originals never replayed by the step's
+        end are dropped. All bookkeeping is in Python integers: no device sync.
         """
         if not training:
             return False
         if in_backward():  # an activation recompute
-            if torch.is_grad_enabled() and self._uncounted_originals_L[layer] > 0:
+            if torch.is_grad_enabled() and not in_nonreentrant_recompute() and self._uncounted_originals_L[layer] > 0:
                 self._uncounted_originals_L[layer] -= 1
                 self._counted_forwards_L[layer] += 1
                 return True
             self._uncounted_recomputes_L[layer] += 1
             return False
         if torch.is_grad_enabled():
-            self._uncounted_originals_L[layer] = 0  # earlier no_grad forwards of this layer were not checkpoint originals
             self._counted_forwards_L[layer] += 1
             return True
         self._uncounted_originals_L[layer] += 1
@@ -363,22 +384,42 @@ class Excitation:
 
     # ------------------------------------------------------- optimizer hooks
     def hook_optimizer(self, optimizer: torch.optim.Optimizer, *, end_step_after: bool = True) -> None:
-        """Register the step pre/post hooks on the base torch optimizer, and
-        choose its update path (``config.update``; see :mod:`excitation_dist.folded`).
+        """Hook the base torch optimizer's step and choose its update path
+        (``config.update``; see :mod:`excitation_dist.folded`).
+
+        The excited update runs *inside* ``step()``, after every step pre-hook
+        and after the step's closure: the pre-hook only hands the optimizer a
+        closure of ours (wrapping the caller's, if any), which the optimizer calls
+        before it touches a parameter. So gradient clipping or logging pre-hooks
+        registered after attach see and change the expert gradients the update
+        uses, and a closure that runs the forward and backward (Lightning's
+        automatic optimization, NeMo) is counted in the step it belongs to.
+        Without a closure, the blend path snapshots in the pre-hook (a snapshot of
+        parameters does not depend on gradients). Our post-hook runs before the
+        post-hooks registered earlier, so every post-hook sees the gradients back.
 
         ``end_step_after``: the post-hook also ends the step. Pass False when the
         wrapper steps the base optimizer once per parameter group (ZeRO) and
         call :meth:`end_step` after the whole step instead.
         """
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ConfigError(
+                "torch.optim.LBFGS evaluates its closure several times per step (line search): Excitation counts "
+                "the tokens of one forward per optimizer step. Use a first-order optimizer (SGD, Adam, AdamW, ...)."
+            )
         self._update_paths[id(optimizer)] = self._choose_update_path(optimizer)
-        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step(opt))
+        pre = optimizer.register_step_pre_hook(self._step_pre_hook)
 
         def post(opt, args, kwargs):
-            self._post_step()
+            self._post_step(opt)
             if end_step_after:
                 self.end_step()
 
-        self._hook_handles += [pre, optimizer.register_step_post_hook(post)]
+        post_handle = optimizer.register_step_post_hook(post)
+        hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)  # torch's OrderedDict of post-hooks
+        if hooks is not None and post_handle.id in hooks:
+            hooks.move_to_end(post_handle.id, last=False)
+        self._hook_handles += [pre, post_handle]
 
     def _choose_update_path(self, optimizer: torch.optim.Optimizer) -> str:
         kind, reason = fold_kind(optimizer)
@@ -409,22 +450,66 @@ class Excitation:
             h.remove()
         self._hook_handles.clear()
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Pre-step: finalize multipliers once per step; then either step the
-        excited tensors here at lr * phi (folded) or copy the rows to blend."""
+    def _step_pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple | None:
+        """Step pre-hook: hand the optimizer our closure (folded path, or any
+        step called with a closure); else prepare the blend now."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        folded = self._update_paths.get(id(optimizer), "blend").startswith("folded:")
+        if closure is None and not folded:
+            self._prepare_update(optimizer)
+            return None
+        excited = self._excited_closure(optimizer, closure)
+        return args[:1], {**kwargs, "closure": excited}
+
+    def _excited_closure(self, optimizer: torch.optim.Optimizer, closure: Callable | None) -> Callable:
+        """The closure the optimizer calls first thing in its step: the caller's
+        closure (forward and backward: its counts belong to this step), then the
+        multipliers and the excited update."""
+        calls = 0
+
+        def excited_closure():
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}.step() called its closure more than once: Excitation counts the "
+                    "tokens of one forward per optimizer step and cannot scale a step that re-evaluates the model "
+                    "(line search). Use an optimizer that calls the closure once (torch.optim SGD/Adam/AdamW do)."
+                )
+            loss = closure() if closure is not None else None
+            self._prepare_update(optimizer)
+            return loss
+
+        self._closures_owed.add(id(optimizer))
+        return excited_closure
+
+    def _prepare_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Inside the step, before the base optimizer touches a parameter:
+        finalize the multipliers once per step; then step the excited tensors at
+        lr * phi and hide their gradients (folded), or copy the rows to blend."""
+        self._closures_owed.discard(id(optimizer))
         if self._phase is not _Phase.READY:
             self._finalize()
         self._snapshots.clear()
         if not self.config.active:
             return
         path = self._update_paths.get(id(optimizer), "blend")
-        if path.startswith("folded:"):
-            self._folded_step(optimizer, path.split(":")[1])
-        else:
-            self._snapshot(optimizer)
+        with torch.no_grad():
+            if path.startswith("folded:"):
+                self._folded_step(optimizer, path.split(":")[1])
+            else:
+                self._snapshot(optimizer)
 
-    def _post_step(self) -> None:
+    def _post_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Post-step: give the folded tensors their gradients back; blend the rest."""
+        if id(optimizer) in self._closures_owed:
+            self._closures_owed.discard(id(optimizer))
+            self._hidden_grads.clear()
+            self._snapshots.clear()
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step() did not call its closure, where Excitation's update runs: this "
+                "step was applied without Excitation. Pass excitation update: blend for this optimizer."
+            )
         for p, grad in self._hidden_grads:
             p.grad = grad
         self._hidden_grads.clear()
@@ -438,21 +523,34 @@ class Excitation:
             return
         if self._row_factors is None:
             self._row_factors = RowFactors(self.last_multipliers_LE, plan.row_index_R)
+        sparse = set()
         for group in optimizer.param_groups:
             for p in group["params"]:
                 pieces = plan.pieces.get(id(p))
                 if pieces is None or p.grad is None:
                     continue
+                if p.grad.is_sparse:  # the base optimizer steps it; the blend scales its update
+                    sparse.add(id(p))
+                    continue
                 step_tensor(kind, optimizer, group, p, pieces, self._row_factors)
                 self._hidden_grads.append((p, p.grad))
                 p.grad = None
         self.last_snapshot_bytes = 0
+        if sparse:
+            if not self._warned_sparse:
+                self._warned_sparse = True
+                logger.warning("Excitation: expert tensors with sparse gradients take the blend path (a transient "
+                               "copy of their rows with phi != 1 per step)")
+            self._snapshot_tensors(sparse)
 
     def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
-        """Blend path: copy the slices whose multiplier is not 1. Reads the
-        multipliers on the host once per step (one sync, this path only)."""
+        """Blend path: copy the slices whose multiplier is not 1."""
+        self._snapshot_tensors({id(p) for group in optimizer.param_groups for p in group["params"]})
+
+    def _snapshot_tensors(self, stepped: set[int]) -> None:
+        """Copy the slices of the tensors ``stepped`` (ids) whose multiplier is not 1.
+        Reads the multipliers on the host once per step (one sync, this path only)."""
         phi_LE = self.last_multipliers_LE.cpu()
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for block in self._blocks:
             if id(block.tensor) in stepped:
                 snap = snapshot(block, phi_LE)

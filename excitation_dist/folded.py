@@ -12,15 +12,17 @@ and the factor is an ``[n, 1]`` column, so the number of passes over memory and
 the transient tensors are those of torch's own step: no snapshot, no blend,
 no host sync (multipliers stay on their device).
 
-The excited tensors are updated in the base optimizer's step pre-hook and
-hidden from its own step (their ``.grad`` is set to None for the step and
+The excited tensors are updated inside the base optimizer's step, from the
+closure the controller hands it (after every step pre-hook and the caller's
+closure; :meth:`Excitation.hook_optimizer`), and hidden from its own update (their ``.grad`` is set to None for the step and
 restored after it, which every ``torch.optim`` optimizer skips), so dense
 tensors keep torch's own implementation (foreach or fused). The state is
 torch's own format (``step``, ``exp_avg``, ``exp_avg_sq``; ``momentum_buffer``):
 checkpoints, and a switch between the folded and the blend path, keep working.
 
-Anything else (fused kernels, amsgrad, maximize, Adafactor, Muon, unknown
-optimizers) takes the blend path of :mod:`excitation_dist.blend`.
+Anything else (fused kernels, amsgrad, maximize, complex parameters, Adafactor,
+Muon, unknown optimizers) takes the blend path of :mod:`excitation_dist.blend`;
+so does, step by step, an excited tensor whose gradient is sparse.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def fold_kind(optimizer: torch.optim.Optimizer) -> tuple[str | None, str]:
     if kind is None:
         return None, f"{type(optimizer).__module__}.{name} is not one of torch.optim.SGD/Adam/AdamW"
     for group in optimizer.param_groups:
+        if any(torch.is_complex(p) for p in group["params"]):
+            return None, f"{name} over complex parameters (torch steps them as real views)"
         for flag in ("fused", "capturable", "differentiable", "maximize", "amsgrad"):
             if group.get(flag):
                 reason = "keeps its fused kernel" if flag == "fused" else "is not folded"
@@ -128,21 +132,6 @@ class RowFactors:
         return self._cached(("decay", like.dtype, like.device, lr, weight_decay),
                             lambda: (1.0 - self.phi_R * (lr * weight_decay)).to(like.device, like.dtype).unsqueeze(1))
 
-    def adam_denominator(self, like: torch.Tensor, bias_correction2_sqrt: float, eps: float):
-        """(a, b) with ``sqrt(v) * a + b == (sqrt(v) / bc2_sqrt + eps) / phi``: dividing
-        Adam's denominator by phi scales its step by phi. phi = 0 gives an infinite
-        denominator, hence an update of exactly 0 (sqrt(v) * 0 + inf, never 0 * inf)."""
-
-        def make():
-            phi = self.phi_R
-            positive = phi > 0
-            safe = torch.where(positive, phi, torch.ones_like(phi))
-            a = torch.where(positive, 1.0 / (safe * bias_correction2_sqrt), torch.zeros_like(phi))
-            b = torch.where(positive, eps / safe, torch.full_like(phi, float("inf")))
-            return a.to(like.device, like.dtype).unsqueeze(1), b.to(like.device, like.dtype).unsqueeze(1)
-
-        return self._cached(("adam", like.dtype, like.device, bias_correction2_sqrt, eps), make)
-
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
@@ -153,8 +142,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def step_tensor(kind: str, optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor,
                 pieces: list[_Piece], factors: RowFactors) -> None:
     """One excited tensor's update, in the optimizer's own state."""
-    if p.grad.is_sparse:
-        raise RuntimeError("the folded Excitation update does not handle sparse gradients")
     with torch.no_grad():
         if kind == "adam":
             _adam(optimizer.state[p], group, p, pieces, factors)
@@ -192,15 +179,12 @@ def _adam(state: dict, group: dict, p: torch.Tensor, pieces: list[_Piece], facto
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = exp_avg_sq.sqrt()
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)  # torch's own denominator, bit for bit
     flat_denom = _flat(denom)
-    for piece in pieces:
-        view = piece.view(flat_denom)
-        if piece.n:
-            a, b = factors.adam_denominator(denom, bias_correction2_sqrt, eps)
-            view.mul_(a[piece.row : piece.row + piece.n]).add_(b[piece.row : piece.row + piece.n])
-        else:
-            view.div_(bias_correction2_sqrt).add_(eps)
+    phi = factors.phi(denom)
+    for piece in pieces:  # dividing the denominator by phi scales the step by phi; phi = 1 changes no bit,
+        if piece.n:  # phi = 0 gives an infinite denominator, hence an update of exactly 0
+            piece.view(flat_denom).div_(phi[piece.row : piece.row + piece.n])
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
@@ -218,10 +202,14 @@ def _sgd(state: dict, group: dict, p: torch.Tensor, pieces: list[_Piece], factor
         else:
             buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
         grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+    # torch's own last op is add_(update, alpha=-lr); the block rows take (update * phi) through the same op,
+    # so phi = 1 changes no bit (addcmul_ rounds differently). The update is scaled in place when it is this
+    # step's temporary, else (the gradient itself, the momentum buffer) through a transient copy of the rows.
+    scratch = grad is not p.grad and grad is not state.get("momentum_buffer")
     flat_p, flat_grad = _flat(p), grad.reshape(-1)
     for piece in pieces:
         view, update = piece.view(flat_p), piece.view(flat_grad)
         if piece.n:
-            view.addcmul_(update, factors.phi(p)[piece.row : piece.row + piece.n], value=-lr)
-        else:
-            view.add_(update, alpha=-lr)
+            phi = factors.phi(p)[piece.row : piece.row + piece.n]
+            update = update.mul_(phi) if scratch else update * phi
+        view.add_(update, alpha=-lr)
