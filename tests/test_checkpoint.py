@@ -85,3 +85,21 @@ def test_complete_record_holds_what_a_resume_must_agree_with(tmp_path):
     off = resume_metadata(load_run_config(config, ["excitation.strategy=none"]), excitation_state=True)
     assert off["excitation"] is None and holds_excitation_state(off) is False
     assert holds_excitation_state({"step": 3, "world_size": 2}) is None  # written before the records
+
+
+def test_complete_record_holds_the_data_position_when_given(tmp_path):
+    from excitation_dist.recipe.checkpoint import read_metadata, resume_metadata
+    from excitation_dist.recipe.config import load_run_config
+    from excitation_dist.recipe.data import TrainPosition, data_record
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_cpu_torch.yaml")
+    cfg = load_run_config(config, ["schedule.global_batch_size=32", "seed=7"])
+    resumed = TrainPosition(step=4, consumed=64, num_samples=64 + 196 * 32)  # 4 steps of 16, then 32 per step
+    mgr = CheckpointManager(tmp_path)
+    mgr.prepare(10)
+    meta = read_metadata(mgr.publish(10, resume_metadata(cfg, excitation_state=True,
+                                                         data=data_record(cfg, resumed, 10, plan=None))))
+    assert meta["data"] == {"consumed_samples": 64 + 6 * 32, "seed": 7, "data.path": "embedded",
+                            "data.split": "98,2,0", "model.seq_length": 64, "num_samples": 64 + 196 * 32,
+                            "epochs": None, "global_batch_size": 32, "train_steps": 200}
+    assert "data" not in resume_metadata(cfg, excitation_state=True)  # a resume then reads from step x batch

@@ -379,3 +379,31 @@ def test_gate_counts_sparse_and_dense_outputs_agree(k):
     assert torch.equal(routed, gate_routed_counts(dense)) and int(routed.sum()) == 40 * k
     assert bool((processed <= routed).all()) and int(processed.sum()) < int(routed.sum())
     assert int(processed.max()) <= int(sparse[1])  # capacity
+
+
+def test_cuda_optimizer_block_keeps_the_decay_of_every_optimizer_name():
+    """On CUDA the recipe hands DeepSpeed an optimizer block (FusedAdam). DeepSpeed's ``{"type": "Adam"}``
+    defaults to ``adam_w_mode: true`` (decoupled decay, i.e. AdamW), while the CPU path (torch.optim.Adam)
+    and the Megatron backend use coupled L2 for ``adam``: the block must say which it is. Built from a
+    described CUDA machine, no GPU needed; every name the recipe accepts."""
+    import typing
+    from pathlib import Path
+
+    from excitation_dist.recipe import fast_paths
+    from excitation_dist.recipe.backends.deepspeed import deepspeed_config
+    from excitation_dist.recipe.config import OptimizerConfig, load_run_config
+
+    names = typing.get_args(typing.get_type_hints(OptimizerConfig)["name"])
+    assert set(names) == {"adam", "adamw", "sgd"}, names  # a new name needs its expected block below
+    expected = {"adam": ("Adam", False), "adamw": ("AdamW", True), "sgd": None}
+    config = Path(__file__).resolve().parents[1] / "configs/tiny_cpu.yaml"
+    for name in names:
+        cfg = load_run_config(config, ["device=cuda", f"optimizer.name={name}", "optimizer.weight_decay=0.1"])
+        ds = deepspeed_config(cfg, fast_paths.resolve(cfg, fast_paths.Environment(cuda=True)))
+        if expected[name] is None:  # no fused DeepSpeed kernel: the recipe passes a torch optimizer
+            assert "optimizer" not in ds, (name, ds)
+            continue
+        kind, decoupled = expected[name]
+        assert ds["optimizer"]["type"] == kind, (name, ds["optimizer"])
+        assert ds["optimizer"]["params"]["adam_w_mode"] is decoupled, (name, ds["optimizer"])
+        assert ds["optimizer"]["params"]["weight_decay"] == 0.1

@@ -306,3 +306,52 @@ def test_refused_resume_starts_no_process_and_writes_nothing(tmp_path):
     assert proc.returncode == 1 and "launching" not in proc.stdout and "Traceback" not in proc.stderr
     assert f"excitation.strategy: {record} was trained with Excitation strategy 'zerosum'" in proc.stderr
     assert _tree(tmp_path / "ckpt") == before and not (tmp_path / "ckpt" / ".lock").exists()
+
+
+# ------------------------------------------------------------ resuming with another sample order
+TINY = ["schedule.train_steps=2", "schedule.warmup_steps=1", "schedule.eval_interval=0", "checkpoint.interval=2",
+        "model.hidden_size=32", "model.moe.ffn_hidden_size=32", "model.seq_length=32"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A directory whose ckpt/ holds the step-2 checkpoint of a real tiny torch run (global batch 16)."""
+    root = tmp_path_factory.mktemp("trained")
+    proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", TORCH_CONFIG, *TINY,
+                           f"checkpoint.dir={root / 'ckpt'}", f"logging.dir={root / 'log'}"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=5"], "seed 1234 -> 5 (checkpoint -> this run)"),
+    (["data.split=90,10,0"], "data.split '98,2,0' -> '90,10,0' (checkpoint -> this run)"),
+    (["seed=7", "data.split=99,1,0"], "data.split '98,2,0' -> '99,1,0', seed 1234 -> 7 (checkpoint -> this run)"),
+])
+def test_resume_that_would_reshuffle_the_data_is_refused_and_writes_nothing(trained, overrides, message):
+    """Another seed or data.split reorders the samples (megatron-core's shuffle): refused before launch,
+    naming the key, old -> new and the fix; the checkpoint directory is left as it was."""
+    record = trained / "ckpt" / "step_00000002" / "COMPLETE"
+    run = [*TINY, f"checkpoint.dir={trained / 'ckpt'}", f"logging.dir={trained / 'log'}"]
+    before = _tree(trained / "ckpt")
+    code, err = _dry_run(*run, *overrides)
+    assert code != 0, err
+    assert f"data: {record} was written by a run that read its samples in another order: {message}" in err, err
+    assert "resume with " in err and "or set checkpoint.dir to a new directory" in err
+    fix = err.split("resume with ", 1)[1]
+    assert ("seed=1234" in fix) == any(o.startswith("seed") for o in overrides), err
+    assert _tree(trained / "ckpt") == before
+
+
+def test_resume_with_another_batch_size_or_length_checks_the_epochs(trained, capsys):
+    """A larger global batch or more steps reads on from the samples consumed; refused only where megatron-core
+    would build the dataset over another number of epochs (its shuffle depends on it), naming the keys."""
+    run = [*TINY, f"checkpoint.dir={trained / 'ckpt'}", f"logging.dir={trained / 'log'}"]
+    before = _tree(trained / "ckpt")
+    assert _dry_run(*run, "schedule.global_batch_size=32", "schedule.train_steps=50")[0] == 0
+    code, err = _dry_run(*run, "schedule.train_steps=200000")  # ~3.2M samples of 33 tokens: many epochs
+    assert code != 0, err
+    assert "schedule.train_steps 2 -> 200000" in err and "epoch" in err, err
+    assert "set checkpoint.dir to a new directory" in err
+    assert _tree(trained / "ckpt") == before

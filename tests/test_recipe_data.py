@@ -133,3 +133,66 @@ def test_resumed_run_reads_exactly_the_samples_it_stopped_at(corpora, tmp_path):
 
     reseeded = _source(corpora, tmp_path, corpora[0], "seed=5")
     assert not torch.equal(first.train_batch(1, 0, 0), reseeded.train_batch(1, 0, 0))
+
+
+def _cfg(corpora, tmp_path, path, *extra):
+    return load_run_config(CONFIG, [f"data.path={path}", f"data.tokenizer={corpora[2]}", "model.vocab_size=512",
+                                    f"model.seq_length={SEQ}", "schedule.train_steps=60", "schedule.eval_steps=2",
+                                    f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def _megatron_epochs(dataset) -> int:
+    return dataset._get_num_epochs(dataset._get_num_tokens_per_epoch())
+
+
+def test_resume_with_a_larger_global_batch_reads_on_from_the_consumed_samples(corpora, tmp_path):
+    """10 steps of 16 samples, resumed with global batch 32 for 30 more steps: the resumed reader's samples
+    (indices and token ids) are exactly those the uninterrupted reader had not read yet, in its order, even
+    though the resumed run builds its dataset for more samples (the same epochs: the same order)."""
+    from excitation_dist.recipe.data import resume_order_check, train_position
+
+    cfg16 = _cfg(corpora, tmp_path, corpora[0])  # 60 x 16 = 960 samples: 2 epochs of 671
+    first = TokenSource.from_config(cfg16)
+    read = [i for step in range(1, 11) for m in range(1) for r in range(2) for i in first.train_indices(step, m, r)]
+    assert sorted(read) == list(range(160))
+    saved = {"step": 10, "data": first.record(cfg16, 10)}
+    assert saved["data"]["consumed_samples"] == 160 and saved["data"]["num_samples"] == 960
+
+    cfg32 = _cfg(corpora, tmp_path, corpora[0], "schedule.global_batch_size=32", "schedule.train_steps=40")
+    position, notes = train_position(cfg32, saved)
+    assert (position.step, position.consumed, position.num_samples) == (10, 160, 160 + 30 * 32) and not notes
+    assert resume_order_check(cfg32, saved, tmp_path / "COMPLETE") == ([], [])
+    resumed = TokenSource.from_config(cfg32, position)
+    assert resumed.plan[0]["epochs"] == first.plan[0]["epochs"] == 2
+    indices = [list(resumed.train_indices(step, m, r)) for step in range(11, 41) for m in range(2) for r in range(2)]
+    assert sorted(i for batch in indices for i in batch) == list(range(160, 1120))  # none skipped, none twice
+    for step in (11, 12):  # token ids: the uninterrupted reader's next samples
+        for m in range(2):
+            for r in range(2):
+                start = 160 + (step - 11) * 32 + (m * 2 + r) * 8
+                assert torch.equal(resumed.train_batch(step, m, r), first.train.samples(range(start, start + 8)))
+    with pytest.raises(ValueError, match="before the checkpoint"):
+        resumed.train_indices(10, 0, 0)
+
+
+def test_epoch_plan_is_megatrons_and_a_reshuffle_is_refused(corpora, tmp_path):
+    """epoch_plan mirrors megatron-core's GPTDataset (epochs, samples per blended prefix), and a resume whose
+    dataset megatron would shuffle differently (here the final epoch no longer shuffled apart) is refused."""
+    from excitation_dist.recipe.data import resume_order_check, train_position
+
+    cfg16 = _cfg(corpora, tmp_path, corpora[0])
+    first = TokenSource.from_config(cfg16)
+    assert first.plan[0]["separate_final_epoch"] and first.plan[0]["epochs"] == _megatron_epochs(first.train.dataset)
+    saved = {"step": 10, "data": first.record(cfg16, 10)}
+    longer = _cfg(corpora, tmp_path, corpora[0], "schedule.train_steps=78")  # 1248 samples: 2 epochs, not apart
+    position, _ = train_position(longer, saved)
+    problems, _ = resume_order_check(longer, saved, tmp_path / "COMPLETE")
+    assert len(problems) == 1 and "schedule.train_steps 60 -> 78" in problems[0], problems
+    assert "2 -> 2 epoch(s)" in problems[0] and "set schedule.train_steps<=60" in problems[0], problems[0]
+    other = TokenSource.from_config(longer, position)
+    assert not torch.equal(other.train.samples(range(160, 200)), first.train.samples(range(160, 200)))
+
+    blend_cfg = _cfg(corpora, tmp_path, f"1 {corpora[0]} 3 {corpora[1]}")
+    blend = TokenSource.from_config(blend_cfg)
+    for dataset, planned in zip(blend.train.dataset.datasets, blend.plan):
+        assert (dataset.num_samples, _megatron_epochs(dataset)) == (planned["samples"], planned["epochs"])

@@ -232,3 +232,58 @@ def test_launcher_and_config_must_agree(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", CONFIG], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "started 3 processes but the config asks for" in proc.stderr
+
+
+# Test-only probe, installed through PYTHONPATH into every process: each rank appends the global sample
+# indices of every micro-batch it reads to EXCITATION_TEST_SAMPLES/rank<R>.txt.
+_RECORD_SAMPLES = """
+import os
+
+from excitation_dist.recipe import data as _data
+
+_batch = _data.TokenSource.train_batch
+
+
+def train_batch(self, step, micro, rank):
+    with open(os.path.join(os.environ["EXCITATION_TEST_SAMPLES"], f"rank{rank}.txt"), "a") as f:
+        f.write(" ".join(map(str, self.train_indices(step, micro, rank))) + "\\n")
+    return _batch(self, step, micro, rank)
+
+
+_data.TokenSource.train_batch = train_batch
+"""
+
+
+def _record_samples_env(tmp) -> dict[str, str]:
+    hook, out = tmp / "record_samples", tmp / "samples"
+    hook.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_RECORD_SAMPLES)
+    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "EXCITATION_TEST_SAMPLES": str(out)}
+
+
+def _samples_read(tmp) -> list[int]:
+    return sorted(int(i) for f in (tmp / "samples").glob("rank*.txt") for i in f.read_text().split())
+
+
+def test_resume_with_a_larger_global_batch_continues_at_the_consumed_samples(tmp_path):
+    """4 steps of 16 samples, then resumed with global batch 32 for steps 5-6: the resumed run reads
+    samples 64..191, exactly the ones an uninterrupted reader had not read yet (no sample skipped, none
+    twice), as Megatron-LM's consumed_samples does; the checkpoint records the samples consumed."""
+    import json
+
+    env = _record_samples_env(tmp_path)
+    common = [*COMMON, "schedule.warmup_steps=1", "checkpoint.interval=2"]
+    first = _train(tmp_path, "run", "schedule.train_steps=4", common=common, env=env)
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out
+    assert _samples_read(tmp_path) == list(range(64))
+
+    again = _train(tmp_path, "run", "schedule.train_steps=6", "schedule.global_batch_size=32", common=common, env=env)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert "resumed from" in out and "step      6/6 | loss" in out
+    assert _samples_read(tmp_path) == list(range(64 + 2 * 32))  # every sample once, none skipped
+    record = json.loads((tmp_path / "run" / "ckpt" / "step_00000006" / "COMPLETE").read_text())
+    assert record["data"]["consumed_samples"] == 4 * 16 + 2 * 32 and record["data"]["global_batch_size"] == 32

@@ -8,7 +8,9 @@ removed by the next save: no checkpoint ever loads half-written.
 
 The ``COMPLETE`` marker is a JSON object: the step, and what a resume must agree
 with (:func:`resume_metadata`: backend, model architecture, Excitation's
-configuration and whether its state is inside, parallel layout, precision).
+configuration and whether its state is inside, parallel layout, precision, and
+the data position: samples consumed and everything the sample order depends on,
+:func:`excitation_dist.recipe.data.data_record`).
 :func:`excitation_dist.recipe.preflight.resume_check` compares it with the
 run's configuration before any rank starts.
 """
@@ -33,14 +35,17 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def resume_metadata(cfg: Any, *, excitation_state: bool) -> dict[str, Any]:
+def resume_metadata(cfg: Any, *, excitation_state: bool, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a resumed run must agree with, for ``CheckpointManager.publish``:
     ``cfg`` is the :class:`~excitation_dist.recipe.config.RunConfig` that wrote
     the checkpoint; ``excitation_state`` whether the backend saved Excitation's
-    state (its step counter and EMA). ``excitation`` is None when Excitation is
-    off (strategy ``none``)."""
+    state (its step counter and EMA); ``data`` the run's data position
+    (``TokenSource.record``: a resume reads on from its consumed samples, and is
+    refused where the sample order would change). ``excitation`` is None when
+    Excitation is off (strategy ``none``); ``data`` is left out when not given
+    (a checkpoint without it resumes at ``step x global_batch_size``)."""
     p = cfg.parallel
-    return {
+    metadata = {
         "resume_metadata": METADATA_VERSION,
         "backend": cfg.backend,
         "model": _plain(asdict(cfg.model)),
@@ -53,6 +58,9 @@ def resume_metadata(cfg: Any, *, excitation_state: bool) -> dict[str, Any]:
         "precision": cfg.precision,
         "world_size": p.world_size,
     }
+    if data is not None:
+        metadata["data"] = _plain(data)
+    return metadata
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from excitation_dist.core import Excitation
 from excitation_dist.recipe.checkpoint import CheckpointManager, holds_excitation_state, read_metadata, resume_metadata
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.data import TokenSource
+from excitation_dist.recipe.data import TokenSource, train_position
 from excitation_dist.recipe.metrics_log import MetricsLogger, excitation_record
 
 
@@ -134,17 +134,20 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
     rank = dist.get_rank() if dist.is_initialized() else 0
     s = cfg.schedule
     accumulation = cfg.gradient_accumulation_steps
-    source = TokenSource.from_config(cfg)
-
     manager = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last) if cfg.checkpoint.dir else None
+    latest = manager.latest() if manager and cfg.checkpoint.resume else None
+    # the samples read on from the checkpoint's consumed samples, in the dataset it was read from
+    position, _ = train_position(cfg, read_metadata(latest) if latest is not None else None)
+    source = TokenSource.from_config(cfg, position)
+
     start = 0
-    if manager and cfg.checkpoint.resume:
-        latest = manager.latest()
-        if latest is not None:
-            resume_from(cfg, backend, latest, rank)
-            start = manager.step_of(latest)
-            if rank == 0:
-                print(f"resumed from {latest} (step {start})", flush=True)
+    if latest is not None:
+        resume_from(cfg, backend, latest, rank)
+        start = manager.step_of(latest)
+        if rank == 0:
+            print(f"resumed from {latest} (step {start})", flush=True)
+            print(f"data: reading on from sample {position.consumed} (the samples the checkpoint consumed)",
+                  flush=True)
 
     logger = MetricsLogger.from_config(cfg, rank)  # TensorBoard, metrics.jsonl, W&B if logging.wandb.project
     tokens_per_step = s.global_batch_size * cfg.model.seq_length
@@ -194,7 +197,8 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
                 dist.barrier()
             if rank == 0:
                 path = manager.publish(step, resume_metadata(
-                    cfg, excitation_state=getattr(backend, "saves_excitation_state", True)))
+                    cfg, excitation_state=getattr(backend, "saves_excitation_state", True),
+                    data=source.record(cfg, step)))
                 print(f"saved {path}", flush=True)
     logger.close()
     return last

@@ -6,7 +6,8 @@ config loaded: the data prefix exists and parses, the tokenizer loads and fits
 checkpoint and log directories are writable and the checkpoint directory is not
 held by another live run, the checkpoint a resume would load was written by a
 compatible run (:func:`resume_check`: backend, model, Excitation strategy and
-state, layout, precision, from its ``COMPLETE`` record only), and the device and
+state, layout, precision, and a sample order it can read on in, from its
+``COMPLETE`` record only), and the device and
 framework are there. Every problem is one line naming the key, what is wrong
 and the fix; all of them are reported together. Nothing is written.
 """
@@ -159,7 +160,9 @@ def resume_check(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[list[s
     the directory holds none). Reads only the checkpoint's ``COMPLETE`` record
     and compares it with what :func:`~excitation_dist.recipe.checkpoint.resume_metadata`
     would record for ``cfg``: another backend, model, Excitation strategy, a
-    DeepSpeed checkpoint of another layout or precision, or (with
+    DeepSpeed checkpoint of another layout or precision, another sample order
+    (:func:`~excitation_dist.recipe.data.resume_order_check`: seed, data, split,
+    or a schedule that reshuffles the data), or (with
     ``checkpoint.require_excitation_state``) no Excitation state to resume are
     problems; a fresh Excitation start and a torch run on another number of
     ranks are notes."""
@@ -179,7 +182,8 @@ def resume_check(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[list[s
                 "remove that checkpoint directory to resume from the previous one"], []
     if "resume_metadata" not in saved:
         return [], [f"checkpoint {checkpoint} was written before checkpoints recorded their configuration: resuming "
-                    "without checking its backend, model, Excitation strategy or layout"]
+                    "without checking its backend, model, Excitation strategy, layout or data order, at sample "
+                    "step x schedule.global_batch_size"]
     now = resume_metadata(cfg, excitation_state=True)
     problems: list[str] = []
     notes: list[str] = []
@@ -230,6 +234,11 @@ def resume_check(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[list[s
                         "the checkpoint with DeepSpeed's universal checkpoint (python -m "
                         "deepspeed.checkpoint.ds_to_universal) to load it on another, or set checkpoint.dir to a new "
                         "directory")
+    from excitation_dist.recipe.data import resume_order_check
+
+    data_problems, data_notes = resume_order_check(cfg, saved, record)
+    problems.extend(data_problems)
+    notes.extend(f"checkpoint {checkpoint} {note}" for note in data_notes)
     ranks_before = saved.get("parallel", {}).get("world_size")
     if cfg.backend == "torch" and ranks_before != now["parallel"]["world_size"]:
         notes.append(f"checkpoint {checkpoint} was written by {ranks_before} ranks, this run has "

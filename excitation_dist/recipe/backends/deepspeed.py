@@ -59,10 +59,17 @@ def model_config(cfg: RunConfig) -> GPTMoEConfig:
 
 
 def _fused_optimizer(cfg: RunConfig) -> dict[str, Any]:
-    """DeepSpeed's optimizer block for ``optimizer.*``: on CUDA DeepSpeed builds its FusedAdam from it."""
+    """DeepSpeed's optimizer block for ``optimizer.*``: on CUDA DeepSpeed builds its FusedAdam from it.
+
+    ``adam_w_mode`` is always explicit: DeepSpeed's ``{"type": "Adam"}`` defaults to ``adam_w_mode: true``
+    (decoupled weight decay, i.e. AdamW), while ``optimizer.name: adam`` means coupled L2 decay on the CPU
+    path (``torch.optim.Adam``) and on the Megatron backend; without it a GPU and a CPU run of one config
+    would train different optimizers."""
     o = cfg.optimizer
-    return {"type": "AdamW" if o.name == "adamw" else "Adam",
-            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}}
+    decoupled = o.name == "adamw"
+    return {"type": "AdamW" if decoupled else "Adam",
+            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+                       "adam_w_mode": decoupled}}
 
 
 def deepspeed_config(cfg: RunConfig, fast: FastPaths | None = None) -> dict[str, Any]:
