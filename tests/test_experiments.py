@@ -27,7 +27,7 @@ def test_micro_moe_sweep_best_vs_best_tables_plots_and_cache(tmp_path):
         val = {lr: sum(float(r["val_accuracy"]) for r in runs if r["strategy"] == b["strategy"] and
                        float(r["lr"]) == lr) for lr in (0.001, 0.01)}
         assert val[float(b["best_lr"])] == max(val.values())
-    assert best[1]["verdict"] in ("better", "worse", "no difference detected")
+    assert 0 < float(best[1]["p_t"]) <= 1 and float(best[1]["p_sign_flip"]) >= 0.25  # n = 2: sign-flip p >= 2/4
     assert "minus baseline" in (tmp_path / "tables.md").read_text()
     for png in ("lr_sweep.png", "best_vs_best.png", "training_curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
@@ -102,7 +102,8 @@ def test_lm_sweep_report_chooses_lr_on_selection_seeds_and_pairs_report_seeds(tm
                           "--strategies", "none,zerosum", "--aux-coefs", "0.01", "--lrs", "0.001,0.003,0.01"]) == 0
     best = {b["strategy"]: b for b in _rows(tmp_path / "best.csv")}
     assert float(best["none"]["best_lr"]) == 0.003 and float(best["zerosum"]["best_lr"]) == 0.01
-    assert best["zerosum"]["verdict"] == "better" and float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.1)
+    assert float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.1)
+    assert float(best["zerosum"]["p_t"]) == 0.0 and float(best["zerosum"]["p_sign_flip"]) == pytest.approx(2 / 8)
     assert (tmp_path / "best_vs_best.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -128,3 +129,57 @@ def test_lm_sweep_trains_through_the_recipe_and_reuses_runs_by_config_hash(tmp_p
     assert lm_sweep.main(argv) == 0  # the same cells again: nothing retrains
     assert (tmp_path / "last_invocation.txt").read_text().startswith("0 runs trained, 2 reused")
     assert "| aux-free bias | zerosum |" in (tmp_path / "tables.md").read_text()
+
+
+def test_sign_flip_p_exact_against_hand_counts():
+    assert stats.sign_flip_p([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2 / 32)  # only all-+ and all-- reach 15
+    # signed sums of {1, 2, 3}: 6, 0, 2, -4, 4, -2, 0, -6; |s| >= |1 - 2 + 3| = 2 for 6 of the 8
+    assert stats.sign_flip_p([1.0, -2.0, 3.0]) == pytest.approx(6 / 8)
+    assert stats.sign_flip_p([0.0, 0.0]) == 1.0
+    assert stats.min_sign_flip_p(5) == pytest.approx(0.0625)
+
+
+def test_paired_t_p_against_the_closed_form_for_two_degrees_of_freedom():
+    # diffs 1, 2, 3: mean 2, sd 1, t = 2 * sqrt(3); df 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2))
+    t = 2 * math.sqrt(3)
+    assert stats.paired_t_p([1.0, 2.0, 3.0]) == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))), rel=1e-9)
+    assert stats.paired_t_p([1.0, 1.0, 1.0]) == 0.0 and stats.paired_t_p([0.0, 0.0]) == 1.0
+
+
+def test_holm_step_down_by_hand():
+    # sorted 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone 0.06)
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    out = stats.holm([0.01, float("nan")])
+    assert out[0] == pytest.approx(0.01) and math.isnan(out[1])  # NaN does not count in m
+
+
+def test_rule_verdict_is_the_same_for_both_directions_and_requires_convergence():
+    assert stats.rule_verdict(+1.0, 0.01) == "better" and stats.rule_verdict(-1.0, 0.01) == "worse"
+    assert stats.rule_verdict(-1.0, 0.01, higher_is_better=False) == "better"
+    assert stats.rule_verdict(+1.0, 0.05) == "no difference detected"
+    assert stats.rule_verdict(-1.0, 0.001, converged=False) == "unconverged, no verdict"
+
+
+def test_convergence_criterion_and_speed_on_synthetic_curves():
+    from excitation_dist.experiments import page
+
+    flat = {s: [(x, 0.9 + 0.01 * s) for x in range(1, 11)] for s in range(3)}
+    rising = {s: [(x, 0.05 * x + 0.01 * s) for x in range(1, 11)] for s in range(3)}
+    mk = lambda curves: page.Cell("t", "s", "m", 0.1, False, {}, {s: c[-1][1] for s, c in curves.items()},  # noqa: E731
+                                  curves, 10, True)
+    assert page.convergence(mk(flat))["converged"]
+    r = page.convergence(mk(rising))
+    assert not r["converged"] and r["status"] == "still improving" and r["change"] == pytest.approx(0.05 * 2)
+    steps, n = page.speed_of(mk(rising), 0.3)
+    assert n == 3 and steps == [6, 6, 6]  # 0.05 x + 0.01 s >= 0.3 first at x = 6 for s = 0, 1, 2
+
+
+def test_plan_lists_commands_with_estimates():
+    from excitation_dist.experiments import plan
+
+    items = plan.plan(plan.ROOT / "results")
+    assert any("--steps 6000" in it["cmd"] for it in items)
+    assert any("inverted,random" in it["cmd"] and "sgd:16" in it["cmd"] for it in items)
+    assert all(it["cpu_h"] >= 0 and it["runs"] > 0 for it in items)
+    assert plan.refine(0.1, 1.0) == [0.22, 0.46]

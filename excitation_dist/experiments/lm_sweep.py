@@ -41,8 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from excitation_dist.experiments import plots
-from excitation_dist.experiments.stats import (best_lr, config_hash, curves_at_best_lr, fmt_ci, fmt_diff, fnum, mean_ci,
-                                               paired, read_csv, write_csv)
+from excitation_dist.experiments.stats import (best_lr, config_hash, curves_at_best_lr, fmt_ci, fmt_diff, fmt_p, fnum,
+                                               mean_ci, paired_full, read_csv, write_csv)
 from excitation_dist.recipe.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +82,8 @@ def _cfg(args, balancing: tuple[float, bool], strategy: str, lr: float, seed: in
            "strategy": strategy,
            "gamma": args.gamma, "lr": lr, "seed": seed, "procs": args.procs, "eval_steps": args.eval_steps,
            "overrides": " ".join(args.overrides), "code_version": CODE_VERSION}
+    if args.evals != 6:  # evaluations per run (the default, 6, is left out of the hash: earlier rows stay valid)
+        cfg["evals"] = args.evals
     cfg["hash"] = config_hash(cfg)
     cfg["stage"] = stage
     return cfg
@@ -94,7 +96,7 @@ def _train(args, cfg: dict) -> tuple[dict, list[dict]]:
                      f"seed={1000 + cfg['seed']}",
                      f"optimizer.lr={cfg['lr']}", f"optimizer.min_lr={cfg['lr'] / 10}",
                      f"parallel.gpus_per_node={cfg['procs']}",
-                     f"schedule.train_steps={cfg['steps']}", f"schedule.eval_interval={max(1, cfg['steps'] // 6)}",
+                     f"schedule.train_steps={cfg['steps']}", f"schedule.eval_interval={max(1, cfg['steps'] // int(cfg.get('evals', 6)))}",
                      f"schedule.eval_steps={cfg['eval_steps']}", "logging.interval=1", f"logging.dir={tmp}",
                      "checkpoint.dir=null", *args.overrides]
         t0 = time.perf_counter()
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 3, 4, 5])
     p.add_argument("--procs", type=int, default=1, help="training processes per run (parallel.gpus_per_node)")
     p.add_argument("--eval-steps", type=int, default=32)
+    p.add_argument("--evals", type=int, default=6, help="validation evaluations per run (every steps/evals steps); "
+                   "the convergence criterion needs several in the last 20%% of steps")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (each a separate process)")
     p.add_argument("--report-only", action="store_true", help="tables and plots from runs.csv, no training")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
@@ -199,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                    for s in args.report_seeds for cell, lr in chosen.items()]
         for f in confirm:
             f.result()
-    (args.out / "last_invocation.txt").write_text(
-        f"{stats['run']} runs trained, {stats['reused']} reused from runs.csv by config hash\n")
+    if not args.report_only:  # a report-only pass trains nothing: keep the record of the last training pass
+        (args.out / "last_invocation.txt").write_text(
+            f"{stats['run']} runs trained, {stats['reused']} reused from runs.csv by config hash\n")
     report(args)
     return 0
 
@@ -235,11 +240,12 @@ def report(args) -> None:
             if m == "none":
                 base = loss
             vm, vlo, vhi = mean_ci(list(loss.values()))
-            pr = paired(loss, base, higher_is_better=False) if base is not None and m != "none" else None
+            pr = paired_full(loss, base) if base is not None and m != "none" else None
             entry = {"setting": setting, "strategy": m, "best_lr": lr, "lr_at_grid_edge": int(edge), "seeds": len(at),
                      "test_mean": vm, "test_lo": vlo, "test_hi": vhi,
                      "diff_vs_baseline": pr["diff"] if pr else float("nan"), "diff_lo": pr["lo"] if pr else float("nan"),
-                     "diff_hi": pr["hi"] if pr else float("nan"), "verdict": pr["verdict"] if pr else ""}
+                     "diff_hi": pr["hi"] if pr else float("nan"), "p_t": pr["p_t"] if pr else float("nan"),
+                     "p_sign_flip": pr["p_flip"] if pr else float("nan")}
             for key in ("overload_last10pct", "dead_experts_last10pct", "entropy_last10pct"):
                 km, klo, khi = mean_ci([fnum(r[key]) for r in at])
                 entry.update({key: km, f"{key}_lo": klo, f"{key}_hi": khi})
@@ -254,21 +260,26 @@ def report(args) -> None:
     lines += [f"Learning rate chosen on seed(s) {sorted(select)} (lowest final validation loss); the numbers below "
               f"are from seeds {sorted(report_seeds)} at that learning rate, which took no part in the choice. "
               "Validation loss (nats/byte), mean [95% CI]; paired difference to the baseline (negative = lower "
-              "loss = better); overload = max over layers of (max tokens of one expert / mean tokens per expert) "
+              "loss = better) with its two-sided paired t-test p and exact sign-flip p, both unadjusted: the "
+              "verdicts (Holm over every comparison of results/README.md) are made by "
+              "`python -m excitation_dist.experiments.page`; overload = max over layers of (max tokens of one expert / mean tokens per expert) "
               "in a step; dead = experts with no token in a step, summed over layers; both averaged over the last "
               "10% of steps.", "",
-              "| balancing | method | best lr | seeds | val loss [95% CI] | minus baseline [95% CI] | verdict | "
-              "overload | dead experts / step | entropy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| balancing | method | best lr | seeds | val loss, nats/byte [95% CI] | minus baseline [95% CI] | "
+              "p (t) | p (sign-flip) | overload | dead experts / step | entropy |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in best:
         pr = {"n": 1, "diff": b["diff_vs_baseline"], "lo": b["diff_lo"], "hi": b["diff_hi"]}
         lr = f"{b['best_lr']:g}" + (" (edge)" if b["lr_at_grid_edge"] else "")
         lines.append(f"| {b['setting']} | {b['strategy']} | {lr} | {b['seeds']} | "
                      f"{fmt_ci(b['test_mean'], b['test_lo'], b['test_hi'], 1, 3)} | "
-                     f"{fmt_diff(pr, 1, 3) if b['strategy'] != 'none' else '-'} | {b['verdict'] or '-'} | "
+                     f"{fmt_diff(pr, 1, 3) if b['strategy'] != 'none' else '-'} | "
+                     f"{fmt_p(b['p_t']) if b['strategy'] != 'none' else '-'} | "
+                     f"{fmt_p(b['p_sign_flip']) if b['strategy'] != 'none' else '-'} | "
                      f"{fmt_ci(b['overload_last10pct'], b['overload_last10pct_lo'], b['overload_last10pct_hi'], 1, 2)} | "
                      f"{fmt_ci(b['dead_experts_last10pct'], b['dead_experts_last10pct_lo'], b['dead_experts_last10pct_hi'], 1, 2)} | "
                      f"{b['entropy_last10pct']:.3f} |")
-    lines += ["", f"Learning-rate sweep: final validation loss, seed(s) {sorted(select)}.", ""]
+    lines += ["", f"Learning-rate sweep: final validation loss (nats/byte), seed(s) {sorted(select)}.", ""]
     for setting in settings:
         lrs = sorted({r["lr"] for r in sweep if r["setting"] == setting})
         lines += [f"**{setting}**", "", "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
@@ -283,14 +294,14 @@ def report(args) -> None:
         return
     finite = [r["val_mean"] for r in sweep if r["val_mean"] == r["val_mean"]]
     lo_y = min(finite) - 0.05
-    plots.sweep_plot(args.out / "lr_sweep.png", sweep, settings, methods, "final validation loss",
+    plots.sweep_plot(args.out / "lr_sweep.png", sweep, settings, methods, "final validation loss (nats/byte)",
                      ylim=(lo_y, min(max(finite), lo_y + 3.0) + 0.05),
                      title=f"GPT-MoE: learning-rate sweep (seed(s) {sorted(select)})")
     lo_b = min(b["test_lo"] if b["test_lo"] == b["test_lo"] else b["test_mean"] for b in best)
     hi_b = max(b["test_hi"] if b["test_hi"] == b["test_hi"] else b["test_mean"] for b in best)
     pad = 0.1 * (hi_b - lo_b + 1e-3)
-    plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, "validation loss", ylim=(lo_b - pad, hi_b + pad),
-                    diff_label="minus baseline (negative = better)",
+    plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, "validation loss (nats/byte)",
+                    ylim=(lo_b - pad, hi_b + pad), diff_label="minus baseline, nats/byte (negative = better)",
                     title=f"GPT-MoE: each method at its best lr, seeds {sorted(report_seeds)} (mean, 95% CI)")
     rows = [{"setting": r["setting"], "strategy": r["strategy"], "step": int(c["step"]),
              "train_loss": fnum(c["train_loss"]), "val_loss": fnum(c["val_loss"])}
@@ -303,12 +314,11 @@ def report(args) -> None:
     for r in rows:  # averaged per step by the plot: mean(method) - mean(baseline) over the report seeds
         base = base_val.get((r["setting"], r["step"]))
         r["val_minus_base"] = r["val_loss"] - statistics.mean(base) if base and r["val_loss"] == r["val_loss"] else float("nan")
-    spread = max([abs(r["val_minus_base"]) for r in rows if r["val_minus_base"] == r["val_minus_base"]] + [0.01])
     plots.curves_plot(args.out / "training_curves.png", rows, settings, methods, x_key="step",
-                      panels=[("train_loss", "training loss (50-step mean)", 1, (lo_b - 0.3, 3.5), False),
-                              ("val_loss", "validation loss", 1, (lo_b - 0.3, 3.5), False),
-                              ("val_minus_base", "validation loss minus baseline", 1,
-                               (-1.1 * spread, 1.1 * spread), False)],
+                      panels=[("train_loss", "training loss, nats/byte (50-step mean)", 1, (lo_b - 0.3, 3.5), False),
+                              ("val_loss", "validation loss (nats/byte)", 1, (lo_b - 0.3, 3.5), False),
+                              ("val_minus_base", "val loss minus baseline (nats/byte)", 1, None, False)],
+                      own_y=("val_minus_base",),
                       title="GPT-MoE: training curves at each method's best lr (mean over report seeds)",
                       xlabel="optimizer step")
     print((args.out / "tables.md").read_text())

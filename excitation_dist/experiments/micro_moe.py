@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from excitation_dist.experiments import plots
-from excitation_dist.experiments.stats import (best_lr, config_hash, curves_at_best_lr, fmt_ci, fmt_diff, fnum, mean_ci,
-                                               paired, read_csv, write_csv)
+from excitation_dist.experiments.stats import (best_lr, config_hash, curves_at_best_lr, fmt_ci, fmt_diff, fmt_p, fnum,
+                                               mean_ci, paired_full, read_csv, write_csv)
 from excitation_dist.torch import ExpertSlice, attach, report_expert_counts
 
 CODE_VERSION = 2  # bump when a change alters what a run computes (invalidates the cache)
@@ -264,13 +264,14 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
             tm, tlo, thi = mean_ci(list(acc.values()))
             dm, dlo, dhi = mean_ci([fnum(r["dead_units"]) for r in at])
             om, olo, ohi = mean_ci([fnum(r["overload"]) for r in at])
-            p = paired(acc, base_seeds) if base_seeds is not None and m != "none" else None
+            p = paired_full(acc, base_seeds) if base_seeds is not None and m != "none" else None
             best.append({"setting": s, "strategy": m, "best_lr": lr, "lr_at_grid_edge": int(edge), "seeds": len(at),
                          "val_mean": statistics_mean([fnum(r["val_accuracy"]) for r in at]),
                          "test_mean": tm, "test_lo": tlo, "test_hi": thi,
                          "diff_vs_baseline": p["diff"] if p else float("nan"),
                          "diff_lo": p["lo"] if p else float("nan"), "diff_hi": p["hi"] if p else float("nan"),
-                         "verdict": p["verdict"] if p else "", "dead_units": dm, "dead_lo": dlo, "dead_hi": dhi,
+                         "p_t": p["p_t"] if p else float("nan"), "p_sign_flip": p["p_flip"] if p else float("nan"),
+                         "dead_units": dm, "dead_lo": dlo, "dead_hi": dhi,
                          "overload": om, "overload_lo": olo, "overload_hi": ohi})
     write_csv(out / "sweep.csv", sweep)
     write_csv(out / "best.csv", best)
@@ -281,17 +282,21 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
         lines += [f"Last invocation: {inv.read_text().strip()}", ""]
     lines += ["Best-vs-best: each method at its own best learning rate on the validation split; test accuracy "
               "(%) read afterwards, mean over seeds [95% CI]; paired difference to the baseline over the same "
-              "seeds [95% CI]; dead units (of all hidden units, summed over layers) and overload (max/mean "
+              "seeds [95% CI] with its two-sided paired t-test p and exact sign-flip p, both unadjusted (the "
+              "verdicts, Holm over every comparison of results/README.md, come from "
+              "`python -m excitation_dist.experiments.page`); dead units (of all hidden units, summed over layers) and overload (max/mean "
               "samples per unit, averaged over layers) on the validation set at the end of training.", "",
-              "| setting | method | best lr | seeds | test acc % [95% CI] | minus baseline, pp [95% CI] | verdict "
-              "| dead units | overload |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| setting | method | best lr | seeds | test acc % [95% CI] | minus baseline, pp [95% CI] | p (t) "
+              "| p (sign-flip) | dead units | overload |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in best:
         p = {"n": 1 if b["strategy"] != "none" else 0, "diff": b["diff_vs_baseline"], "lo": b["diff_lo"],
              "hi": b["diff_hi"]}
         lr = f"{b['best_lr']:g}" + (" (edge)" if b["lr_at_grid_edge"] else "")
         lines.append(f"| {b['setting']} | {b['strategy']} | {lr} | {b['seeds']} | "
                      f"{fmt_ci(b['test_mean'], b['test_lo'], b['test_hi'], 100)} | "
-                     f"{fmt_diff(p, 100) if b['strategy'] != 'none' else '-'} | {b['verdict'] or '-'} | "
+                     f"{fmt_diff(p, 100) if b['strategy'] != 'none' else '-'} | "
+                     f"{fmt_p(b['p_t']) if b['strategy'] != 'none' else '-'} | "
+                     f"{fmt_p(b['p_sign_flip']) if b['strategy'] != 'none' else '-'} | "
                      f"{fmt_ci(b['dead_units'], b['dead_lo'], b['dead_hi'], 1, 1)} | "
                      f"{fmt_ci(b['overload'], b['overload_lo'], b['overload_hi'], 1, 2)} |")
     lines += ["", "Learning-rate sweep: validation accuracy %, mean over seeds (runs that diverged count as "

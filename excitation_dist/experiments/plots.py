@@ -59,6 +59,10 @@ def sweep_plot(path: Path, sweep: list[dict], settings: list[str], methods: list
             xs = [r["lr"] for r in pts]
             ys = [scale * r[f"{key}_mean"] for r in pts]
             ax.plot(xs, ys, marker="o", ms=3, label=_label(m), **_style(m))
+            bad = [(x, y) for x, y, r in zip(xs, ys, pts) if int(r.get("diverged", 0) or 0) > 0]
+            if bad:  # some seeds diverged there (counted at chance in the mean)
+                ax.scatter([b[0] for b in bad], [b[1] for b in bad], marker="x", s=40, color="red", zorder=6,
+                           label="some seeds diverged")
             lo = [scale * r[f"{key}_lo"] for r in pts]
             hi = [scale * r[f"{key}_hi"] for r in pts]
             if not any(math.isnan(v) for v in lo + hi):
@@ -80,11 +84,13 @@ def sweep_plot(path: Path, sweep: list[dict], settings: list[str], methods: list
 def best_plot(path: Path, best: list[dict], settings: list[str], methods: list[str], ylabel: str, *,
               scale: float = 1.0, chance: float | None = None, ylim=None, diff_label: str = "minus baseline",
               title: str = "", value: str = "test") -> None:
-    """Top row: each method at its best lr (mean, 95% CI). Bottom row: paired
-    difference to the baseline (mean, 95% CI), zero line. Shared y per row."""
+    """Top row: each method at its best lr (mean, 95% CI), one shared y-range. Bottom row: paired difference
+    to the baseline (mean, 95% CI), zero line, each panel with its own y-range."""
     plt = _plt()
     fig, axes = plt.subplots(2, len(settings), figsize=(3.6 * len(settings) + 0.5, 6.4), squeeze=False,
-                             sharey="row", gridspec_kw={"height_ratios": [3, 2]})
+                             gridspec_kw={"height_ratios": [3, 2]})
+    for j in range(1, len(settings)):  # the top row shares one y-range; the minus-baseline row is per panel,
+        axes[0][j].sharey(axes[0][0])  # so that each panel's intervals are visible
     for j, s in enumerate(settings):
         top, bot = axes[0][j], axes[1][j]
         for i, m in enumerate(methods):
@@ -118,12 +124,18 @@ def best_plot(path: Path, best: list[dict], settings: list[str], methods: list[s
 
 
 def curves_plot(path: Path, rows: list[dict], settings: list[str], methods: list[str], *, x_key: str,
-                panels: list[tuple], chance: dict | None = None, title: str = "", xlabel: str | None = None) -> None:
+                panels: list[tuple], chance: dict | None = None, title: str = "", xlabel: str | None = None,
+                own_y: tuple = ()) -> None:
     """Rows of panels (one per metric), one column per setting, one line per
-    method (mean over seeds). panels: (key, ylabel, scale, ylim, logy)."""
+    method (mean over seeds). panels: (key, ylabel, scale, ylim, logy). Rows whose key is in ``own_y``
+    (e.g. "minus baseline" rows) get a y-range per panel; the others one per row."""
     plt = _plt()
     fig, axes = plt.subplots(len(panels), len(settings), figsize=(3.6 * len(settings) + 0.5, 3.1 * len(panels)),
-                             squeeze=False, sharey="row", sharex="col")
+                             squeeze=False, sharex="col")
+    for i, panel in enumerate(panels):
+        if panel[0] not in own_y:
+            for j in range(1, len(settings)):
+                axes[i][j].sharey(axes[i][0])
     for j, s in enumerate(settings):
         for i, (key, ylabel, scale, ylim, logy) in enumerate(panels):
             ax = axes[i][j]
@@ -152,7 +164,7 @@ def curves_plot(path: Path, rows: list[dict], settings: list[str], methods: list
                 ax.set_ylim(*ylim)
             if i == 0:
                 ax.set_title(s, fontsize=10)
-            if j == 0:
+            if j == 0 or key in own_y:
                 ax.set_ylabel(ylabel)
             if i == len(panels) - 1:
                 ax.set_xlabel(xlabel or x_key)

@@ -114,3 +114,99 @@ def fmt_diff(p: dict, scale: float = 1.0, digits: int = 1) -> str:
     if math.isnan(p["lo"]):
         return f"{p['diff'] * scale:+.{digits}f}"
     return f"{p['diff'] * scale:+.{digits}f} [{p['lo'] * scale:+.{digits}f}, {p['hi'] * scale:+.{digits}f}]"
+
+
+# --- one rule for every verdict on the results page (issue 25) -------------------------------------------------
+#
+# Every comparison on results/README.md is a paired difference (method - baseline) over the same seeds. Its
+# verdict comes from one rule, the same for "better" and "worse":
+#   1. two-sided paired t-test p-value of the differences;
+#   2. Holm's step-down correction over ALL comparisons on the page (one family; ``holm``);
+#   3. "better"/"worse" (by the sign of the mean difference) iff the Holm-adjusted p < ALPHA, else
+#      "no difference detected"; a cell whose method or baseline is unconverged gets "unconverged, no verdict".
+# Beside it, the exact two-sided sign-flip (permutation) p-value of the same differences (``sign_flip_p``): it
+# assumes no normality, but with n seeds it cannot go below 2 / 2**n (0.0625 at n = 5), so with 5 seeds no
+# verdict can be confirmed by it: every verdict at n = 5 rests on the t-test's normality assumption.
+
+ALPHA = 0.05
+
+
+def paired_t_p(diffs: list[float]) -> float:
+    """Two-sided p-value of the one-sample t-test of ``diffs`` against 0."""
+    d = [float(x) for x in diffs]
+    if len(d) < 2:
+        return float("nan")
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    if sd == 0:
+        return 1.0 if m == 0 else 0.0
+    t = m / (sd / math.sqrt(len(d)))
+    return float(2 * _st.t.sf(abs(t), len(d) - 1))
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Exact two-sided sign-flip (paired permutation) p-value: the share of the 2**n sign assignments of the
+    differences whose |sum| is at least the observed |sum| (the observed one included)."""
+    d = [float(x) for x in diffs]
+    n = len(d)
+    if n == 0:
+        return float("nan")
+    if n > 20:
+        raise ValueError("sign_flip_p enumerates 2**n sign patterns; n > 20 is not supported")
+    obs = abs(sum(d))
+    tol = 1e-12 * max(1.0, sum(abs(x) for x in d))
+    hits = 0
+    for mask in range(2 ** n):
+        s = sum(-x if (mask >> i) & 1 else x for i, x in enumerate(d))
+        hits += abs(s) >= obs - tol
+    return hits / 2 ** n
+
+
+def min_sign_flip_p(n: int) -> float:
+    """The smallest p-value the exact two-sided sign-flip test can give with n pairs (all signs alike)."""
+    return 2.0 / 2 ** n if n > 0 else float("nan")
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as the input; NaN stays NaN and does not count in m)."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    m = len(idx)
+    order = sorted(idx, key=lambda i: pvalues[i])
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def rule_verdict(diff: float, p_adjusted: float, higher_is_better: bool = True, converged: bool = True,
+                 alpha: float = ALPHA) -> str:
+    """The page's verdict from the Holm-adjusted p-value, applied alike to both directions."""
+    if not converged:
+        return "unconverged, no verdict"
+    if math.isnan(p_adjusted):
+        return "too few seeds"
+    if p_adjusted >= alpha:
+        return "no difference detected"
+    return "better" if (diff > 0) == higher_is_better else "worse"
+
+
+def paired_full(method: dict[int, float], baseline: dict[int, float]) -> dict:
+    """Paired difference with its t-interval, t-test p and exact sign-flip p (no verdict: that needs the page's
+    whole family, see ``holm``)."""
+    seeds = sorted(set(method) & set(baseline))
+    diffs = [method[s] - baseline[s] for s in seeds]
+    if not diffs:
+        return {"n": 0, "diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "p_t": float("nan"),
+                "p_flip": float("nan"), "diffs": []}
+    m, lo, hi = mean_ci(diffs)
+    return {"n": len(diffs), "diff": m, "lo": lo, "hi": hi, "p_t": paired_t_p(diffs), "p_flip": sign_flip_p(diffs),
+            "diffs": diffs}
+
+
+def fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "-"
+    if p < 0.001:
+        return "<0.001"
+    return f"{p:.3f}"

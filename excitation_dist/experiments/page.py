@@ -1,0 +1,618 @@
+"""Every table of results/README.md (and the host-sync table of results/overhead/README.md), computed from the
+committed raw outputs alone (runs.csv, curves.csv, the overhead benchmarks' .txt files): no training.
+
+    python -m excitation_dist.experiments.page tables            # print every table
+    python -m excitation_dist.experiments.page write             # put them into the pages, between their markers
+    python -m excitation_dist.experiments.page check             # exit 1 if a page's table differs from its data
+    python -m excitation_dist.experiments.page plan              # the commands still to run (see plan.py)
+
+A table sits in a page between ``<!-- page-table: NAME -->`` and ``<!-- /page-table -->``.
+
+One rule for every verdict (``stats.py``): paired differences over the same seeds; two-sided paired t-test;
+Holm's correction over ALL the page's comparisons (one family, listed by ``comparisons``); "better"/"worse" iff
+the Holm-adjusted p < 0.05, for either sign alike; the exact sign-flip p beside it (it cannot go below 0.0625
+with 5 seeds); "unconverged, no verdict" where the method's or the baseline's cell fails the convergence
+criterion (``convergence``).
+
+Convergence criterion: over the last 20% of a run's steps (validation evaluations at step >= 0.8 x the last
+step), fit a least-squares line to the validation metric; its change across that window, averaged over the
+cell's seeds, must be no larger in size than the seed noise of the final value (the standard deviation over
+seeds of the final validation metric). A cell with a diverged seed at its chosen learning rate is "diverged"
+(its curve stops) and does not count as converged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from excitation_dist.experiments.stats import (ALPHA, best_lr, fmt_ci, fmt_p, fnum, holm, mean_ci, min_sign_flip_p,
+                                               paired_full, read_csv, rule_verdict)
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ["none", "zerosum", "positivesum", "expdiff", "global", "inverted", "random"]
+N_TRAIN = 1149  # digits training split (micro_moe.digits)
+LM_TOKENS_PER_STEP = 16 * 64  # configs/tiny_cpu.yaml: global batch 16 x seq_length 64
+WINDOW = 0.2  # convergence: the last 20% of steps
+
+
+# --------------------------------------------------------------------------------------------- data model
+@dataclass
+class Cell:
+    """One (experiment, setting, method) at its chosen learning rate."""
+    exp: str
+    setting: str
+    method: str
+    lr: float
+    edge: bool
+    report: dict[int, float]  # seed -> reported metric (test accuracy / validation loss)
+    val_final: dict[int, float]  # seed -> final validation metric
+    curves: dict[int, list[tuple[int, float]]]  # seed -> [(step, validation metric)]
+    total_steps: int
+    higher_is_better: bool
+    diverged: int = 0
+    extra: dict = field(default_factory=dict)  # routing metrics: name -> list over seeds
+
+
+@dataclass
+class Experiment:
+    key: str
+    title: str
+    higher_is_better: bool
+    settings: list[str]
+    methods: list[str]
+    cells: dict[tuple[str, str], Cell]
+    runs: list[dict]
+    curves: dict[str, list[tuple[int, float]]]  # run hash -> [(step, val)]
+    steps_per_eval_unit: dict[str, int]  # setting -> optimizer steps per curve x unit
+    lm: bool = False
+
+
+def _curve_index(curves: list[dict], x_key: str, y_key: str, x_scale) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for c in curves:
+        y = fnum(c.get(y_key))
+        if math.isnan(y):
+            continue
+        out.setdefault(c["hash"], []).append((int(c[x_key]), y))
+    return {h: sorted(v) for h, v in out.items()}
+
+
+def load_micro(key: str, out: Path) -> Experiment:
+    runs = read_csv(out / "runs.csv")
+    first = {}
+    for r in runs:
+        first.setdefault(r["setting"], (r["optimizer"] != "sgd", -int(r["batch_size"]), int(r["depth"])))
+    settings = sorted(first, key=first.get)  # the order of micro_moe.report
+    methods = [m for m in METHODS if any(r["strategy"] == m for r in runs)]
+    raw = _curve_index(read_csv(out / "curves.csv"), "epoch", "val_accuracy", None)
+    spe = {}
+    for r in runs:
+        spe[r["setting"]] = math.ceil(N_TRAIN / int(r["batch_size"]))
+    curves = {}
+    by_hash = {r["hash"]: r for r in runs}
+    for h, pts in raw.items():
+        if h in by_hash:
+            k = spe[by_hash[h]["setting"]]
+            curves[h] = [(e * k, v) for e, v in pts]
+    title = (out / "title.txt").read_text().strip() if (out / "title.txt").is_file() else key
+    exp = Experiment(key, title, True, settings, methods, {}, runs, curves, spe)
+    for s in settings:
+        for m in methods:
+            rows = [r for r in runs if r["setting"] == s and r["strategy"] == m]
+            if not rows:
+                continue
+            lr, edge = best_lr(rows, "val_accuracy")
+            exp.cells[(s, m)] = micro_cell(exp, s, m, lr, edge)
+    return exp
+
+
+def micro_cell(exp: Experiment, s: str, m: str, lr: float, edge: bool = False) -> Cell | None:
+    at = [r for r in exp.runs if r["setting"] == s and r["strategy"] == m and fnum(r["lr"]) == lr]
+    if not at:
+        return None
+    total = int(at[0]["epochs"]) * exp.steps_per_eval_unit[s]
+    return Cell(exp.key, s, m, lr, edge, {int(r["seed"]): fnum(r["test_accuracy"]) for r in at},
+                {int(r["seed"]): fnum(r["val_accuracy"]) for r in at},
+                {int(r["seed"]): exp.curves.get(r["hash"], []) for r in at}, total, True,
+                sum(int(r["diverged"]) for r in at),
+                {"dead units": [fnum(r["dead_units"]) for r in at], "overload": [fnum(r["overload"]) for r in at]})
+
+
+def lm_setting(r: dict) -> str:
+    from excitation_dist.experiments.lm_sweep import setting_name
+
+    return setting_name(r["aux"], r.get("expert_bias", 0))
+
+
+def load_lm(out: Path, select=(0,), report_seeds=(1, 2, 3, 4, 5)) -> Experiment:
+    runs = read_csv(out / "runs.csv")
+    for r in runs:
+        r["setting"] = lm_setting(r)
+    curves = _curve_index(read_csv(out / "curves.csv"), "step", "val_loss", None)
+    settings = list(dict.fromkeys(r["setting"] for r in runs))
+    methods = [m for m in METHODS if any(r["strategy"] == m for r in runs)]
+    exp = Experiment("lm", "GPT-MoE", False, settings, methods, {}, runs, curves, {s: 1 for s in settings}, lm=True)
+    exp.extra = {"select": set(select), "report": set(report_seeds)}
+    for s in settings:
+        for m in methods:
+            sel = [r for r in runs if r["setting"] == s and r["strategy"] == m and int(r["seed"]) in exp.extra["select"]]
+            if not sel:
+                continue
+            lr, edge = best_lr(sel, "val_loss", higher_is_better=False)
+            c = lm_cell(exp, s, m, lr, edge)
+            if c is not None:
+                exp.cells[(s, m)] = c
+    return exp
+
+
+def lm_cell(exp: Experiment, s: str, m: str, lr: float, edge: bool = False) -> Cell | None:
+    at = [r for r in exp.runs if r["setting"] == s and r["strategy"] == m and fnum(r["lr"]) == lr
+          and int(r["seed"]) in exp.extra["report"]]
+    if not at:
+        return None
+    loss = {int(r["seed"]): fnum(r["val_loss"]) for r in at}
+    return Cell("lm", s, m, lr, edge, loss, dict(loss), {int(r["seed"]): exp.curves.get(r["hash"], []) for r in at},
+                int(at[0]["steps"]), False, 0,
+                {k: [fnum(r[k]) for r in at] for k in ("overload_last10pct", "dead_experts_last10pct",
+                                                       "entropy_last10pct")})
+
+
+def load_all(results: Path) -> dict[str, Experiment]:
+    return {"micro": load_micro("micro", results / "micro_moe"),
+            "long": load_micro("long", results / "micro_moe_long"),
+            "depth": load_micro("depth", results / "structural_confusion"),
+            "lm": load_lm(results / "lm_sweep")}
+
+
+# ------------------------------------------------------------------------------------------- convergence
+def ols_slope(pts: list[tuple[float, float]]) -> float:
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+
+
+def convergence(cell: Cell) -> dict:
+    """The criterion in the module docstring. change: mean over seeds of the fitted change of the validation
+    metric across the last 20% of steps, signed so that positive = still improving; noise: SD over seeds of
+    the final validation metric."""
+    if cell.diverged:
+        return {"status": "diverged", "change": float("nan"), "noise": float("nan"), "converged": False}
+    changes, finals = [], []
+    for seed, pts in sorted(cell.curves.items()):
+        win = [p for p in pts if p[0] >= (1 - WINDOW) * cell.total_steps]
+        if len(win) < 2 or pts[-1][0] < cell.total_steps:
+            return {"status": "no curve", "change": float("nan"), "noise": float("nan"), "converged": False}
+        ch = ols_slope(win) * (win[-1][0] - win[0][0])
+        changes.append(ch if cell.higher_is_better else -ch)
+        finals.append(pts[-1][1])
+    change = statistics.mean(changes)
+    noise = statistics.stdev(finals) if len(finals) > 1 else float("nan")
+    ok = abs(change) <= noise
+    return {"status": "converged" if ok else ("still improving" if change > 0 else "still getting worse"),
+            "change": change, "noise": noise, "converged": ok}
+
+
+# ------------------------------------------------------------------------------------------- comparisons
+SECTION = {"micro": "1", "long": "1b", "depth": "2", "lm": "3"}
+
+
+def comparisons(exps: dict[str, Experiment]) -> list[dict]:
+    """Every method-vs-baseline comparison on the page, in page order, with the page-wide Holm correction
+    and the verdict of the one rule."""
+    out = []
+    for key in ("micro", "long", "depth", "lm"):
+        e = exps[key]
+        for s in e.settings:
+            base = e.cells.get((s, "none"))
+            if base is None:
+                continue
+            for m in e.methods:
+                c = e.cells.get((s, m))
+                if m == "none" or c is None:
+                    continue
+                out.append(_comparison(key, "best-vs-best", s, c, base))
+    # the same-lr check (aux-free bias): the baseline on the report seeds at the strategies' lr 0.0022
+    e = exps["lm"]
+    base = lm_cell(e, "aux-free bias", "none", 0.0022)
+    if base is not None:
+        for m in ("zerosum", "positivesum", "global"):
+            c = lm_cell(e, "aux-free bias", m, 0.0022)
+            if c is not None:
+                out.append(_comparison("lm", "same lr 0.0022", "aux-free bias", c, base))
+    adj = holm([c["p_t"] for c in out])
+    for c, p in zip(out, adj):
+        c["p_holm"] = p
+        c["verdict"] = rule_verdict(c["diff"], p, c["higher_is_better"], c["converged"])
+        c["verdict_if_converged"] = rule_verdict(c["diff"], p, c["higher_is_better"], True)
+    return out
+
+
+def _conv_word(cm: dict, cb: dict) -> str:
+    if cm["converged"] and cb["converged"]:
+        return "yes"
+    bad = [w for w, c in (("method", cm), ("baseline", cb)) if not c["converged"]]
+    return "no: " + " and ".join(bad)
+
+
+def _comparison(key: str, kind: str, setting: str, c: Cell, base: Cell) -> dict:
+    p = paired_full(c.report, base.report)
+    cm, cb = convergence(c), convergence(base)
+    return {"exp": key, "kind": kind, "setting": setting, "method": c.method, "lr": c.lr, "edge": c.edge,
+            "base_lr": base.lr, "cell": c, "base": base, "higher_is_better": c.higher_is_better, **p,
+            "converged": cm["converged"] and cb["converged"], "conv": _conv_word(cm, cb)}
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _lr(c: Cell) -> str:
+    return f"{c.lr:g}" + (" (edge)" if c.edge else "")
+
+
+def _scale(key: str) -> tuple[float, int]:
+    return (1.0, 3) if key == "lm" else (100.0, 1)
+
+
+def table_verdicts(exps, comps, key: str) -> str:
+    e = exps[key]
+    scale, dg = _scale(key)
+    value = "val loss, nats/byte [95% CI]" if key == "lm" else "test acc % [95% CI]"
+    diff = "minus baseline, nats/byte [95% CI]" if key == "lm" else "minus baseline, pp [95% CI]"
+    rows = []
+    for s in e.settings:
+        base = e.cells.get((s, "none"))
+        if base is None:
+            continue
+        cb = convergence(base)
+        rows.append([s, "none", _lr(base), str(len(base.report)), fmt_ci(*mean_ci(list(base.report.values())), scale, dg),
+                     "-", "-", "-", "-", "yes" if cb["converged"] else "no", "-"])
+        for c in comps:
+            if c["exp"] == key and c["kind"] == "best-vs-best" and c["setting"] == s:
+                cell = c["cell"]
+                rows.append([s, c["method"], _lr(cell), str(c["n"]),
+                             fmt_ci(*mean_ci(list(cell.report.values())), scale, dg), _fmt_d(c, scale, dg),
+                             fmt_p(c["p_t"]), fmt_p(c["p_holm"]), fmt_p(c["p_flip"]), c["conv"], c["verdict"]])
+    return _md(["setting", "method", "best lr", "seeds", value, diff, "p (t)", "p (Holm, page)",
+                "p (sign-flip, exact)", "converged", "verdict"], rows)
+
+
+def _fmt_d(c: dict, scale: float, dg: int) -> str:
+    return f"{c['diff'] * scale:+.{dg}f} [{c['lo'] * scale:+.{dg}f}, {c['hi'] * scale:+.{dg}f}]"
+
+
+def table_same_lr(exps, comps) -> str:
+    rows = []
+    for c in comps:
+        if c["kind"] != "same lr 0.0022":
+            continue
+        rows.append([c["setting"], c["method"], f"{c['lr']:g}", str(c["n"]),
+                     fmt_ci(*mean_ci(list(c["cell"].report.values())), 1, 3),
+                     fmt_ci(*mean_ci(list(c["base"].report.values())), 1, 3), _fmt_d(c, 1, 3), fmt_p(c["p_t"]),
+                     fmt_p(c["p_holm"]), fmt_p(c["p_flip"]), c["conv"], c["verdict"]])
+    return _md(["balancing", "method", "lr (both)", "seeds", "val loss [95% CI]", "baseline at that lr",
+                "minus baseline [95% CI]", "p (t)", "p (Holm, page)", "p (sign-flip, exact)", "converged",
+                "verdict"], rows)
+
+
+def table_routing(exps, key: str) -> str:
+    e = exps[key]
+    rows = []
+    if key == "lm":
+        for s in e.settings:
+            for m in e.methods:
+                c = e.cells.get((s, m))
+                if c is None:
+                    continue
+                o, d, h = (c.extra[k] for k in ("overload_last10pct", "dead_experts_last10pct", "entropy_last10pct"))
+                rows.append([s, m, fmt_ci(*mean_ci(o), 1, 2), fmt_ci(*mean_ci(d), 1, 2), f"{statistics.mean(h):.3f}"])
+        return _md(["balancing", "method", "overload", "dead experts / step", "entropy"], rows)
+    for s in e.settings:
+        for m in e.methods:
+            c = e.cells.get((s, m))
+            if c is None:
+                continue
+            rows.append([s, m, _lr(c), fmt_ci(*mean_ci(c.extra["dead units"]), 1, 1),
+                         fmt_ci(*mean_ci(c.extra["overload"]), 1, 2)])
+    return _md(["setting", "method", "best lr", "dead units [95% CI]", "overload [95% CI]"], rows)
+
+
+def table_routing_same_lr(exps, setting="adam batch 512", lr=0.0022) -> str:
+    e = exps["micro"]
+    rows = []
+    for m in e.methods:
+        c = micro_cell(e, setting, m, lr)
+        if c is not None:
+            rows.append([setting, m, f"{lr:g}", fmt_ci(*mean_ci(c.extra["dead units"]), 1, 1),
+                         fmt_ci(*mean_ci(c.extra["overload"]), 1, 2),
+                         fmt_ci(*mean_ci(list(c.val_final.values())), 100, 1)])
+    return _md(["setting", "method", "lr (all)", "dead units [95% CI]", "overload [95% CI]",
+                "val acc % [95% CI]"], rows)
+
+
+def table_sweep(exps, key: str, settings: list[str] | None = None) -> str:
+    """Validation metric over the grid (mean over the selection seeds; * = some runs diverged)."""
+    e = exps[key]
+    blocks = []
+    for s in settings or e.settings:
+        if key == "lm":
+            sel = [r for r in e.runs if r["setting"] == s and int(r["seed"]) in e.extra["select"]]
+        else:
+            sel = [r for r in e.runs if r["setting"] == s]
+        lrs = sorted({fnum(r["lr"]) for r in sel})
+        rows = []
+        for m in e.methods:
+            cells = []
+            for lr in lrs:
+                at = [r for r in sel if r["strategy"] == m and fnum(r["lr"]) == lr]
+                if not at:
+                    cells.append("")
+                elif key == "lm":
+                    cells.append(f"{statistics.mean(fnum(r['val_loss']) for r in at):.3f}")
+                else:
+                    v = statistics.mean(fnum(r["val_accuracy"]) for r in at)
+                    cells.append(f"{100 * v:.1f}" + ("*" if any(int(r["diverged"]) for r in at) else ""))
+            if any(cells):
+                rows.append([m] + cells)
+        blocks.append((f"**{s}**\n\n" if len(settings or e.settings) > 1 else "") +
+                      _md(["method"] + [f"{lr:g}" for lr in lrs], rows))
+    return "\n\n".join(blocks)
+
+
+def table_convergence(exps) -> str:
+    rows = []
+    for key in ("micro", "long", "depth", "lm"):
+        e = exps[key]
+        scale, dg = _scale(key)
+        unit = "nats/byte" if key == "lm" else "pp"
+        for s in e.settings:
+            for m in e.methods:
+                c = e.cells.get((s, m))
+                if c is None:
+                    continue
+                cv = convergence(c)
+                fin = fmt_ci(*mean_ci(list(c.val_final.values())), scale, dg)
+                ch = "-" if math.isnan(cv["change"]) else f"{cv['change'] * scale:+.{dg + 1}f}"
+                nz = "-" if math.isnan(cv["noise"]) else f"{cv['noise'] * scale:.{dg + 1}f}"
+                rows.append([SECTION[key], s, m, _lr(c), str(c.total_steps), fin, f"{ch} {unit}" if ch != "-" else ch,
+                             f"{nz} {unit}" if nz != "-" else nz, cv["status"]])
+    return _md(["section", "setting", "method", "lr", "steps", "final val metric [95% CI]",
+                "change over last 20% (+ = improving)", "seed SD of final", "status"], rows)
+
+
+def _first_reach(pts, target, higher) -> int | None:
+    for step, v in pts:
+        if (v >= target) if higher else (v <= target):
+            return step
+    return None
+
+
+def speed_of(c: Cell, target: float) -> tuple[list[int], int]:
+    got = [_first_reach(pts, target, c.higher_is_better) for _, pts in sorted(c.curves.items())]
+    return [g for g in got if g is not None], len(got)
+
+
+def _fmt_speed(steps: list[int], n: int, per_step: int = 1) -> str:
+    if not steps:
+        return f"0/{n} reach"
+    if len(steps) < n:
+        return f"{len(steps)}/{n} reach (their mean {statistics.mean(steps) * per_step:,.0f})"
+    m, lo, hi = mean_ci([s * per_step for s in steps])
+    if math.isnan(lo):
+        return f"{m:,.0f}"
+    return f"{m:,.0f} [{lo:,.0f}, {hi:,.0f}]"
+
+
+def table_speed(exps) -> str:
+    """Steps (tokens for the LM) to reach the tuned baseline's final validation value (mean over its seeds),
+    at each method's own tuned lr and at the baseline's tuned lr (Excitation switched on without retuning)."""
+    rows = []
+    for key in ("micro", "long", "depth", "lm"):
+        e = exps[key]
+        scale, dg = _scale(key)
+        for s in e.settings:
+            base = e.cells.get((s, "none"))
+            if base is None:
+                continue
+            target = statistics.mean(base.val_final.values())
+            for m in e.methods:
+                c = e.cells.get((s, m))
+                if c is None:
+                    continue
+                own = _fmt_speed(*speed_of(c, target))
+                at_base = (micro_cell(e, s, m, base.lr) if key != "lm" else lm_cell(e, s, m, base.lr))
+                ab = _fmt_speed(*speed_of(at_base, target)) if at_base is not None else "not run"
+                tok = _fmt_speed(*speed_of(c, target), per_step=LM_TOKENS_PER_STEP) if key == "lm" else "-"
+                rows.append([SECTION[key], s, f"{target * scale:.{dg}f}", m, _lr(c), str(c.total_steps), own, tok,
+                             f"{base.lr:g}", ab])
+    return _md(["section", "setting", "target (baseline's final val)", "method", "own lr", "steps run",
+                "steps to target, own lr [95% CI]", "tokens to target, own lr", "baseline's lr",
+                "steps to target at baseline's lr"], rows)
+
+
+def loso(e: Experiment, s: str, m: str) -> dict | None:
+    """Leave-one-seed-out selection: for each seed, choose the lr on the other seeds' validation accuracy and
+    read that seed's test accuracy there (method and baseline alike); paired over seeds."""
+    def held_out(method: str) -> tuple[dict[int, float], list[float]]:
+        rows = [r for r in e.runs if r["setting"] == s and r["strategy"] == method]
+        seeds = sorted({int(r["seed"]) for r in rows})
+        acc, lrs = {}, []
+        for k in seeds:
+            lr, _ = best_lr([r for r in rows if int(r["seed"]) != k], "val_accuracy")
+            lrs.append(lr)
+            hit = [r for r in rows if int(r["seed"]) == k and fnum(r["lr"]) == lr]
+            if hit:
+                acc[k] = fnum(hit[0]["test_accuracy"])
+        return acc, lrs
+    mm, mlrs = held_out(m)
+    bb, blrs = held_out("none")
+    p = paired_full(mm, bb)
+    return {**p, "lrs": mlrs, "base_lrs": blrs}
+
+
+def table_loso(exps, comps) -> str:
+    rows = []
+    for c in comps:
+        if c["kind"] != "best-vs-best" or c["exp"] == "lm":
+            continue
+        e = exps[c["exp"]]
+        lo = loso(e, c["setting"], c["method"])
+        rows.append([SECTION[c["exp"]], c["setting"], c["method"], _fmt_d(c, 100, 1),
+                     ",".join(f"{x:g}" for x in sorted(set(lo["lrs"]))),
+                     ",".join(f"{x:g}" for x in sorted(set(lo["base_lrs"]))), _fmt_d(lo, 100, 1), fmt_p(lo["p_t"]),
+                     c["verdict_if_converged"]])
+    return _md(["section", "setting", "method", "page: same seeds choose and report, pp [95% CI]",
+                "lrs chosen, leave-one-out (method)", "(baseline)", "leave-one-seed-out, pp [95% CI]",
+                "p (t, unadjusted)", "page verdict if converged"], rows)
+
+
+def table_rule_summary(comps) -> str:
+    n = len(comps)
+    ns = sorted({c["n"] for c in comps})
+    counts: dict[str, int] = {}
+    for c in comps:
+        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+    flips = min(c["p_flip"] for c in comps)
+    rows = [["comparisons on this page (the Holm family)", str(n)],
+            ["seeds per comparison", ", ".join(map(str, ns))],
+            ["smallest possible exact sign-flip p at that n", ", ".join(f"{min_sign_flip_p(k):.4f}" for k in ns)],
+            ["smallest sign-flip p observed", f"{flips:.4f}"],
+            ["comparisons the exact test alone could call (p < 0.05)", str(sum(c["p_flip"] < ALPHA for c in comps))],
+            ["unadjusted paired-t p < 0.05", str(sum(c["p_t"] < ALPHA for c in comps))],
+            ["Holm-adjusted p < 0.05", str(sum(c["p_holm"] < ALPHA for c in comps))]]
+    rows += [[f"verdict: {k}", str(v)] for k, v in sorted(counts.items())]
+    return _md(["", "count"], rows)
+
+
+# ------------------------------------------------------------------------------------- overhead host syncs
+_ROW = re.compile(r"^(small|medium|large)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+                  r"\s+(\d+)\s+(\d+)\s+(\d+)\s")
+
+
+def parse_overhead(path: Path) -> list[dict]:
+    """The all-variants table of an overhead benchmark's raw output: one row per (size, variant), with the
+    "+sync" column (max over ranks) and the rank-0 breakdown printed under it ("added host syncs: {...}")."""
+    rows, last_was_row = [], False
+    for line in path.read_text().splitlines():
+        mt = _ROW.match(line)
+        if mt:
+            rows.append({"size": mt[1], "variant": mt[2], "min": mt[5], "median": mt[6], "max": mt[7],
+                         "coll": mt[9], "cnt": mt[10], "syncs": int(mt[11]), "rank0": 0, "ops": {}})
+            last_was_row = True
+            continue
+        if "added host syncs:" in line and last_was_row:
+            import ast
+
+            ops = ast.literal_eval(line.split("added host syncs:", 1)[1].strip())
+            rows[-1]["ops"] = ops
+            rows[-1]["rank0"] = sum(ops.values())
+        last_was_row = False
+    return rows
+
+
+def table_overhead_syncs(results: Path) -> str:
+    rows = []
+    for backend, fname in (("plain PyTorch", "core_overhead.txt"), ("DeepSpeed", "deepspeed_overhead.txt"),
+                           ("Megatron", "megatron_overhead.txt")):
+        for r in parse_overhead(results / "overhead" / fname):
+            ops = ", ".join(f"{k} {v}" for k, v in r["ops"].items()) or "-"
+            rows.append([backend, r["size"], r["variant"], r["min"], r["median"], r["max"], r["coll"], r["cnt"],
+                         str(r["syncs"]), str(r["rank0"]), ops])
+    return _md(["backend", "size", "variant", "rounds min", "median", "max", "+coll", "count all-reduces",
+                "+syncs (max over ranks)", "+syncs (rank 0)", "rank 0's added ops"], rows)
+
+
+# ------------------------------------------------------------------------------------------- the pages
+def all_tables(results: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (page it belongs on, markdown)."""
+    exps = load_all(results)
+    comps = comparisons(exps)
+    page, over = results / "README.md", results / "overhead" / "README.md"
+    return {
+        "rule-summary": (page, table_rule_summary(comps)),
+        "micro-verdicts": (page, table_verdicts(exps, comps, "micro")),
+        "micro-routing": (page, table_routing(exps, "micro")),
+        "micro-routing-same-lr": (page, table_routing_same_lr(exps)),
+        "long-verdicts": (page, table_verdicts(exps, comps, "long")),
+        "long-sweep": (page, table_sweep(exps, "long")),
+        "depth-verdicts": (page, table_verdicts(exps, comps, "depth")),
+        "depth-routing": (page, table_routing(exps, "depth")),
+        "lm-verdicts": (page, table_verdicts(exps, comps, "lm")),
+        "lm-same-lr": (page, table_same_lr(exps, comps)),
+        "lm-routing": (page, table_routing(exps, "lm")),
+        "lm-sweep": (page, table_sweep(exps, "lm")),
+        "convergence": (page, table_convergence(exps)),
+        "speed": (page, table_speed(exps)),
+        "loso": (page, table_loso(exps, comps)),
+        "overhead-syncs": (over, table_overhead_syncs(results)),
+    }
+
+
+_BLOCK = re.compile(r"(<!-- page-table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /page-table -->)", re.S)
+
+
+def page_blocks(text: str) -> dict[str, str]:
+    return {m["name"]: m["body"] for m in _BLOCK.finditer(text)}
+
+
+def write_pages(tables: dict[str, tuple[Path, str]]) -> list[str]:
+    missing = []
+    for path in {p for p, _ in tables.values()}:
+        text = path.read_text()
+        names = page_blocks(text)
+        for name, (p, body) in tables.items():
+            if p == path and name not in names:
+                missing.append(f"{path}: {name}")
+        text = _BLOCK.sub(lambda m: m[1] + (tables[m["name"]][1] if m["name"] in tables else m["body"]) + m[4], text)
+        path.write_text(text)
+    return missing
+
+
+def check_pages(tables: dict[str, tuple[Path, str]]) -> list[str]:
+    bad = []
+    for name, (path, body) in tables.items():
+        got = page_blocks(path.read_text()).get(name)
+        if got is None:
+            bad.append(f"{path}: table {name} missing")
+        elif got != body:
+            bad.append(f"{path}: table {name} differs from its data")
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["tables", "write", "check", "plan"])
+    p.add_argument("--results", type=Path, default=ROOT / "results")
+    args = p.parse_args(argv)
+    if args.command == "plan":
+        from excitation_dist.experiments import plan
+
+        return plan.main([])
+    tables = all_tables(args.results)
+    if args.command == "tables":
+        for name, (path, body) in tables.items():
+            print(f"<!-- page-table: {name} -->  ({path.relative_to(args.results.parent)})\n{body}\n")
+        return 0
+    if args.command == "write":
+        missing = write_pages(tables)
+        for m in missing:
+            print(f"no marker for {m}", file=sys.stderr)
+        return 1 if missing else 0
+    bad = check_pages(tables)
+    for b in bad:
+        print(b, file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
