@@ -73,12 +73,17 @@ def test_overrides_and_inherit():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.moe.num_expert=4", "unknown key(s) model.moe.num_expert (did you mean num_experts?); allowed under model.moe: "),
-    ("parallel.expert_parallel=3", "parallel.expert_parallel: must divide model.moe.num_experts=8"),
+    ("model.moe.num_expert=4", "unknown key(s) model.moe.num_expert (did you mean model.moe.num_experts?); "
+                               "allowed under model.moe: "),
+    ("model.num_expert=4", "unknown key(s) model.num_expert (did you mean model.moe.num_experts?)"),  # nested keys
+    ("train_step=4", "unknown key(s) train_step (did you mean schedule.train_steps?)"),
+    ("schedule.warmup_steps=500", "schedule.warmup_steps: must be in [0, train_steps=200], got 500"),  # the values
+    ("model.num_layers=0", "model.num_layers: must be >= 1, got 0"),
+    ("parallel.expert_parallel=3", "parallel.expert_parallel: 3 must divide model.moe.num_experts=8"),
     ("excitation.strategy=bogus", "excitation.strategy: must be one of none, zerosum"),
     ("schedule.global_batch_size=10", "schedule.global_batch_size: must be a multiple"),
-    ("model.moe.top_k=0", "model.moe.top_k: must be in [1, num_experts=8]"),
-    ("optimizer.lr=-1", "optimizer.lr"),
+    ("model.moe.top_k=0", "model.moe.top_k: must be in [1, num_experts=8], got 0"),
+    ("optimizer.lr=-1", "optimizer.lr: need lr > 0 and 0 <= min_lr <= lr, got lr=-1.0"),
     ("precision=fp8", "precision: must be one of 'fp32', 'bf16', 'fp16'"),
     ("parallel.tensor_parallel=2", "the deepspeed backend supports data and expert parallelism only"),
     ("data.path=/data/x", "data.tokenizer"),

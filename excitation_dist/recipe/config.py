@@ -38,25 +38,27 @@ class MoEConfig(RouterOptions):
     router_dtype: Literal["fp32", "model"] = "fp32"
 
     def __post_init__(self) -> None:
-        _require(self.num_experts >= 1, "num_experts", "must be >= 1")
-        _require(1 <= self.top_k <= self.num_experts, "top_k", f"must be in [1, num_experts={self.num_experts}]")
-        _require(self.ffn_hidden_size >= 1, "ffn_hidden_size", "must be >= 1")
-        _require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be > 0 or null")
-        _require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef", "loss coefficients must be >= 0")
-        _require(self.first_dense_layers >= 0, "first_dense_layers", "must be >= 0")
+        _require(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        _require(1 <= self.top_k <= self.num_experts, "top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        _require(self.ffn_hidden_size >= 1, "ffn_hidden_size", f"must be >= 1, got {self.ffn_hidden_size}")
+        _require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", f"must be > 0 or null, got {self.capacity_factor}")
+        _require(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef",
+                 f"loss coefficients must be >= 0, got aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}")
+        _require(self.first_dense_layers >= 0, "first_dense_layers", f"must be >= 0, got {self.first_dense_layers}")
         _require(self.topk_scaling_factor is None or self.topk_scaling_factor > 0, "topk_scaling_factor",
-                 "must be > 0 or null")
-        _require(self.expert_bias_update_rate > 0, "expert_bias_update_rate", "must be > 0")
+                 f"must be > 0 or null, got {self.topk_scaling_factor}")
+        _require(self.expert_bias_update_rate > 0, "expert_bias_update_rate", f"must be > 0, got {self.expert_bias_update_rate}")
         _require((self.router_num_groups is None) == (self.router_group_topk is None), "router_group_topk",
                  "set router_num_groups and router_group_topk together (or neither)")
         if self.router_num_groups is not None:
             _require(self.router_num_groups >= 1 and self.num_experts % self.router_num_groups == 0,
-                     "router_num_groups", f"must divide num_experts={self.num_experts}")
+                     "router_num_groups", f"must divide num_experts={self.num_experts}, got {self.router_num_groups}")
             _require(1 <= self.router_group_topk <= self.router_num_groups, "router_group_topk",
-                     f"must be in [1, router_num_groups={self.router_num_groups}]")
+                     f"must be in [1, router_num_groups={self.router_num_groups}], got {self.router_group_topk}")
             _require(self.top_k % self.router_group_topk == 0
                      and self.top_k // self.router_group_topk <= self.num_experts // self.router_num_groups,
-                     "router_group_topk", "must divide top_k, with top_k / router_group_topk <= experts per group")
+                     "router_group_topk", f"must divide top_k={self.top_k}, with top_k / router_group_topk <= experts per group "
+                     f"({self.num_experts} / {self.router_num_groups}), got {self.router_group_topk}")
 
 
 @dataclass
@@ -93,19 +95,20 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
-        _require(self.num_layers >= 1, "num_layers", "must be >= 1")
-        _require(self.moe.first_dense_layers < self.num_layers, "moe.first_dense_layers", "leaves no MoE layer")
+        _require(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
+        _require(self.moe.first_dense_layers < self.num_layers, "moe.first_dense_layers",
+                 f"{self.moe.first_dense_layers} of num_layers={self.num_layers} leaves no MoE layer")
         _require(self.hidden_size % self.num_attention_heads == 0 or self.head_dim is not None, "hidden_size",
-                 "must be divisible by num_attention_heads (or set head_dim)")
+                 f"{self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads} (or set head_dim)")
         if self.num_query_groups is not None:
             _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
-                     f"must divide num_attention_heads={self.num_attention_heads}")
+                     f"must divide num_attention_heads={self.num_attention_heads}, got {self.num_query_groups}")
         if self.attention == "mla":
             _require(self.kv_lora_rank is not None and self.qk_rope_head_dim is not None, "attention",
                      "mla needs kv_lora_rank and qk_rope_head_dim")
-        _require(self.vocab_size == "auto" or self.vocab_size >= 2, "vocab_size", "must be >= 2, or auto")
-        _require(self.seq_length >= 2, "seq_length", "must be >= 2")
-        _require(self.norm_epsilon > 0, "norm_epsilon", "must be > 0")
+        _require(self.vocab_size == "auto" or self.vocab_size >= 2, "vocab_size", f"must be >= 2, or auto, got {self.vocab_size}")
+        _require(self.seq_length >= 2, "seq_length", f"must be >= 2, got {self.seq_length}")
+        _require(self.norm_epsilon > 0, "norm_epsilon", f"must be > 0, got {self.norm_epsilon}")
         _require(self.rope_scaling == "none" or self.attention == "mla", "rope_scaling",
                  "yarn is built with attention: mla only (megatron-core's latent attention); set none")
         _require(self.rope_scaling == "none" or self.rope_original_max_position_embeddings is not None,
@@ -157,9 +160,13 @@ class OptimizerConfig:
     clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr", "need lr > 0 and 0 <= min_lr <= lr")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
-        _require(self.clip_grad >= 0 and self.weight_decay >= 0, "clip_grad", "clip_grad and weight_decay must be >= 0")
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "lr",
+                 f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1",
+                 f"betas must be in [0, 1), got beta1={self.beta1}, beta2={self.beta2}")
+        _require(self.clip_grad >= 0 and self.weight_decay >= 0, "clip_grad",
+                 f"clip_grad and weight_decay must be >= 0, got clip_grad={self.clip_grad}, "
+                 f"weight_decay={self.weight_decay}")
 
 
 @dataclass
@@ -173,9 +180,12 @@ class ScheduleConfig:
     eval_steps: int = 4
 
     def __post_init__(self) -> None:
-        _require(self.train_steps >= 1, "train_steps", "must be >= 1")
-        _require(0 <= self.warmup_steps <= self.train_steps, "warmup_steps", "must be in [0, train_steps]")
-        _require(self.micro_batch_size >= 1 and self.global_batch_size >= 1, "micro_batch_size", "batch sizes must be >= 1")
+        _require(self.train_steps >= 1, "train_steps", f"must be >= 1, got {self.train_steps}")
+        _require(0 <= self.warmup_steps <= self.train_steps, "warmup_steps",
+                 f"must be in [0, train_steps={self.train_steps}], got {self.warmup_steps}")
+        _require(self.micro_batch_size >= 1 and self.global_batch_size >= 1, "micro_batch_size",
+                 f"batch sizes must be >= 1, got micro_batch_size={self.micro_batch_size}, "
+                 f"global_batch_size={self.global_batch_size}")
 
 
 @dataclass
@@ -194,7 +204,7 @@ class ParallelConfig:
     timeout_minutes: float = 10.0  # a rank waiting this long for its peers (start-up, a collective) fails
 
     def __post_init__(self) -> None:
-        _require(self.timeout_minutes > 0, "timeout_minutes", "must be > 0")
+        _require(self.timeout_minutes > 0, "timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
         _require(self.zero_stage != 3, "zero_stage",
                  "3 is not available in the recipe: Excitation with ZeRO-3 needs DeepSpeed AutoEP (Hugging Face MoE "
                  "models with stacked experts), and the recipe's model uses deepspeed.moe layers, which DeepSpeed "
@@ -246,7 +256,7 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # a Weights & Biases writer beside TensorBoard
 
     def __post_init__(self) -> None:
-        _require(self.interval >= 1, "interval", "must be >= 1")
+        _require(self.interval >= 1, "interval", f"must be >= 1, got {self.interval}")
         _require(self.layer_interval is None or (self.layer_interval >= 1 and self.layer_interval % self.interval == 0),
                  "layer_interval", f"must be a multiple of logging.interval={self.interval} (per-layer statistics are "
                  f"written on logged steps), or null for every logged step; got {self.layer_interval}")
@@ -286,14 +296,15 @@ class RunConfig:
                  f"tensor x pipeline x context parallel = {model_parallel}")
         dp = p.data_parallel
         _require(m.moe.num_experts % p.expert_parallel == 0, "parallel.expert_parallel",
-                 f"must divide model.moe.num_experts={m.moe.num_experts}")
+                 f"{p.expert_parallel} must divide model.moe.num_experts={m.moe.num_experts}")
         # expert-parallel groups are carved out of the ranks that hold distinct tokens
         if self.backend == "megatron":
             _require(p.tensor_parallel == 1 or p.sequence_parallel, "parallel.sequence_parallel",
                      "Megatron MoE with tensor_parallel > 1 requires sequence_parallel: true")
             _require((dp * p.context_parallel * p.tensor_parallel) % (p.expert_parallel * p.expert_tensor_parallel) == 0,
                      "parallel.expert_parallel",
-                     "expert_parallel x expert_tensor_parallel must divide data x context x tensor parallel")
+                     f"expert_parallel x expert_tensor_parallel = {p.expert_parallel} x {p.expert_tensor_parallel} must "
+                     f"divide data x context x tensor parallel = {dp} x {p.context_parallel} x {p.tensor_parallel}")
         else:
             _require(p.tensor_parallel == 1 and p.pipeline_parallel == 1 and p.context_parallel == 1,
                      "parallel", f"the {self.backend} backend supports data and expert parallelism only; use backend: "

@@ -84,6 +84,36 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"{path}: unsupported field type {tp}")
 
 
+def _key_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every key under dataclass ``cls``, nested ones dotted (``moe.num_experts``)."""
+    paths = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        paths.append(prefix + f.name)
+        nested = [t for t in (hints[f.name], *get_args(hints[f.name])) if dataclasses.is_dataclass(t)]
+        if nested:
+            paths += _key_paths(nested[0], f"{prefix}{f.name}.")
+    return paths
+
+
+def suggest_key(key: str, cls: type) -> str | None:
+    """The allowed key (nested keys dotted) closest to the unknown ``key`` under ``cls``:
+    ``num_expert`` under the model finds ``moe.num_experts``, not ``num_layers``."""
+    paths = _key_paths(cls)
+    leaves = {}
+    for path in paths:  # the shallowest path wins for a repeated leaf name
+        leaves.setdefault(path.rsplit(".", 1)[-1], path)
+    ranked = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)
+    whole = difflib.get_close_matches(key, paths, n=1, cutoff=0.6)
+    if ranked and whole:
+        a = difflib.SequenceMatcher(None, key.rsplit(".", 1)[-1], ranked[0]).ratio()
+        b = difflib.SequenceMatcher(None, key, whole[0]).ratio()
+        return leaves[ranked[0]] if a >= b else whole[0]
+    return leaves[ranked[0]] if ranked else (whole[0] if whole else None)
+
+
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Instantiate dataclass ``cls`` from ``data``, recursively; unknown keys and
     wrong types raise :class:`ConfigError` naming ``path.key``."""
@@ -98,8 +128,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         where = f"{path}." if path else ""
         named = []
         for k in unknown:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
-            named.append(where + str(k) + (f" (did you mean {close[0]}?)" if close else ""))
+            close = suggest_key(str(k), cls)
+            named.append(where + str(k) + (f" (did you mean {where}{close}?)" if close else ""))
         raise ConfigError(
             f"unknown key(s) {', '.join(named)}; allowed under {path or 'the top level'}: {', '.join(sorted(fields))}"
         )
