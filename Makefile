@@ -44,7 +44,7 @@ test: setup
 
 # On a CUDA machine: no host syncs in Excitation's step path (sync debug mode "error"), step-time ratio and
 # max_memory_allocated with/without (torch backend, DeepSpeed if importable); writes results/gpu_check.md.
-# Without a GPU it says so and exits 0.
+# Without a GPU it says so and exits 3 (not a pass).
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
 

@@ -19,8 +19,9 @@ On a machine with CUDA (one process, one GPU):
 Backends: plain PyTorch (GPTMoE with torch experts + torch AdamW), and DeepSpeed
 ZeRO-2 fp32 (GPTMoE with deepspeed experts + torch AdamW, one rank over NCCL)
 when DeepSpeed imports.
-Writes the table to results/gpu_check.md. Without CUDA it prints that no GPU
-is present and exits 0.
+Writes the table to results/gpu_check.md. Without CUDA it says so on stderr
+("gpu_check: NOT RUN: no GPU ...") and exits 3, so that a CI job cannot read a
+machine without a GPU as a pass.
 
     python benchmarks/gpu_check.py                    # or: make gpu-check
 """
@@ -36,6 +37,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_GPU_EXIT = 3  # nothing was checked: distinct from a pass (0) and from a failed check (1)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -233,8 +235,9 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no GPU present (torch.cuda.is_available() is False); nothing to check.")
-        return 0
+        print("gpu_check: NOT RUN: no GPU on this machine (torch.cuda.is_available() is False); nothing was "
+              f"checked and {args.out} was not written. Run it on a CUDA machine.", file=sys.stderr)
+        return NO_GPU_EXIT
     device = torch.cuda.get_device_name()
     rows = check("torch", *torch_backend(args), args) if "torch" in args.backends else []
     if "deepspeed" in args.backends:

@@ -48,9 +48,9 @@ def test_optimizer_alone_rows(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback only")
-def test_gpu_check_without_gpu_exits_0(capsys, tmp_path):
+def test_gpu_check_without_gpu_exits_3_and_says_it_checked_nothing(capsys, tmp_path):
     import gpu_check
 
-    assert gpu_check.main(["--out", str(tmp_path / "gpu_check.md")]) == 0
-    assert "no GPU present" in capsys.readouterr().out
+    assert gpu_check.main(["--out", str(tmp_path / "gpu_check.md")]) == 3
+    assert "gpu_check: NOT RUN: no GPU" in capsys.readouterr().err
     assert not (tmp_path / "gpu_check.md").exists()

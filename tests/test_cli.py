@@ -90,3 +90,11 @@ def test_report_names_runs_apart_by_their_parents(tmp_path):
     assert run_names([tmp_path / "zerosum", tmp_path / "baseline"]) == ["zerosum", "baseline"]
     with pytest.raises(ValueError, match="twice"):
         run_names([tmp_path / "x", tmp_path / "x"])
+
+
+def test_help_texts_name_every_backend_and_tokenizer_kind():
+    from excitation_dist.cli import build_parser
+
+    top = build_parser().format_help()
+    assert "torch, deepspeed or megatron" in top
+    assert "tokenizer.json" in top and "sentencepiece" in top

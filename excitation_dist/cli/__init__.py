@@ -12,9 +12,9 @@ import importlib
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("excitation_dist.cli.demo", "train the tiny MoE on CPU in 2 processes: baseline vs Excitation"),
-    "train": ("excitation_dist.cli.train", "train an MoE with Excitation from a YAML run config (deepspeed or megatron)"),
+    "train": ("excitation_dist.cli.train", "train an MoE with Excitation from a YAML run config (backend torch, deepspeed or megatron)"),
     "report": ("excitation_dist.cli.report", "draw PNG plots of loss, expert utilization and multipliers from run directories"),
-    "prepare-data": ("excitation_dist.cli.prepare_data", "train a sentencepiece tokenizer and write a Megatron indexed dataset"),
+    "prepare-data": ("excitation_dist.cli.prepare_data", "tokenize jsonl or text (sentencepiece .model, Hugging Face tokenizer.json, or a newly trained sentencepiece model) into a Megatron indexed dataset"),
 }
 
 
