@@ -15,6 +15,12 @@ On a machine with CUDA (one process, one GPU):
    ``--repeats`` (>= 5) times; min / median / max of the per-round ratios.
 3. Memory: ``torch.cuda.max_memory_allocated`` during one step, with and
    without Excitation (peak stats reset before the step).
+4. The optimizer step alone, at Qwen3-30B-A3B-like expert shapes, for each
+   Adam-family optimizer importable (torch fused and foreach AdamW, Transformer
+   Engine, apex and DeepSpeed FusedAdam), with one tensor per expert and with one
+   flat partition: CUDA kernels launched per step (torch.profiler), sync debug
+   mode "error" around the step, peak memory added, and the step-time ratio
+   against a null control, interleaved.
 
 Backends: plain PyTorch (GPTMoE with torch experts + torch AdamW), and DeepSpeed
 ZeRO-2 fp32 (GPTMoE with deepspeed experts + torch AdamW, one rank over NCCL)
@@ -162,7 +168,7 @@ def check(backend: str, steps: dict, parts: dict, args) -> list[dict]:
         for step in steps.values():
             step()
     guards = {}
-    for name in ("none", "folded"):
+    for name in ("none", "folded", "blend"):
         log = [True]
         guard_step(parts[name][0], log)
         steps[name]()
@@ -183,10 +189,127 @@ def check(backend: str, steps: dict, parts: dict, args) -> list[dict]:
             "backend": backend, "path": f"{name} ({ex.update_path})", "min": min(r), "median": statistics.median(r),
             "max": max(r), "rounds": r, "peak_without": memory["none"], "peak_with": memory[name],
             "sync_warnings_added": warn_counts[name] - warn_counts["none"],
-            "error_mode": guards.get(name, "not checked (the blend path reads phi on the host once per step)"),
+            "error_mode": guards.get(name, "not checked"),
             "baseline_error_mode": guards["none"],
         })
     return rows
+
+
+# ------------------------------------------------- the optimizer step alone
+def fused_optimizers() -> dict:
+    """name -> make(params) for every Adam-family optimizer importable here (fused ones first)."""
+    import torch
+
+    makers = {
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, fused=True),
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, foreach=True),
+    }
+    try:
+        from transformer_engine.pytorch.optimizers import FusedAdam as TEFusedAdam
+
+        makers["Transformer Engine FusedAdam"] = lambda ps: TEFusedAdam(ps, lr=1e-4, weight_decay=0.1)
+    except Exception:  # not installed / not built for this GPU
+        pass
+    try:
+        from apex.optimizers import FusedAdam as ApexFusedAdam
+
+        makers["apex FusedAdam"] = lambda ps: ApexFusedAdam(ps, lr=1e-4, weight_decay=0.1)
+    except Exception:
+        pass
+    if os.environ.get("GPU_CHECK_DEEPSPEED_FUSED_ADAM", "1") == "1":  # JIT-builds DeepSpeed's CUDA op (~1 min)
+        try:
+            from deepspeed.ops.adam import FusedAdam as DSFusedAdam
+
+            makers["DeepSpeed FusedAdam"] = lambda ps: DSFusedAdam(ps, lr=1e-4, weight_decay=0.1, adam_w_mode=True)
+        except Exception:
+            pass
+    return makers
+
+
+def kernel_launches(step) -> int:
+    """CUDA kernels launched by ``step()`` (torch.profiler's CUDA kernel events)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def optimizer_step_rows(args) -> list[dict]:
+    """Per layout (one tensor per expert; one flat partition) and optimizer: kernels launched,
+    syncs under sync debug mode "error", peak memory added, and the step-time ratio against a
+    null control (a second optimizer without Excitation), interleaved, >= 5 rounds."""
+    import torch
+
+    import step_ops
+    from overhead_table import interleaved
+
+    rows = []
+    for name, make in fused_optimizers().items():
+        for layout in ("per-expert", "flat"):
+            variants = {}
+            for variant, update in (("none", None), ("control", None), ("excited", "auto")):
+                try:
+                    prepare, opt, ex = step_ops._setup(
+                        layout, args.step_layers, args.step_experts, "fused", update, rows=2 * args.step_ffn,
+                        cols=args.step_hidden, device="cuda", make_optimizer=make)
+                except Exception as e:  # an optimizer that cannot run here
+                    print(f"gpu_check: {name} ({layout}) skipped: {type(e).__name__}: {e}")
+                    break
+                prepare()
+                opt.step()
+
+                def step(prepare=prepare, opt=opt):  # the same gradients every step: the step alone is timed
+                    prepare(grads=False)
+                    opt.step()
+
+                variants[variant] = (step, opt, ex)
+            if len(variants) < 3:
+                continue
+            launches = {v: kernel_launches(variants[v][0]) for v in variants}
+            step_excited, opt_excited, ex = variants["excited"]
+            log = [True]
+            guard_step(opt_excited, log)
+            step_excited()
+            error_mode = "none raised" if log == [True] else log[0]
+            log[:] = [False]
+            memory = {v: peak_bytes(variants[v][0]) for v in ("none", "excited")}
+            timing = interleaved(variants["none"][0], {"excited": step_excited, "control": variants["control"][0]},
+                                 repeats=args.repeats, pairs=args.pairs, warmup=1)
+            rows.append({"optimizer": name, "layout": layout, "path": ex.update_path,
+                         "launches_none": launches["none"], "launches_excited": launches["excited"],
+                         "error_mode": error_mode, "extra_mib": (memory["excited"] - memory["none"]) / 2**20,
+                         "ratio": timing["excited"].round_ratios, "control": timing["control"].round_ratios})
+            del variants
+            torch.cuda.empty_cache()
+    return rows
+
+
+def step_table(rows: list[dict], args) -> str:
+    lines = [
+        "",
+        "## The optimizer step alone",
+        "",
+        f"{args.step_layers} MoE layers x {args.step_experts} local experts x 2 weights of "
+        f"[{2 * args.step_ffn}, {args.step_hidden}] fp32 (Qwen3-30B-A3B-like: hidden {args.step_hidden}, expert "
+        f"ffn {args.step_ffn}), plus one dense tensor; per-expert: one tensor per expert weight, flat: one "
+        "partition. Launches: CUDA kernels in one step (torch.profiler). Ratio: step time with Excitation / "
+        f"without, and a null control (a second optimizer without it), {args.repeats} interleaved rounds "
+        "(min / median / max).",
+        "",
+        "| optimizer | layout | path | kernels without | kernels with | error mode (step) | + MiB | ratio min / "
+        "median / max | null control min / median / max |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        ratio = " / ".join(f"{f(r['ratio']):.4f}" for f in (min, statistics.median, max))
+        control = " / ".join(f"{f(r['control']):.4f}" for f in (min, statistics.median, max))
+        lines.append(f"| {r['optimizer']} | {r['layout']} | {r['path']} | {r['launches_none']} | "
+                     f"{r['launches_excited']} | {r['error_mode']} | {r['extra_mib']:.1f} | {ratio} | {control} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict], args, device: str) -> str:
@@ -220,6 +343,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--step-layers", type=int, default=4, help="the optimizer-step section: MoE layers")
+    p.add_argument("--step-experts", type=int, default=32, help="... local experts per layer")
+    p.add_argument("--step-hidden", type=int, default=2048, help="... hidden size")
+    p.add_argument("--step-ffn", type=int, default=768, help="... expert ffn size")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--d-ff", type=int, default=2048)
@@ -258,13 +385,15 @@ def main(argv=None) -> int:
             init_distributed()
             rows += check("deepspeed ZeRO-2", *deepspeed_backend(args), args)
             dist.destroy_process_group()
-    text = table(rows, args, device)
+    step_rows = optimizer_step_rows(args)
+    text = table(rows, args, device) + step_table(step_rows, args)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"written to {args.out}")
     bad = [r for r in rows if r["path"].startswith("folded") and
            (r["sync_warnings_added"] != 0 or r["error_mode"] != "none raised")]
+    bad += [r for r in step_rows if r["error_mode"] != "none raised"]
     return 1 if bad else 0
 
 

@@ -35,51 +35,60 @@ ROWS, COLS = 4, 8  # a tiny expert weight: the count does not depend on its size
 BASES = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def _setup(layout: str, layers: int, experts: int, base: str, update: str | None):
+def _setup(layout: str, layers: int, experts: int, base: str, update: str | None, *, rows: int = ROWS,
+           cols: int = COLS, device: str = "cpu", make_optimizer=None):
+    """(prepare: gradients and this step's counts, the base optimizer, the Excitation or None).
+    ``make_optimizer(params)`` replaces torch AdamW with ``BASES[base]`` (gpu_check: other fused optimizers)."""
     import torch
 
     from excitation_dist import Excitation, ExpertSegment
 
+    ROWS, COLS = rows, cols  # noqa: N806 (the expert weight's shape)
     numel = ROWS * COLS
     if layout == "per-expert":
-        tensors = [torch.nn.Parameter(torch.randn(ROWS, COLS)) for _ in range(layers * experts * WEIGHTS)]
+        tensors = [torch.nn.Parameter(torch.randn(ROWS, COLS, device=device))
+                   for _ in range(layers * experts * WEIGHTS)]
         segments = [ExpertSegment(t, 0, numel, i // (experts * WEIGHTS), (i // WEIGHTS) % experts)
                     for i, t in enumerate(tensors)]
     else:
-        flat = torch.nn.Parameter(torch.randn(layers * experts * WEIGHTS * numel))
+        flat = torch.nn.Parameter(torch.randn(layers * experts * WEIGHTS * numel, device=device))
         tensors = [flat]
         per_layer = experts * WEIGHTS * numel  # layer l: weight w of every expert, experts back to back
         segments = [ExpertSegment(flat, l * per_layer + (w * experts + e) * numel,
                                   l * per_layer + (w * experts + e + 1) * numel, l, e)
                     for l in range(layers) for w in range(WEIGHTS) for e in range(experts)]
-    dense = torch.nn.Parameter(torch.randn(ROWS, COLS))
-    opt = torch.optim.AdamW(tensors + [dense], lr=1e-3, weight_decay=0.1, **BASES[base])
+    dense = torch.nn.Parameter(torch.randn(ROWS, COLS, device=device))
+    if make_optimizer is not None:
+        opt = make_optimizer(tensors + [dense])
+    else:
+        opt = torch.optim.AdamW(tensors + [dense], lr=1e-3, weight_decay=0.1, **BASES[base])
     ex = None
     if update is not None:
-        ex = Excitation({"strategy": "zerosum", "update": update}, layers, experts, reduce=False)
+        ex = Excitation({"strategy": "zerosum", "update": update}, layers, experts, reduce=False, device=device)
         ex.set_segments(segments)
         ex.hook_optimizer(opt)
-    counts = torch.arange(1, experts + 1).repeat(layers, 1)  # uneven: every phi != 1
+    counts = torch.arange(1, experts + 1, device=device).repeat(layers, 1)  # uneven: every phi != 1
 
-    def step():
-        for t in tensors + [dense]:
+    def prepare(grads: bool = True):  # the backward (new gradients) and the forward's counting
+        for t in tensors + [dense] if grads else ():
             t.grad = torch.randn_like(t)
         if ex is not None:
             for layer in range(layers):
                 ex.record(layer, counts[layer])
-        opt.step()
 
-    return step, ex
+    return prepare, opt, ex
 
 
 def count(layout: str, layers: int, experts: int, base: str, update: str | None):
     """(ops, GPU launches) dispatched inside one optimizer step (after one warm-up step)."""
     from excitation_dist.testing.dispatch import count_dispatches
 
-    step, ex = _setup(layout, layers, experts, base, update)
-    step()  # lazy state initialization happens in the first step
+    prepare, opt, ex = _setup(layout, layers, experts, base, update)
+    prepare()
+    opt.step()  # lazy state initialization happens in the first step
+    prepare()
     with count_dispatches() as counts:
-        step()
+        opt.step()
     path = "none" if ex is None else ex.update_path
     return counts.ops, counts.gpu_launches, path
 
@@ -96,8 +105,8 @@ def table() -> str:
                     ops, launches, path = count(layout, layers, experts, base, update)
                     if update == "blend" and path == "blend" and lines[-1].split(" | ")[3] == "blend":
                         continue  # auto already took the blend path
-                    lines.append(f"| {layout} | {base} | {layers} x {experts} | {path} | {ops} | +{ops - ops0} "
-                                 f"| {launches} | +{launches - launches0} |")
+                    lines.append(f"| {layout} | {base} | {layers} x {experts} | {path} | {ops} | {ops - ops0:+d} "
+                                 f"| {launches} | {launches - launches0:+d} |")
     return "\n".join(lines)
 
 

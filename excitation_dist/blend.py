@@ -1,130 +1,64 @@
-"""Update blending on expert slices, vectorized: new = old + phi * (stepped - old).
+"""The blend path: new = old + phi * (stepped - old) on expert rows, for any optimizer.
 
-Segments of one tensor that are back to back and equally long (the experts of
-a stacked weight, the rows of a linear layer, the whole experts inside a ZeRO
-partition) form one :class:`SegmentBlock`, viewed as ``[n, length]``. Per step
-a block costs a handful of tensor operations however many experts it holds,
-and only the rows whose multiplier differs from 1 are copied (the blend then
-works in place, run by run, with no further copy).
+Before the base optimizer's step, every expert row of the tensors it is about to
+step is copied into one packed buffer per dtype (one row operation for all blocks:
+:mod:`excitation_dist.rows`); after it, the rows are blended in place,
+``stepped + (1 - phi) * (old - stepped)`` (torch's ``lerp``: phi = 0 gives ``old``
+exactly, phi = 1 leaves the stepped value untouched). Two row operations and one
+allocation per dtype per optimizer call, however many layers and experts.
+
+Which rows to copy is decided without looking at the multipliers (a selection of
+the rows with phi != 1 would need them on the host: a sync per step), so the
+transient memory is one copy of the owned expert rows the call steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import torch
 
-
-class _Segment(Protocol):
-    tensor: torch.Tensor
-    start: int
-    end: int
-    layer: int
-    expert: int
-
-
-@dataclass
-class SegmentBlock:
-    """``n`` consecutive segments of ``length`` elements from ``start`` in
-    ``tensor.view(-1)``; row i belongs to (layer_N[i], expert_N[i])."""
-
-    tensor: torch.Tensor
-    start: int
-    length: int
-    layer_N: torch.Tensor  # int64, CPU
-    expert_N: torch.Tensor  # int64, CPU
-
-    @property
-    def n(self) -> int:
-        return self.layer_N.numel()
-
-    def rows(self) -> torch.Tensor:
-        """The block as a ``[n, length]`` view of the tensor's storage."""
-        return self.tensor.detach().view(-1)[self.start : self.start + self.n * self.length].view(self.n, self.length)
-
-
-def build_blocks(segments: Iterable[_Segment]) -> list[SegmentBlock]:
-    """Group segments into blocks (segments of one tensor must not overlap)."""
-    by_tensor: dict[int, list[_Segment]] = {}
-    for s in segments:
-        by_tensor.setdefault(id(s.tensor), []).append(s)
-    blocks = []
-    for group in by_tensor.values():
-        group.sort(key=lambda s: s.start)
-        for prev, cur in zip(group, group[1:]):
-            if cur.start < prev.end:
-                raise ValueError(f"expert segments overlap: [{prev.start}, {prev.end}) and [{cur.start}, {cur.end})")
-        run: list[_Segment] = []
-        for s in group + [None]:  # type: ignore[list-item]
-            if run and (s is None or s.start != run[-1].end or s.end - s.start != run[0].end - run[0].start):
-                blocks.append(SegmentBlock(run[0].tensor, run[0].start, run[0].end - run[0].start,
-                                           torch.tensor([r.layer for r in run]), torch.tensor([r.expert for r in run])))
-                run = []
-            if s is not None:
-                run.append(s)
-    return blocks
+from excitation_dist.rows import RowBlocks, RowPlan, local_tensor
 
 
 @dataclass
 class Snapshot:
-    """A block's pre-step values of the rows to blend, packed, with ``1 - phi``
-    per packed row. ``runs``: (first row, row count, packed offset) of each run
-    of consecutive rows to blend (None: the whole block, one run)."""
+    """The packed pre-step rows (``buffers``, one per dtype) and the blend that restores
+    them (``rows``: blocks of the stepped tensors read from the buffers)."""
 
-    block: SegmentBlock
-    runs: list[tuple[int, int, int]] | None
-    one_minus_phi_S1: torch.Tensor
-    old_SL: torch.Tensor
+    buffers: list[torch.Tensor]
+    rows: RowBlocks
 
     @property
     def nbytes(self) -> int:
-        return self.old_SL.numel() * self.old_SL.element_size()
+        return sum(b.numel() * b.element_size() for b in self.buffers)
 
 
-def _runs(keep_N: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs of True in ``keep_N`` as (first, count, packed offset)."""
-    rows = keep_N.nonzero().squeeze(1).tolist()
-    runs: list[tuple[int, int, int]] = []
-    for packed, r in enumerate(rows):
-        if runs and runs[-1][0] + runs[-1][1] == r:
-            first, count, offset = runs[-1]
-            runs[-1] = (first, count + 1, offset)
-        else:
-            runs.append((r, 1, packed))
-    return runs
-
-
-def snapshot(block: SegmentBlock, phi_LE: torch.Tensor) -> Snapshot | None:
-    """Copy the block's rows whose multiplier is not 1 (None if there are none).
-    The copy is the only transient memory of the blend path: :func:`blend`
-    works in place on views of each run."""
-    phi_N = phi_LE[block.layer_N, block.expert_N].cpu()
-    keep = phi_N != 1.0
-    if not bool(keep.any()):
+def snapshot(plan: RowPlan, stepped: Iterable[torch.Tensor], factors_R: torch.Tensor) -> Snapshot | None:
+    """Copy every expert row of the tensors in ``stepped`` that the plan holds (None if none).
+    ``factors_R``: this step's row factors (:meth:`RowPlan.factors`; the copy does not read them)."""
+    layouts = [plan.tensors[id(t)] for t in stepped if t in plan]
+    if not layouts:
         return None
-    view = block.rows()
-    if bool(keep.all()):
-        runs, old = None, view.clone()
-    else:
-        runs = _runs(keep)
-        if len(runs) == 1:
-            first, count, _ = runs[0]
-            old = view[first : first + count].clone()
-        else:
-            old = view.index_select(0, keep.nonzero().squeeze(1).to(view.device))
-        phi_N = phi_N[keep]
-    return Snapshot(block, runs, (1.0 - phi_N).to(view.device, view.dtype).unsqueeze(1), old)
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    for layout in layouts:
+        local = local_tensor(layout.tensor)
+        key = (local.dtype, local.device)
+        sizes[key] = sizes.get(key, 0) + sum(n * length for _, n, length, _ in layout.blocks)
+    buffers = {key: torch.empty(size, dtype=key[0], device=key[1]) for key, size in sizes.items()}
+    copy, restore, offsets = RowBlocks(), RowBlocks(), dict.fromkeys(buffers, 0)
+    for layout in layouts:
+        local = local_tensor(layout.tensor)
+        key = (local.dtype, local.device)
+        for start, n, length, first in layout.blocks:
+            copy.add(buffers[key], offsets[key], n, length, first, y=local, y_start=start)
+            restore.add(local, start, n, length, first, y=buffers[key], y_start=offsets[key])
+            offsets[key] += n * length
+    copy.apply("copy", factors_R)
+    return Snapshot(list(buffers.values()), restore)
 
 
-def blend(snap: Snapshot) -> None:
-    """After the optimizer step: rows <- old + phi * (stepped - old), computed in
-    place as stepped + (1 - phi) * (old - stepped) (one pass; phi = 0 gives old
-    exactly), run by run on views: no temporary copies."""
-    view = snap.block.rows()
-    if snap.runs is None:
-        view.lerp_(snap.old_SL, snap.one_minus_phi_S1)
-        return
-    for first, count, offset in snap.runs:
-        view[first : first + count].lerp_(snap.old_SL[offset : offset + count],
-                                          snap.one_minus_phi_S1[offset : offset + count])
+def blend(snap: Snapshot, factors_R: torch.Tensor) -> None:
+    """After the optimizer step: rows <- old + phi * (stepped - old), in place."""
+    snap.rows.apply("lerp", 1.0 - factors_R)

@@ -14,7 +14,7 @@ One object per model (per pipeline stage). Per optimizer step it
    blends ``new = old + phi * (stepped - old)`` on exactly those slices.
 
 "Where are counts reduced" is :meth:`reduce_counts_async`; "where is the update
-scaled" is :meth:`_prepare_update` (:mod:`folded`, or :mod:`blend` and :meth:`_blend`). Every
+scaled" is :class:`excitation_dist.update.ExcitedUpdate` (:mod:`folded`, :mod:`blend`). Every
 backend uses these two.
 
 Backends translate their framework into :class:`ExpertSegment` s: slices of the
@@ -33,10 +33,10 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from excitation_dist.blend import Snapshot, blend, build_blocks, snapshot
 from excitation_dist.config import ConfigError, ExcitationConfig, as_config
-from excitation_dist.folded import FoldPlan, RowFactors, fold_kind, step_tensor
 from excitation_dist.metrics import flat_metrics
+from excitation_dist.rows import build_blocks, local_tensor
+from excitation_dist.update import ExcitedUpdate
 from excitation_dist.strategies import multipliers, shape_multipliers, utilization
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class ExpertSegment:
 
     ``tensor`` must be the very tensor the base optimizer steps (a parameter, or
     a flat fp32 master partition), so that the step hooks can tell whether it is
-    being stepped.
+    being stepped. For a DTensor the offsets are into its local shard
+    (:func:`excitation_dist.rows.local_tensor`), the elements this rank updates.
     """
 
     tensor: torch.Tensor
@@ -146,14 +147,8 @@ class Excitation:
         self._phase = _Phase.COUNTING
         self._pending: dist.Work | None = None
         self._segments: list[ExpertSegment] = []
-        self._blocks = []
-        self._fold_plan: FoldPlan | None = None
-        self._update_paths: dict[int, str] = {}  # id(base optimizer) -> "folded:<kind>" or "blend"
-        self._row_factors: RowFactors | None = None  # this step's, shared by every optimizer call
-        self._hidden_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._update = ExcitedUpdate(num_experts)  # the update paths (folded, blend) and the rows they act on
         self._closures_owed: set[int] = set()  # optimizers handed our closure this step, not yet called
-        self._warned_sparse = False
-        self._snapshots: list[Snapshot] = []
         self._hook_handles: list[Any] = []
         # Host-side tallies per layer for this step (Python ints: no device sync), see count_this_forward().
         self._counted_forwards_L = [0] * num_layers
@@ -165,8 +160,6 @@ class Excitation:
         # On the counts' device; read them on the host only when logging (metrics()).
         self.last_counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
         self.last_multipliers_LE = torch.ones(num_layers, num_experts, dtype=torch.float64, device=self.device)
-        self.last_snapshot_bytes = 0
-        self.peak_snapshot_bytes = 0
         self.count_collectives_issued = 0
 
     # ---------------------------------------------------------------- counts
@@ -275,7 +268,7 @@ class Excitation:
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
-        self._snapshots.clear()
+        self._update.discard()
         self._reset_counts()
 
     def end_step(self) -> None:
@@ -311,7 +304,7 @@ class Excitation:
             self._pending = None
         self.last_counts_LE = self._counts_LE.detach().clone()
         self.last_multipliers_LE = self.compute_multipliers(self.last_counts_LE)
-        self._row_factors = None
+        self._update.new_step(self.last_multipliers_LE)
         self.step += 1
         self._phase = _Phase.READY
 
@@ -364,14 +357,14 @@ class Excitation:
         or anything else that re-creates the optimizer's tensors)."""
         segments = list(segments)
         for s in segments:
+            local = local_tensor(s.tensor)  # a DTensor's local shard; any other tensor itself
             if not 0 <= s.layer < self.num_layers or not 0 <= s.expert < self.num_experts:
                 raise ValueError(f"segment (layer {s.layer}, expert {s.expert}) outside [{self.num_layers}, {self.num_experts}]")
-            if not 0 <= s.start < s.end <= s.tensor.numel():
-                raise ValueError(f"segment [{s.start}, {s.end}) outside a tensor of {s.tensor.numel()} elements")
-            if not s.tensor.is_contiguous():
+            if not 0 <= s.start < s.end <= local.numel():
+                raise ValueError(f"segment [{s.start}, {s.end}) outside a tensor of {local.numel()} elements")
+            if not local.is_contiguous():
                 raise ValueError("expert segments must live in contiguous tensors (the optimizer's flat view)")
-        self._blocks = build_blocks(segments)
-        self._fold_plan = FoldPlan(self._blocks, self.num_experts)
+        self._update.set_blocks(build_blocks(segments))
         self._segments = segments
 
     @property
@@ -407,7 +400,7 @@ class Excitation:
                 "torch.optim.LBFGS evaluates its closure several times per step (line search): Excitation counts "
                 "the tokens of one forward per optimizer step. Use a first-order optimizer (SGD, Adam, AdamW, ...)."
             )
-        self._update_paths[id(optimizer)] = self._choose_update_path(optimizer)
+        self._update.choose_path(optimizer, self.config.update)
         pre = optimizer.register_step_pre_hook(self._step_pre_hook)
 
         def post(opt, args, kwargs):
@@ -421,29 +414,19 @@ class Excitation:
             hooks.move_to_end(post_handle.id, last=False)
         self._hook_handles += [pre, post_handle]
 
-    def _choose_update_path(self, optimizer: torch.optim.Optimizer) -> str:
-        kind, reason = fold_kind(optimizer)
-        requested = self.config.update
-        if requested == "folded" and kind is None:
-            raise ConfigError(
-                f"excitation.update: 'folded' needs an optimizer whose update is linear in the learning rate "
-                f"(torch.optim.SGD/Adam/AdamW without fused kernels, amsgrad or maximize); {reason}. "
-                "Use update: auto (or blend), or change the optimizer."
-            )
-        name = type(optimizer).__name__
-        if requested == "blend" or kind is None:
-            if requested == "auto":
-                logger.warning("Excitation: %s takes the blend path (a transient copy of the expert rows with "
-                               "phi != 1 per step): %s", name, reason)
-            return "blend"
-        logger.info("Excitation: %s takes the folded path (expert rows stepped at lr * phi)", name)
-        return f"folded:{kind}"
-
     @property
     def update_path(self) -> str:
         """``folded``, ``blend``, or ``mixed`` (several base optimizers on different paths)."""
-        paths = {path.split(":")[0] for path in self._update_paths.values()}
-        return paths.pop() if len(paths) == 1 else ("mixed" if paths else "none")
+        return self._update.update_path
+
+    @property
+    def last_snapshot_bytes(self) -> int:
+        """Bytes the blend path copied in the last step (0 on the folded path)."""
+        return self._update.last_snapshot_bytes
+
+    @property
+    def peak_snapshot_bytes(self) -> int:
+        return self._update.peak_snapshot_bytes
 
     def remove_hooks(self) -> None:
         for h in self._hook_handles:
@@ -454,7 +437,7 @@ class Excitation:
         """Step pre-hook: hand the optimizer our closure (folded path, or any
         step called with a closure); else prepare the blend now."""
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        folded = self._update_paths.get(id(optimizer), "blend").startswith("folded:")
+        folded = self._update.path(optimizer).startswith("folded:")
         if closure is None and not folded:
             self._prepare_update(optimizer)
             return None
@@ -490,81 +473,19 @@ class Excitation:
         self._closures_owed.discard(id(optimizer))
         if self._phase is not _Phase.READY:
             self._finalize()
-        self._snapshots.clear()
-        if not self.config.active:
-            return
-        path = self._update_paths.get(id(optimizer), "blend")
-        with torch.no_grad():
-            if path.startswith("folded:"):
-                self._folded_step(optimizer, path.split(":")[1])
-            else:
-                self._snapshot(optimizer)
+        if self.config.active:
+            self._update.before(optimizer)
 
     def _post_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Post-step: give the folded tensors their gradients back; blend the rest."""
         if id(optimizer) in self._closures_owed:
             self._closures_owed.discard(id(optimizer))
-            self._hidden_grads.clear()
-            self._snapshots.clear()
+            self._update.discard()
             raise RuntimeError(
                 f"{type(optimizer).__name__}.step() did not call its closure, where Excitation's update runs: this "
                 "step was applied without Excitation. Pass excitation update: blend for this optimizer."
             )
-        for p, grad in self._hidden_grads:
-            p.grad = grad
-        self._hidden_grads.clear()
-        self._blend()
-
-    def _folded_step(self, optimizer: torch.optim.Optimizer, kind: str) -> None:
-        """Step every excited tensor of this call's param groups at lr * phi and
-        hide its gradient from the base optimizer's own step."""
-        plan = self._fold_plan
-        if plan is None or not plan.pieces:
-            return
-        if self._row_factors is None:
-            self._row_factors = RowFactors(self.last_multipliers_LE, plan.row_index_R)
-        sparse = set()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                pieces = plan.pieces.get(id(p))
-                if pieces is None or p.grad is None:
-                    continue
-                if p.grad.is_sparse:  # the base optimizer steps it; the blend scales its update
-                    sparse.add(id(p))
-                    continue
-                step_tensor(kind, optimizer, group, p, pieces, self._row_factors)
-                self._hidden_grads.append((p, p.grad))
-                p.grad = None
-        self.last_snapshot_bytes = 0
-        if sparse:
-            if not self._warned_sparse:
-                self._warned_sparse = True
-                logger.warning("Excitation: expert tensors with sparse gradients take the blend path (a transient "
-                               "copy of their rows with phi != 1 per step)")
-            self._snapshot_tensors(sparse)
-
-    def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
-        """Blend path: copy the slices whose multiplier is not 1."""
-        self._snapshot_tensors({id(p) for group in optimizer.param_groups for p in group["params"]})
-
-    def _snapshot_tensors(self, stepped: set[int]) -> None:
-        """Copy the slices of the tensors ``stepped`` (ids) whose multiplier is not 1.
-        Reads the multipliers on the host once per step (one sync, this path only)."""
-        phi_LE = self.last_multipliers_LE.cpu()
-        for block in self._blocks:
-            if id(block.tensor) in stepped:
-                snap = snapshot(block, phi_LE)
-                if snap is not None:
-                    self._snapshots.append(snap)
-        nbytes = sum(snap.nbytes for snap in self._snapshots)
-        self.last_snapshot_bytes = nbytes
-        self.peak_snapshot_bytes = max(self.peak_snapshot_bytes, nbytes)
-
-    def _blend(self) -> None:
-        """Post-step: new = old + phi * (stepped - old) on every snapshotted slice."""
-        for snap in self._snapshots:
-            blend(snap)
-        self._snapshots.clear()
+        self._update.after()
 
     # ------------------------------------------------------------ reporting
     def metrics(self, prefix: str = "excitation", per_layer: bool = True) -> dict[str, float]:

@@ -1,12 +1,16 @@
 """Vectorized blending equals the per-segment definition, on layouts a ZeRO
-partition produces (experts cut at both ends, several parameters in one buffer)."""
+partition produces (experts cut at both ends, several parameters in one buffer);
+its only transient memory is the packed copy of the rows, and no host sync."""
 
 import pytest
 import torch
 
 from excitation_dist import ExpertSegment
-from excitation_dist.blend import blend, build_blocks, snapshot
+from excitation_dist.blend import blend, snapshot
+from excitation_dist.rows import RowPlan, build_blocks
 from excitation_dist.segments import owned_expert_ranges, stacked_expert_ranges
+from excitation_dist.testing.dispatch import count_dispatches
+from excitation_dist.testing.syncs import count_host_syncs
 
 
 def _partition_segments(flat):
@@ -43,20 +47,26 @@ def test_vectorized_blend_equals_per_segment_definition(phi_fill):
     elif phi_fill == "all_one":
         phi.fill_(1.0)
     old = flat.clone()
-    snaps = [s for s in (snapshot(b, phi) for b in build_blocks(segments)) if s is not None]
+    plan = RowPlan(build_blocks(segments), 4)
+    factors = plan.factors(phi)
+    with count_host_syncs() as syncs, count_dispatches() as ops:
+        snap = snapshot(plan, [flat], factors)
     flat.add_(torch.randn(27, generator=g, dtype=torch.float64))  # the optimizer step
     stepped = flat.clone()
-    for snap in snaps:
-        blend(snap)
+    with count_host_syncs() as more_syncs:
+        blend(snap, factors)
     expected = stepped.clone()
     for s in segments:
         p = phi[s.layer, s.expert].item()
         expected[s.start:s.end] = old[s.start:s.end] + p * (stepped[s.start:s.end] - old[s.start:s.end])
     torch.testing.assert_close(flat, expected, rtol=1e-14, atol=1e-14)
-    copied = sum(sn.old_SL.numel() for sn in snaps)
-    assert copied == sum(s.end - s.start for s in segments if phi[s.layer, s.expert] != 1)
+    assert not syncs and not more_syncs  # which rows to copy is not decided on the host
+    assert ops.ops <= 3  # one allocation, one copy over every block
+    assert snap.nbytes == sum(s.end - s.start for s in segments) * 8  # every owned expert row, packed
     if phi_fill == "mixed":
         assert torch.equal(flat[20:23], old[20:23])  # phi = 0: exactly unchanged
+    if phi_fill == "all_one":
+        assert torch.equal(flat, stepped)  # phi = 1: the stepped value, bit for bit
 
 
 def test_overlapping_segments_are_rejected():
@@ -77,23 +87,28 @@ def _allocated_bytes(fn) -> int:
 
 @pytest.mark.parametrize("pattern", ["alternating", "one_run", "all"])
 def test_blend_allocates_nothing_beyond_the_snapshot(pattern):
-    """The blend path's only transient memory is the snapshot of the rows with
-    phi != 1: the blend itself works in place on views (no gathered copy)."""
+    """The blend path's only transient memory is the packed snapshot of the rows:
+    the blend itself works in place (no gathered copy)."""
     rows, length = 16, 4096
     flat = torch.randn(rows * length)
     segments = [ExpertSegment(flat, i * length, (i + 1) * length, 0, i) for i in range(rows)]
-    phi = torch.full((1, rows), 1.0)
+    phi = torch.full((1, rows), 1.0, dtype=torch.float64)
     if pattern == "alternating":
         phi[0, ::2] = 0.5
     elif pattern == "one_run":
         phi[0, 3:9] = 0.0
     else:
         phi.fill_(1.5)
-    (block,) = build_blocks(segments)
+    plan = RowPlan(build_blocks(segments), rows)
+    factors = plan.factors(phi)
     old = flat.clone()
-    snap = snapshot(block, phi)
-    assert snap.nbytes == int((phi != 1).sum()) * length * 4
+    snap = snapshot(plan, [flat], factors)
+    assert snap.nbytes == rows * length * 4
     flat.add_(1.0)
-    assert _allocated_bytes(lambda: blend(snap)) == 0
-    expected = old + phi.repeat_interleave(length, dim=1).view(-1) * 1.0
+    weights = 1.0 - factors  # computed before the measured call, as the update computes it once per step
+    snap.rows.apply("lerp", weights)  # warm-up of the operator's first call
+    flat.copy_(old + 1.0)
+    # nothing the size of the rows: only the factors cast to the rows' dtype (one float per row)
+    assert _allocated_bytes(lambda: snap.rows.apply("lerp", weights)) <= weights.numel() * 4
+    expected = old + phi.float().repeat_interleave(length, dim=1).view(-1) * 1.0
     torch.testing.assert_close(flat, expected)

@@ -34,14 +34,16 @@ def test_update_is_scaled_per_expert_slice():
     assert params[0].tolist() == [2.5] * 3 + [1.5] * 3
 
 
-def test_blend_path_snapshots_only_slices_with_multiplier_not_one():
+def test_blend_path_snapshots_every_owned_expert_row_without_reading_phi():
+    """Which rows to copy is not decided on the host (that would be a sync per step):
+    every owned expert row is copied, and the rows with phi = 1 blend back exactly."""
     params, opt, ex = _sgd_setup({"strategy": "positivesum", "update": "blend"}, E=2, numel=4)
     assert ex.update_path == "blend"
-    _step(params, opt, ex, [[3, 1]])  # phi = (1.5, 1): one expert of 4 float64 elements copied
-    assert ex.last_snapshot_bytes == 4 * 8
+    _step(params, opt, ex, [[3, 1]])  # phi = (1.5, 1): both experts' 4 float64 elements copied
+    assert ex.last_snapshot_bytes == 2 * 4 * 8
     assert params[0].tolist() == [1.5] * 4 + [1.0] * 4
-    _step(params, opt, ex, [[1, 1]])  # balanced: nothing copied
-    assert ex.last_snapshot_bytes == 0
+    _step(params, opt, ex, [[1, 1]])
+    assert ex.last_snapshot_bytes == 2 * 4 * 8 and ex.peak_snapshot_bytes == 2 * 4 * 8
 
 
 def test_folded_path_copies_nothing():

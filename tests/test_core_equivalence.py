@@ -20,6 +20,9 @@ OPTIMIZERS = {
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01),
     "adam": lambda params: torch.optim.Adam(params, lr=LR),
     "adamw": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.1),
+    "adamw_fused": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=0.1, fused=True),
+    "adam_l2_foreach": lambda params: torch.optim.Adam(params, lr=LR, weight_decay=0.05, foreach=True),
+    "sgd_nesterov_foreach": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, nesterov=True, foreach=True),
     "adam_l2": lambda params: torch.optim.Adam(params, lr=LR, weight_decay=0.05),
     "sgd_dampened": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.8, dampening=0.3, weight_decay=0.02),
     "rmsprop": lambda params: torch.optim.RMSprop(params, lr=LR, momentum=0.5, centered=True),
@@ -89,7 +92,8 @@ def _run_excited(make_opt, strategy, gamma, seed=0, scale_gradients_instead=Fals
     return history, excitation
 
 
-FOLDED = {"sgd", "sgd_momentum", "adam", "adamw", "adam_l2", "sgd_dampened"}  # torch SGD / Adam / AdamW
+FOLDED = {"sgd", "sgd_momentum", "adam", "adamw", "adam_l2", "sgd_dampened",  # torch SGD / Adam / AdamW,
+          "adamw_fused", "adam_l2_foreach", "sgd_nesterov_foreach"}  # single-tensor, foreach or fused
 
 
 @pytest.mark.parametrize("update", ["auto", "blend"])
@@ -190,11 +194,11 @@ def test_unknown_optimizer_takes_the_blend_path_with_one_log_line(caplog):
     p = torch.nn.Parameter(torch.zeros(4))
     ex = Excitation({}, 1, 2, reduce=False)
     ex.set_segments([ExpertSegment(p, 0, 2, 0, 0), ExpertSegment(p, 2, 4, 0, 1)])
-    with caplog.at_level("INFO", logger="excitation_dist.core"):
+    with caplog.at_level("INFO", logger="excitation_dist.update"):
         ex.hook_optimizer(opt := Lion([p]))
     assert ex.update_path == "blend"
     assert [r.getMessage() for r in caplog.records if "blend path" in r.getMessage()] == [
-        "Excitation: Lion takes the blend path (a transient copy of the expert rows with phi != 1 per step): "
+        "Excitation: Lion takes the blend path (a transient copy of the owned expert rows per step): "
         "tests.test_core_equivalence.Lion is not one of torch.optim.SGD/Adam/AdamW"]
     ex.record(0, torch.tensor([3, 1]))
     p.grad = -torch.ones(4)
