@@ -116,3 +116,11 @@ def test_megatron_refuses_latent_attention_on_cpu():
     with pytest.raises(ConfigError, match="model.attention: mla needs Transformer Engine"):
         validate(load_run_config(CONFIGS / "tiny_cpu.yaml", mla))
     validate(load_run_config(CONFIGS / "tiny_cpu.yaml", [*mla, "device=cuda"]))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "models").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_config_loads_on_its_own_default_backend(path):
+    """A model file run as it is (`excitation-dist train configs/models/X.yaml`) is not refused by
+    the backend it names (or the default one): its router options are ones that backend expresses."""
+    cfg = load_run_config(path)
+    assert cfg.model.moe.num_experts > 1

@@ -173,7 +173,10 @@ def _deepspeed_experts(cfg: GPTMoEConfig) -> nn.Module:
     return MoE(cfg.d_model, MLP(cfg.d_model, cfg.d_ff, cfg.activation), num_experts=cfg.num_experts,
                ep_size=cfg.ep_size, k=cfg.top_k, capacity_factor=capacity, eval_capacity_factor=capacity,
                min_capacity=cfg.min_capacity, drop_tokens=cfg.capacity_factor is not None,
-               top2_2nd_expert_sampling=False)  # deterministic top-k, as Mixtral and OLMoE route
+               # deterministic top-k (as Mixtral and OLMoE route) and capacity drops in token order (as
+               # megatron-core drops): DeepSpeed's checkpoint does not hold the generator random gating draws from,
+               # so with it on a resumed run would route differently from the uninterrupted one
+               top2_2nd_expert_sampling=False, use_rts=False)
 
 
 class MoEFeedForward(nn.Module):

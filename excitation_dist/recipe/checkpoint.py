@@ -115,12 +115,22 @@ class CheckpointManager:
         rank 0 should call :meth:`prepare` first)."""
         return self.root / f".staging-{self.name(step)}"
 
+    def remove_leftovers(self) -> None:
+        """Rank 0 of the run holding the directory: remove what interrupted saves left
+        (staging directories, ``.latest.tmp<pid>`` files of a kill between the rename and
+        the ``latest`` update). Nothing else writes here while the run holds the lock."""
+        if not self.root.is_dir():
+            return
+        for leftover in self.root.glob(".staging-step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.root.glob(".latest.tmp*"):
+            leftover.unlink(missing_ok=True)
+
     def prepare(self, step: int) -> Path:
         """Rank 0, before a save: clear leftovers of interrupted saves and
         create the staging directory."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".staging-step_*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        self.remove_leftovers()
         staging = self.staging_dir(step)
         staging.mkdir(parents=True)
         return staging

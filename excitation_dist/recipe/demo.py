@@ -55,7 +55,8 @@ def _worker(cfg: DemoConfig) -> dict[str, Any] | None:
         runs[name] = (model, ddp, opt, attach(ddp, opt, exc))
 
     loggers = {name: MetricsLogger(Path(cfg.log_dir) / name, rank, run_info={
-        "name": name, "strategy": excitation.config.strategy, "gamma": excitation.config.gamma, "seed": cfg.seed})
+        "name": name, "strategy": excitation.config.strategy, "gamma": excitation.config.gamma, "seed": cfg.seed},
+        start_step=0)  # the demo always runs from scratch: a rerun replaces its records
         for name, (*_, excitation) in runs.items()} if cfg.log_dir else {}
     rows = []
     t0 = time.perf_counter()

@@ -141,6 +141,10 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
     source = TokenSource.from_config(cfg, position)
 
     start = 0
+    if manager and rank == 0:
+        manager.remove_leftovers()
+        if latest is None and cfg.checkpoint.resume:
+            print(f"checkpoint.dir {manager.root} holds no complete checkpoint: training from step 0", flush=True)
     if latest is not None:
         resume_from(cfg, backend, latest, rank)
         start = manager.step_of(latest)
@@ -149,7 +153,11 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
             print(f"data: reading on from sample {position.consumed} (the samples the checkpoint consumed)",
                   flush=True)
 
-    logger = MetricsLogger.from_config(cfg, rank)  # TensorBoard, metrics.jsonl, W&B if logging.wandb.project
+    # TensorBoard, metrics.jsonl, W&B if logging.wandb.project; records of steps redone after `start` replaced
+    logger = MetricsLogger.from_config(cfg, rank, start_step=start)
+    if logger.dropped:
+        print(f"metrics.jsonl: dropped {logger.dropped} record(s) of steps after {start}, which this run redoes",
+              flush=True)
     tokens_per_step = s.global_batch_size * cfg.model.seq_length
     t_start, last = time.perf_counter(), {}
     window_start, window_steps = time.perf_counter(), 0

@@ -16,6 +16,7 @@ wandb writer): :class:`TensorBoardScalars` and :class:`WandbScalars` adapt them.
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 from pathlib import Path
@@ -114,10 +115,14 @@ class MetricsLogger:
         layer_interval: steps between per-layer details (:func:`layers_due`); None: every logged step.
         wandb: a W&B run (or anything with ``log(dict, step=)``) to write the scalars to as well;
             finished by :meth:`close`.
+        start_step: the step this run trains on from (0 fresh, S resumed from step S): records of
+            later steps in ``metrics.jsonl`` (a killed attempt's, redone now) are dropped, and
+            ``dropped`` says how many. None: append to the file as it is.
     """
 
     def __init__(self, log_dir: str | Path, rank: int = 0, tensorboard: bool = True, writer: Any = None,
-                 run_info: dict[str, Any] | None = None, layer_interval: int | None = None, wandb: Any = None) -> None:
+                 run_info: dict[str, Any] | None = None, layer_interval: int | None = None, wandb: Any = None,
+                 start_step: int | None = None) -> None:
         self.enabled = rank == 0
         self.log_dir = Path(log_dir)
         self.layer_interval = layer_interval
@@ -128,18 +133,24 @@ class MetricsLogger:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if run_info is not None:
             (self.log_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1) + "\n")
+        if start_step is not None:
+            self.dropped = drop_records_after(self.log_dir, start_step)
         self._file = open(self.log_dir / METRICS_FILE, "a", buffering=1)
         if writer is not None:
             self._writers.append(TensorBoardScalars(writer, owned=True))
         elif tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writers.append(TensorBoardScalars(SummaryWriter(log_dir=str(self.log_dir))))
+            # purge_step: TensorBoard hides the earlier events of the steps this run redoes
+            purge = None if start_step is None else start_step + 1
+            self._writers.append(TensorBoardScalars(SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)))
         if wandb is not None:
             self._writers.append(WandbScalars(wandb))
 
+    dropped = 0
+
     @classmethod
-    def from_config(cls, cfg: RunConfig, rank: int) -> MetricsLogger:
+    def from_config(cls, cfg: RunConfig, rank: int, start_step: int | None = None) -> MetricsLogger:
         """The recipe's logger: ``cfg.logging`` (directory, layer interval, W&B) and what the run is."""
         from excitation_dist.recipe.schema import to_dict
 
@@ -150,7 +161,8 @@ class MetricsLogger:
             log_dir = Path(cfg.logging.dir)
             log_dir.mkdir(parents=True, exist_ok=True)
             wandb_run = open_wandb_run(cfg.logging.wandb, log_dir, cfg.name, to_dict(cfg))
-        return cls(cfg.logging.dir, rank, run_info=run_info, layer_interval=cfg.logging.layer_interval, wandb=wandb_run)
+        return cls(cfg.logging.dir, rank, run_info=run_info, layer_interval=cfg.logging.layer_interval, wandb=wandb_run,
+                   start_step=start_step)
 
     def layers_due(self, step: int) -> bool:
         return layers_due(step, self.layer_interval)
@@ -175,6 +187,30 @@ class MetricsLogger:
         for writer in self._writers:
             writer.close()
         self._writers = []
+
+
+def drop_records_after(run_dir: str | Path, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` without its records of steps after ``step`` (atomically);
+    returns how many were dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def logged_steps(run_dir: str | Path) -> tuple[int, int] | None:
+    """(first, last) step of the records in ``metrics.jsonl``; None when there are none."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return (min(steps), max(steps)) if steps else None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

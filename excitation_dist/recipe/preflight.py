@@ -131,10 +131,32 @@ def check_directories(cfg: RunConfig, *, check_lock: bool = True) -> None:
             raise ConfigError(f"{key}: {path} exists and is not a directory; choose another path")
         if not _writable(path):
             raise ConfigError(f"{key}: {path} is not writable by this user; choose a directory you can write")
+    if check_lock:  # before launch only: a restart inside the launch replaces its own attempt's records
+        check_logging_dir_unused(cfg)
     if check_lock and cfg.checkpoint.dir is not None:
         holder = locked_by(cfg.checkpoint.dir)
         if holder is not None and not held_by_our_launcher(cfg.checkpoint.dir):
             raise ConfigError(locked_message(cfg.checkpoint.dir, holder))
+
+
+def check_logging_dir_unused(cfg: RunConfig) -> None:
+    """A run that trains from step 0 into a ``logging.dir`` that holds another run's metrics
+    would mix two runs in one ``metrics.jsonl``: refused (nothing is overwritten). A run that
+    resumes from a checkpoint continues the metrics there."""
+    from excitation_dist.recipe.metrics_log import METRICS_FILE, logged_steps
+
+    steps = logged_steps(cfg.logging.dir)
+    if steps is None:
+        return
+    if cfg.checkpoint.dir is not None and cfg.checkpoint.resume and CheckpointManager(cfg.checkpoint.dir).latest():
+        return
+    why = ("checkpoint.dir is not set" if cfg.checkpoint.dir is None else
+           "checkpoint.resume is false" if not cfg.checkpoint.resume else
+           f"checkpoint.dir {cfg.checkpoint.dir} holds no complete checkpoint to resume")
+    raise ConfigError(
+        f"logging.dir: {Path(cfg.logging.dir) / METRICS_FILE} already holds the metrics of a run (steps "
+        f"{steps[0]}-{steps[1]}), and this run would train from step 0 ({why}): the two would mix in one file. "
+        "Set logging.dir to a new directory (or move the old one away)")
 
 
 def _flat(prefix: str, value) -> dict:
