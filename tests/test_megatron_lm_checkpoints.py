@@ -4,8 +4,12 @@ Megatron-LM 0.19.2's loop over gloo on CPU, 2 ranks, EP 2, mock data:
 
 - a run killed inside its iteration-4 save (after the shards were written, before
   Megatron's tracker file names them) resumes from iteration 2 and ends with the
-  uninterrupted run's Excitation state (step, utilization EMA, last counts) and
-  bit-identical weights;
+  uninterrupted run's Excitation state (step, utilization EMA, last counts),
+  bit-identical weights and bit-identical optimizer state (main parameters, Adam
+  moments and step): the DistributedOptimizer on torch's own Adam (no Transformer
+  Engine or apex), whose resume megatron-core breaks (no load template for a
+  fresh optimizer, Adam's step reset to 0, then one step tensor shared by all
+  parameters), see :mod:`excitation_dist.megatron.optimizer_state`;
 - resuming with another Excitation strategy is refused before training;
 - a checkpoint written without Excitation: ``--excitation-require-state`` refuses,
   without it Excitation starts fresh and says so.
@@ -111,7 +115,13 @@ def _torchrun(tmp, megatron: str, argv: list[str], die_in_save_at: int = 0) -> s
 
 
 def _read(megatron_path: str, directory: str):
-    """(Excitation state, every plain tensor) of a torch_dist checkpoint."""
+    """(Excitation state, every plain tensor, Adam steps) of a torch_dist checkpoint.
+
+    The plain tensors are the model's weights and, with the DistributedOptimizer
+    saved ``fully_reshardable``, its fp32 main parameters, ``exp_avg`` and
+    ``exp_avg_sq`` per parameter (``optimizer.state.<kind>.<weight>``); the Adam
+    steps: chained optimizer -> the ``step`` of each param group (where the
+    DistributedOptimizer saves torch Adam's per-parameter step)."""
     sys.path.insert(0, megatron_path)
     from excitation_dist.recipe import pretrain_gpt
 
@@ -126,8 +136,11 @@ def _read(megatron_path: str, directory: str):
     tensors = dist_checkpointing.load_plain_tensors(directory)
     state = checkpointing.read_excitation_state(directory) or {"common": None, "layers": {}}
     layers = {n: None if row is None else row.tolist() for n, row in state["layers"].items()}
+    optimizers = dist_checkpointing.load_common_state_dict(directory).get("optimizer") or {}
+    steps = {i: [g.get("step") for g in o["optimizer"]["param_groups"]] for i, o in optimizers.items()
+             if isinstance(o, dict) and isinstance(o.get("optimizer"), dict)}
     # plain values: tensors would travel back through shared memory the exiting worker takes with it
-    return {**state, "layers": layers}, {k: v.tolist() for k, v in tensors.items() if hasattr(v, "tolist")}
+    return {**state, "layers": layers}, {k: v.tolist() for k, v in tensors.items() if hasattr(v, "tolist")}, steps
 
 
 def _checkpoint(megatron: str, directory):
@@ -135,29 +148,42 @@ def _checkpoint(megatron: str, directory):
 
 
 def test_megatron_lm_checkpoint_killed_in_save_resumes_excitation_exactly(megatron_0192, tmp_path):  # noqa: F811
-    full = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="full"))
+    # the DistributedOptimizer; the killed run writes iteration 2 in Megatron-LM's default format (dp_reshardable:
+    # buckets whose padding is uninitialized memory), the resumed and the uninterrupted run save per parameter
+    # (fully_reshardable), so that every optimizer tensor can be compared bit for bit
+    dist_opt = ("--use-distributed-optimizer",)
+    per_param = dist_opt + ("--dist-ckpt-optim-fully-reshardable",)
+    full = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="full", extra=per_param))
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-5000:]
 
-    broken = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b"), die_in_save_at=4)
+    broken = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b", extra=dist_opt), die_in_save_at=4)
     assert broken.returncode != 0
     assert (tmp_path / "b" / "iter_0000004").is_dir(), broken.stdout[-4000:]  # written, but never named by the tracker
     assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
-    resumed = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b", load="b"))
+    resumed = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b", load="b", extra=per_param))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "Excitation resumed from" in resumed.stdout and "iter_0000002 at its step 2" in resumed.stdout
 
-    state_a, weights_a = _checkpoint(megatron_0192, tmp_path / "full" / "iter_0000004")
-    state_b, weights_b = _checkpoint(megatron_0192, tmp_path / "b" / "iter_0000004")
+    state_a, tensors_a, steps_a = _checkpoint(megatron_0192, tmp_path / "full" / "iter_0000004")
+    state_b, tensors_b, steps_b = _checkpoint(megatron_0192, tmp_path / "b" / "iter_0000004")
     assert state_a["common"]["step"] == state_b["common"]["step"] == 4
-    assert weights_a.keys() == weights_b.keys() and any("decoder" in k for k in weights_a)
-    for key, value in weights_a.items():
-        assert value == weights_b[key], key  # bit-identical
+    weights = [k for k in tensors_a if not k.startswith("optimizer")]
+    assert tensors_a.keys() == tensors_b.keys() and any(".experts." in k for k in weights), sorted(tensors_a)
+    for kind in ("param", "exp_avg", "exp_avg_sq"):  # every weight's main parameter and Adam moments
+        assert all(f"optimizer.state.{kind}.{k}" in tensors_a for k in weights), (kind, sorted(tensors_a))
+    for key, value in tensors_a.items():
+        assert value == tensors_b[key], key  # bit-identical
+    # Adam's step, 4 for every parameter of the dense and the expert optimizer (a load that reset it to 0 saves 2;
+    # a step tensor shared by all parameters counts once per parameter per step: 28 and 16 here)
+    assert len(steps_a) == 2 and all(step == 4 for groups in steps_a.values() for step in groups), steps_a
+    assert steps_b == steps_a
     assert list(state_a["layers"]) == [1, 2]  # both MoE layers, by global layer number
     for n, row in state_a["layers"].items():
         assert row is not None and row == state_b["layers"][n], n
 
-    other = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, save="b", load="b", excitation="zerosum"))
+    other = _torchrun(tmp_path, megatron_0192,
+                      _args(tmp_path, iters=4, save="b", load="b", excitation="zerosum", extra=dist_opt))
     assert other.returncode != 0
     assert "trained with Excitation strategy 'positivesum', this run asks for 'zerosum'" in other.stdout + other.stderr
     assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"  # nothing written
@@ -174,5 +200,5 @@ def test_megatron_lm_checkpoint_without_excitation_state(megatron_0192, tmp_path
     fresh = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, load="base", save="fresh"))
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
     assert "holds no Excitation state: Excitation starts fresh" in fresh.stdout
-    state, _ = _checkpoint(megatron_0192, tmp_path / "fresh" / "iter_0000004")
+    state, _, _ = _checkpoint(megatron_0192, tmp_path / "fresh" / "iter_0000004")
     assert state["common"]["step"] == 2  # iterations 3 and 4 only

@@ -1,7 +1,9 @@
 """``excitation-dist train`` with ``backend: megatron`` saves megatron-core
 ``dist_checkpointing`` (torch_dist) checkpoints: written on 2 ranks (EP 2,
 DistributedOptimizer), resumed on 1 rank (EP 1) and on 4 ranks (EP 4); a layout
-that cannot load is refused; a run killed inside a save resumes bit-exactly."""
+that cannot load is refused; a run killed inside a save resumes bit-exactly; with
+megatron-core's overlapped parameter all-gather a checkpoint holds the weights of
+the step it was written after, and resumes bit-exactly."""
 
 import os
 import shutil
@@ -42,6 +44,33 @@ def publish(self, step, *a, **kw):
 checkpoint.CheckpointManager.publish = publish
 """
 
+# megatron-core's overlapped parameter all-gather (DDP overlap_param_gather with the DistributedOptimizer), which
+# the recipe turns on only on GPU (excitation_dist.recipe.fast_paths); it runs over gloo on CPU too
+FORCE_OVERLAP_PARAM_GATHER = """
+import dataclasses
+from excitation_dist.recipe import fast_paths
+from excitation_dist.recipe.backends import megatron
+
+_resolve, _init = fast_paths.resolve, megatron.MegatronBackend.__init__
+
+
+def resolve(cfg, env=None):
+    fast = _resolve(cfg, env)
+    if not fast.distributed_optimizer:
+        return fast
+    return dataclasses.replace(fast, overlap_param_gather=True,
+                               fallbacks=[f for f in fast.fallbacks if f[0] != "overlap_param_gather"])
+
+
+def init(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    print(f"test hook: overlap_param_gather={self.model.ddp_config.overlap_param_gather}", flush=True)
+
+
+fast_paths.resolve = resolve
+megatron.MegatronBackend.__init__ = init
+"""
+
 
 def _train(tmp: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "excitation_dist.cli", "train", CONFIG, *COMMON,
@@ -58,6 +87,14 @@ def _train(tmp: Path, name: str, *extra: str, env: dict | None = None) -> subpro
             except ProcessLookupError:
                 pass
     return subprocess.CompletedProcess(args, proc.returncode, log.read_text(), "")
+
+
+def _hooked(tmp: Path, sitecustomize: str, **env: str) -> dict:
+    """The environment of a run whose processes execute ``sitecustomize`` at start."""
+    hook = tmp / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(sitecustomize)
+    return {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -85,6 +122,22 @@ def _read(directory: str):
 
 def _excitation(directory: Path) -> dict:
     return run_distributed(_read, 1, str(directory), env=ENV, timeout=300)[0]
+
+
+def _stale(directory: str) -> tuple[list[str], list[str]]:
+    """(every model tensor, those that differ from the optimizer's main parameter
+    cast to the model's dtype) in a checkpoint of the megatron backend."""
+    import torch
+
+    from excitation_dist.megatron import cpu_patches
+
+    cpu_patches.apply()
+    from megatron.core import dist_checkpointing
+
+    tensors = dist_checkpointing.load_plain_tensors(directory)
+    model = sorted(k for k, v in tensors.items() if torch.is_tensor(v) and not k.startswith("optimizer."))
+    main = {k: tensors[f"optimizer.state.param.{k}"] for k in model}  # fully_reshardable: keyed like the model
+    return model, [k for k in model if not torch.equal(tensors[k], main[k].to(tensors[k].dtype))]
 
 
 def test_megatron_checkpoint_resumes_on_1_and_4_ranks(tmp_path):
@@ -138,11 +191,7 @@ def test_megatron_killed_inside_save_resumes_exactly(tmp_path):
     full = _train(tmp_path, "full")
     assert full.returncode == 0, full.stdout[-5000:]
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_IN_PUBLISH)
-    pythonpath = os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    broken = _train(tmp_path, "resumed", env={"PYTHONPATH": pythonpath, "KILL_IN_PUBLISH_AT": "4"})
+    broken = _train(tmp_path, "resumed", env=_hooked(tmp_path, KILL_IN_PUBLISH, KILL_IN_PUBLISH_AT="4"))
     assert broken.returncode != 0
     root = tmp_path / "resumed" / "ckpt"
     assert (root / ".staging-step_00000004" / "metadata.json").is_file()  # written, never published
@@ -169,3 +218,30 @@ def test_megatron_resumes_a_checkpoint_without_excitation_state_with_excitation_
     state = _excitation(tmp_path / "run" / "ckpt" / "step_00000004")
     assert state["step"] == 2  # counted from the resume, not from the run's start
     assert all(row is not None for row in state["layers"].values())
+
+
+def test_megatron_checkpoint_under_overlap_param_gather_holds_the_stepped_weights(tmp_path):
+    """With megatron-core's overlapped parameter all-gather, each data-parallel rank
+    holds after ``optimizer.step()`` the updated values of its own shard only,
+    until the next forward's pre-hooks gather the rest. A save (no evaluation
+    forward before it: evaluation off) must sync them first: its weights equal the
+    optimizer's main parameters of that step (bf16 copies; the DistributedOptimizer
+    splits the dense parameters between the 2 data-parallel ranks), and a resume
+    continues bit-exactly (its first forward would otherwise run on weights one
+    step old)."""
+    env = _hooked(tmp_path, FORCE_OVERLAP_PARAM_GATHER)
+    settings = ("precision=bf16", "schedule.train_steps=4")
+    full = _train(tmp_path, "full", *settings, env=env)
+    assert full.returncode == 0, full.stdout[-5000:]
+    assert "test hook: overlap_param_gather=True" in full.stdout, full.stdout[-5000:]
+    step2 = tmp_path / "full" / "ckpt" / "step_00000002"
+    model, stale = run_distributed(_stale, 1, str(step2), env=ENV, timeout=300)[0]
+    assert any(k.startswith("embedding.") for k in model) and any(".experts." in k for k in model), model
+    assert stale == [], f"saved one step stale: {stale}"
+
+    _from(tmp_path, step2, "resumed")
+    resumed = _train(tmp_path, "resumed", *settings, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-5000:]
+    assert "resumed from" in resumed.stdout and "step_00000002 (step 2" in resumed.stdout, resumed.stdout[-5000:]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == [3, 4] and all(b[s] == a[s] for s in b), (a, b)  # bit-exact

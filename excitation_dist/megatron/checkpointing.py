@@ -48,19 +48,24 @@ def _replica(group: Any) -> int:
     return 0 if dist.get_rank(group) == 0 else 1
 
 
-def sharded_state_dict(excitation: Excitation, layers: list[Any], group: Any = None) -> dict[str, Any]:
+def sharded_state_dict(excitation: Excitation, layers: list[Any], group: Any = None, *,
+                       writes_common: bool | None = None) -> dict[str, Any]:
     """Excitation's state as ``ShardedObject`` s (the same call builds the template for loading).
 
     ``layers`` are the stage's MoE layers in the controller's order; ``group`` the
-    process group of the stage's count all-reduce (its rank 0 writes)."""
+    process group of the stage's count all-reduce (its rank 0 writes);
+    ``writes_common``: this rank writes ``excitation.common`` (default: global rank 0;
+    with a pipeline stage of dense layers only, the attachment's ``writes_common``)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    if writes_common is None:
+        writes_common = _global_rank() == 0
     state = excitation.state_dict()
     ema = state["utilization_ema_LE"]
     replica = _replica(group)
     common = {"step": state["step"], "num_experts": excitation.num_experts, "config": state["config"]}
     out: dict[str, Any] = {
-        "common": ShardedObject(COMMON, common, (1,), (0,), replica_id=0 if _global_rank() == 0 else 1),
+        "common": ShardedObject(COMMON, common, (1,), (0,), replica_id=0 if writes_common else 1),
     }
     for i, number in enumerate(layer_numbers(layers)):
         row = None if ema is None else ema[i].clone()
@@ -134,6 +139,14 @@ def attachment_of(optimizer: Any) -> tuple[Excitation, list[Any]] | None:
     return None if attachment is None else (attachment.excitation, attachment.layers)
 
 
+def _writes_common(optimizer: Any) -> bool:
+    """Whether this rank writes ``excitation.common``: the lowest global rank with a
+    controller (``attach`` agreed on it; global rank 0 may hold dense layers only)."""
+    from excitation_dist.megatron.backend import _ATTACHMENT
+
+    return getattr(optimizer, _ATTACHMENT).writes_common
+
+
 def check_compatible(saved: dict[str, Any], excitation: Excitation, *, where: str, flag: str) -> None:
     """Refuse to resume Excitation's state into a run whose experts or strategy differ."""
     if saved["num_experts"] != excitation.num_experts:
@@ -178,7 +191,12 @@ def install_megatron_lm_hooks(*, require_state: bool, flag: str = "--excitation-
     load); ``checkpointing._load_base_checkpoint`` keeps what was loaded for it;
     ``load_checkpoint`` (in both modules) decides before loading whether the checkpoint
     holds Excitation state (``require_state``: refuse if not; else say
-    Excitation starts fresh) and restores the controller afterwards."""
+    Excitation starts fresh) and restores the controller afterwards. Every
+    load with an optimizer also runs inside
+    :func:`excitation_dist.megatron.optimizer_state.loading`, which the recipe's
+    megatron backend uses too: with torch's own Adam (no Transformer Engine or
+    apex) megatron-core's DistributedOptimizer cannot build its load template,
+    and after a load all parameters would share one Adam ``step`` tensor."""
     from megatron.training import checkpointing, training
 
     if _HOOKS:
@@ -195,7 +213,8 @@ def install_megatron_lm_hooks(*, require_state: bool, flag: str = "--excitation-
         if attached is not None and args.ckpt_format == "torch_dist" and loading in (None, True):
             from excitation_dist.megatron import compat
 
-            state[KEY] = sharded_state_dict(*attached, compat.counts_process_group())
+            state[KEY] = sharded_state_dict(*attached, compat.counts_process_group(),
+                                            writes_common=_writes_common(optimizer))
         return state
 
     @functools.wraps(load_base)
@@ -209,11 +228,22 @@ def install_megatron_lm_hooks(*, require_state: bool, flag: str = "--excitation-
     def load_checkpoint(ddp_model: Any, optimizer: Any, *a: Any, **kw: Any) -> Any:
         from megatron.training.global_vars import get_args
 
-        attached = attachment_of(optimizer) if optimizer is not None else None
+        from excitation_dist.megatron import optimizer_state
+
         args = get_args()
-        path = _latest_checkpoint(getattr(args, kw.get("load_arg", "load"), None))
-        if attached is None or path is None:
+        load_dir = getattr(args, kw.get("load_arg", "load"), None)
+        if optimizer is None or not load_dir:
             return load(ddp_model, optimizer, *a, **kw)
+        with optimizer_state.loading(optimizer):  # torch's Adam: megatron-core's load shares one step tensor
+            path, attached = _latest_checkpoint(load_dir), attachment_of(optimizer)
+            if path is None or attached is None:
+                return load(ddp_model, optimizer, *a, **kw)
+            return _load_with_excitation(path, attached, args, ddp_model, optimizer, *a, **kw)
+
+    def _load_with_excitation(path: str, attached: tuple[Excitation, list[Any]], args: Any, ddp_model: Any,
+                              optimizer: Any, *a: Any, **kw: Any) -> Any:
+        """Megatron-LM's ``load_checkpoint`` of ``path``, with Excitation's state
+        checked before and restored after."""
         excitation, layers = attached
         saved = saved_excitation_state(path) if args.ckpt_format == "torch_dist" else None
         if saved is None:

@@ -12,7 +12,6 @@ after the step). Works with megatron-core 0.16.1 and 0.19.x; on CPU the
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -290,25 +289,6 @@ class MegatronBackend:
             raise RuntimeError("the megatron backend's optimizer has no Excitation attached")
         return attached[1]
 
-    def _init_optimizer_state(self) -> None:
-        """Give a fresh optimizer the state tensors a load fills in place (megatron's
-        optimizers build their load template from them). Unlike megatron's own dummy
-        step, this steps nothing, so no Excitation hook runs."""
-        from excitation_dist.megatron import compat
-
-        for leaf in compat.leaf_optimizers(self.optimizer):
-            base = compat.base_optimizer(leaf)
-            if base is None:
-                continue
-            init = getattr(leaf, "init_state_fn", None)
-            if init is not None:
-                init(base, getattr(leaf, "config", None))
-            for group in base.param_groups:
-                for param in group["params"]:
-                    state = base.state[param]
-                    if "exp_avg" in state and "step" not in state:
-                        state["step"] = torch.tensor(0.0)
-
     def save(self, directory: str, step: int) -> None:
         """megatron-core ``dist_checkpointing`` (torch_dist, every rank writes its
         shards into ``directory``): model, optimizer (fully_reshardable),
@@ -316,6 +296,7 @@ class MegatronBackend:
         from megatron.core import dist_checkpointing
 
         self._step = step
+        _sync_params(self.model, self.optimizer)
         dist_checkpointing.save(self._sharded_state(loading=False, with_rng=True), directory,
                                 validate_access_integrity=False)
 
@@ -326,7 +307,7 @@ class MegatronBackend:
         before any tensor is read (SystemExit naming what differs and the fix)."""
         from megatron.core import dist_checkpointing
 
-        from excitation_dist.megatron import checkpointing
+        from excitation_dist.megatron import checkpointing, optimizer_state
         from excitation_dist.recipe import checkpoint as checkpoint_lib
 
         saved = _saved_common(directory)
@@ -350,16 +331,14 @@ class MegatronBackend:
             except ValueError as exc:
                 raise SystemExit(f"megatron backend: {exc}") from None
         same_layout = all(before[k] == now[k] for k in _PLACEMENT)
-        self._init_optimizer_state()
-        template = self._sharded_state(loading=True, with_rng=same_layout)
-        if not restore_excitation:
-            del template[checkpointing.KEY]
-        loaded = dist_checkpointing.load(template, directory, validate_access_integrity=False)
-        self._gpt().load_state_dict(loaded["model"])
-        optimizer_state = _rechain(loaded["optimizer"], before.get("optimizer_chain", 1), now["optimizer_chain"])
-        with _keep_adam_step(self.optimizer):
-            self.optimizer.load_state_dict(optimizer_state)
-        _unshare_adam_steps(self.optimizer)
+        with optimizer_state.loading(self.optimizer):  # torch's Adam: megatron-core's load shares one step tensor
+            template = self._sharded_state(loading=True, with_rng=same_layout)
+            if not restore_excitation:
+                del template[checkpointing.KEY]
+            loaded = dist_checkpointing.load(template, directory, validate_access_integrity=False)
+            self._gpt().load_state_dict(loaded["model"])
+            self.optimizer.load_state_dict(
+                _rechain(loaded["optimizer"], before.get("optimizer_chain", 1), now["optimizer_chain"]))
         if restore_excitation:
             checkpointing.load_loaded_state(self.excitation, loaded[checkpointing.KEY], self._moe_layers())
         if same_layout:
@@ -425,58 +404,25 @@ def _rechain(state: dict[Any, Any], saved: int, now: int) -> dict[Any, Any]:
     return state
 
 
-@contextlib.contextmanager
-def _keep_adam_step(optimizer: Any):
-    """Work around megatron-core 0.16.1 with torch's own Adam (no Apex / Transformer
-    Engine): loading a fully_reshardable checkpoint, the DistributedOptimizer sets
-    each parameter's Adam ``step`` from the saved param groups, then copies every
-    key of that state from the loaded tensors, which carry no ``step`` (KeyError).
-    Within this block the copy keeps the step already set."""
-    from excitation_dist.megatron import compat
+def _sync_params(model: Any, optimizer: Any) -> None:
+    """All-gather the parameters before a save when megatron-core overlaps that
+    all-gather with the next forward (``overlap_param_gather``, on by default on
+    GPU: :mod:`excitation_dist.recipe.fast_paths`).
 
-    patched = []
-    for leaf in compat.leaf_optimizers(optimizer):
-        setter = getattr(leaf, "_set_main_param_and_optimizer_states", None)
-        if setter is None or not hasattr(leaf, "model_param_group_index_map"):
-            continue
-
-        def set_states(model_param: Any, tensors: dict[str, Any], _leaf: Any = leaf, _set: Any = setter) -> Any:
-            group, order = _leaf.model_param_group_index_map[model_param]
-            state = _leaf.optimizer.state[_leaf.optimizer.param_groups[group]["params"][order]]
-            if "step" in state and "step" not in tensors:
-                tensors = {**tensors, "step": state["step"].clone()}
-            return _set(model_param, tensors)
-
-        leaf._set_main_param_and_optimizer_states = set_states
-        patched.append(leaf)
-    try:
-        yield
-    finally:
-        for leaf in patched:
-            del leaf._set_main_param_and_optimizer_states  # the instance attribute shadowed the method
-
-
-def _unshare_adam_steps(optimizer: Any) -> None:
-    """Give every parameter its own Adam ``step`` tensor after a load.
-
-    megatron-core 0.16.1 without Apex / Transformer Engine (torch's own Adam)
-    loads the DistributedOptimizer's state with one ``step`` tensor object for
-    all parameters (``s["step"] = step`` in ``DistributedOptimizer.load_state_dict``),
-    and torch's Adam increments ``state["step"]`` in place per parameter: after
-    a resume every step then advanced the shared counter once per parameter
-    (3 -> 45 after three steps with 14 parameters), so the bias correction, and
-    every weight after the first resumed step, differed from the uninterrupted
-    run. Cloning restores the per-parameter counters the uninterrupted run has."""
-    from excitation_dist.megatron import compat
-
-    for leaf in compat.leaf_optimizers(optimizer):
-        base = compat.base_optimizer(leaf)
-        if base is None:
-            continue
-        for state in base.state.values():
-            step = state.get("step")
-            if torch.is_tensor(step):
-                state["step"] = step.clone()
+    After ``optimizer.step()`` each data-parallel rank then holds updated values
+    only for its own shard of the DistributedOptimizer's buffer; the rest is
+    one step old until the next forward's pre-hooks gather it. ``model.
+    sharded_state_dict()`` would save those stale values ((DP-1)/DP of every
+    parameter), and a resume would run its first forward on them. Megatron-LM
+    does the same before its saves (``training.force_param_sync``). The next
+    forward finds the gather done and does not repeat it."""
+    if not model.ddp_config.overlap_param_gather:
+        return
+    prepare = getattr(optimizer, "prepare_model_params_for_param_sync", None)  # megatron-core >= 0.19
+    if prepare is not None:
+        prepare()
+    with torch.no_grad():
+        model.start_param_sync(force_sync=True)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
