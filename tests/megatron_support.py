@@ -53,6 +53,7 @@ class Case:
     capacity: float | None = None  # moe_expert_capacity_factor: routes beyond capacity are dropped
     pad: bool = False  # moe_pad_expert_input_to_capacity (the reference B runs the same model unpadded)
     drop_policy: str = "probs"  # moe_token_drop_policy
+    dense_first: bool = False  # one more layer, dense, alone on pipeline stage 0 (DeepSeek-V3 style, uneven split)
 
     @property
     def sequence_parallel(self) -> bool:
@@ -60,7 +61,7 @@ class Case:
 
     @property
     def num_layers(self) -> int:
-        return NUM_LAYERS * self.vpp
+        return NUM_LAYERS * self.vpp + self.dense_first
 
 
 # The backend matrix (see tests/test_megatron_backend.py), run on megatron-core 0.16.1 and 0.19.2.
@@ -114,6 +115,8 @@ def transformer_config(case: Case):
         extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if case.vpp > 1:
         extra.update(virtual_pipeline_model_parallel_size=case.vpp)
+    if case.dense_first:  # layer 1 dense, then MoE layers; stage 0 holds layer 1 only
+        extra.update(moe_layer_freq=[0] + [1] * (case.num_layers - 1), num_layers_in_first_pipeline_stage=1)
     return TransformerConfig(
         num_layers=case.num_layers, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
         num_moe_experts=NUM_EXPERTS, moe_ffn_hidden_size=MOE_FFN, moe_router_topk=case.topk,
@@ -164,8 +167,13 @@ def build(case: Case, *, per_expert_lr: bool, seed: int = 1234):
     chunks = []
     for vp in range(case.vpp):
         stage = {"ignore_virtual": False, "vp_stage": vp} if case.vpp > 1 else {}
+        spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
+        if case.dense_first:  # dense and MoE layers: the block spec built from config.moe_layer_freq
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp if case.vpp > 1 else None)
         model = GPTModel(
-            config, get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False), vocab_size=VOCAB,
+            config, spec, vocab_size=VOCAB,
             max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(**stage),
             post_process=ps.is_pipeline_last_stage(**stage), position_embedding_type="learned_absolute",
             vp_stage=vp if case.vpp > 1 else None,
@@ -448,3 +456,64 @@ def run_cases(cases, megatron_path: str | None = None, update: str = "auto") -> 
 
         compat.backfill_typing_override()
     return [_run_case(case, update) for case in cases]
+
+
+# ------------------------------------------------- a pipeline stage with dense layers only
+DENSE_FIRST = Case("pp2-dp2-ep2-dense-first-stage-ga2", pp=2, ep=2, gas=2, dense_first=True)  # 4 ranks
+
+
+def run_dense_first_stage(case: Case, megatron_path: str | None = None) -> dict:
+    """Worker entry of the dense-first-stage test (tests/test_megatron_backend.py): PP 2 where
+    stage 0 holds one dense layer and stage 1 two MoE layers, DP 2 per stage. Model A
+    (Excitation) and the per-expert learning-rate reference B train side by side; per step:
+
+    * stage 0: attach() gave no controller (no hook, no collective); A equals B (nothing scaled);
+    * stage 1: one count all-reduce of its ``[2, E]`` counts, the counts equal the tokens
+      its experts received, and A equals B (ZeroSum gamma 1).
+
+    Every rank runs the same calls, so a rank waiting on a collective its peers never
+    issue would hang the test (``run_distributed``'s timeout)."""
+    if megatron_path is not None:
+        sys.path.insert(0, megatron_path)
+        from excitation_dist.megatron import compat
+
+        compat.backfill_typing_override()
+    import excitation_dist.megatron as exmeg
+    from excitation_dist.megatron import compat
+    from excitation_dist.testing import count_collectives
+
+    setup(case)  # the CPU patches first: 0.19.2 imports triton with megatron.core
+    from megatron.core import parallel_state as ps
+
+    a_chunks, a_opt = build(case, per_expert_lr=False)
+    excitation = exmeg.attach(a_chunks, a_opt, {"strategy": "zerosum"})
+    b_chunks, b_opt = build(case, per_expert_lr=True)
+    count_b = ExpertInputCounter(b_chunks, case.num_layers)
+    layers = compat.moe_layers(a_chunks)
+    dense_stage = ps.is_pipeline_first_stage(ignore_virtual=True)
+    assert (excitation is None) == dense_stage == (not layers), (dense_stage, len(layers))
+    stage_layers = [layer.layer_number - 1 for layer in layers]
+    assert stage_layers == ([] if dense_stage else [1, 2]), stage_layers
+
+    for step in range(STEPS):
+        with count_collectives() as log:
+            assert train_step(a_chunks, a_opt, case, step)[0] is True
+        reference = {}
+
+        def reference_lrs():
+            reference["counts"] = count_b.global_counts()
+            set_expert_lrs(b_opt, zerosum_gamma1(reference["counts"]))
+
+        train_step(b_chunks, b_opt, case, step, before_step=reference_lrs)
+        if not dense_stage:
+            assert excitation.reduce and log.count("all_reduce", (len(layers), NUM_EXPERTS)) == 1, log.calls
+            expected = reference["counts"][stage_layers]
+            assert int(expected.sum()) > 0
+            assert torch.equal(excitation.last_counts_LE, expected), (step, excitation.last_counts_LE, expected)
+        params_a, params_b = flat_params(a_chunks), flat_params(b_chunks)
+        for name in params_a:
+            torch.testing.assert_close(params_a[name], params_b[name], **_tolerance(case),
+                                       msg=lambda m: f"{case.name} step {step} {name}: {m}")
+    exmeg.detach(a_opt)
+    return {"dense_stage": dense_stage, "phi_step": None if excitation is None else excitation.step,
+            "megatron_core": compat.installed_version()}

@@ -29,6 +29,10 @@ Matrix (each row one reason; expert-TP is 1 throughout: gloo cannot all-gather u
                                     PP 2 x virtual PP 2 x DP 2: two model chunks per rank (4 layers), one
                                     count collective per stage over that stage's DP ranks; full activation
                                     recompute (each token counted once, in backward); 2 micro-batches
+           pp2-dp2-ep2-dense-first-stage-ga2 (its own test)
+                                    PP 2 x DP 2, stage 0 one dense layer, stage 1 two MoE layers (uneven,
+                                    DeepSeek-V3 style): stage 0 gets no controller, no collective and is
+                                    not scaled; stage 1 as above
 
 (Not in the matrix: TP 2 with EP 1 and expert-TP 1. megatron-core marks expert params
 ``allreduce = EP > 1``, so there they land in the dense buffer, reduced over DP only, and the
@@ -46,7 +50,7 @@ pytest.importorskip("megatron.core")
 
 from excitation_dist.testing import run_distributed  # noqa: E402
 
-from tests.megatron_support import ENV, WORLD2, WORLD4, run_cases  # noqa: E402
+from tests.megatron_support import DENSE_FIRST, ENV, STEPS, WORLD2, WORLD4, run_cases, run_dense_first_stage  # noqa: E402
 
 
 
@@ -62,3 +66,12 @@ def test_megatron_two_ranks(update):
 def test_megatron_four_ranks(update):
     results = run_distributed(run_cases, 4, WORLD4, None, update, env=ENV, timeout=500)
     assert all(len(r) == len(WORLD4) for r in results)
+
+
+def test_megatron_pipeline_stage_with_dense_layers_only():
+    """PP 2 x DP 2 x EP 2 (4 ranks), stage 0 one dense layer, stage 1 two MoE layers (moe_layer_freq
+    [0, 1, 1], num_layers_in_first_pipeline_stage 1): attach() gives stage 0 no controller and no
+    collective, stage 1 counts and scales as usual; see run_dense_first_stage."""
+    results = run_distributed(run_dense_first_stage, 4, DENSE_FIRST, env=ENV, timeout=400)
+    assert [r["dense_stage"] for r in results] == [True, True, False, False]  # pipeline rank = global rank // 2
+    assert [r["phi_step"] for r in results] == [None, None, STEPS, STEPS]

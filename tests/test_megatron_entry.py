@@ -44,3 +44,28 @@ def test_cpu_patch_version_error_says_what_to_install():
     message = str(info.value)
     assert "supports megatron-core 0.0.1" in message and "pip install megatron-core==0.0.1" in message
     assert "CHECKED" not in message
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-layers", "2", "--excitation-stratgy", "zerosum"],
+     "pretrain_gpt: unknown flag --excitation-stratgy (did you mean --excitation-strategy?)"),
+    (["--excitation-strategy", "bogus"], "pretrain_gpt: excitation.strategy: must be one of"),
+    (["--excitation-strategy", "zerosum", "--excitation-gamma", "x"], "pretrain_gpt: argument --excitation-gamma: invalid float value: 'x'"),
+])
+def test_excitation_flags_are_checked_before_megatron_parses_its_own(argv, message, capsys):
+    """One line, with the fix, before Megatron prints its whole usage on every rank."""
+    from excitation_dist.recipe.pretrain_gpt import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv, cpu=True)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_cpu_run_names_its_fallbacks_including_gpu_only_flags():
+    from excitation_dist.recipe.pretrain_gpt import cpu_fallbacks
+
+    names = [name for name, _ in cpu_fallbacks(["--num-layers", "2", "--moe-grouped-gemm"])]
+    assert "--moe-grouped-gemm" in names and "--transformer-impl local" in names
+    assert "--moe-grouped-gemm" not in [name for name, _ in cpu_fallbacks(["--num-layers", "2"])]

@@ -90,6 +90,27 @@ def test_expert_ranges_of_the_three_layouts():
         (w1, [ExpertRange(2, 0, 24), ExpertRange(3, 24, 48)]), (w2, [ExpertRange(2, 0, 24), ExpertRange(3, 24, 48)])]
 
 
+def test_expert_ranges_of_a_single_grouped_weight():
+    """TEGroupedMLP with moe_single_grouped_weight / _bias (0.19.x, TE >= 2.14): one ``weight``
+    ``[num_gemms, out, in]`` (and ``bias`` ``[num_gemms, out]``) per linear layer, expert i the
+    leading-dimension slice i. (Checked against megatron-core 0.19.2's own sharded_state_dict
+    in tests/test_megatron_0192.py.)"""
+    fc1, fc2 = torch.nn.Module(), torch.nn.Module()
+    fc1.num_gemms = fc2.num_gemms = 2
+    fc1.register_parameter("weight", torch.nn.Parameter(torch.zeros(2, 6, 4)))
+    fc1.register_parameter("bias", torch.nn.Parameter(torch.zeros(2, 6)))
+    fc2.register_parameter("weight", torch.nn.Parameter(torch.zeros(2, 4, 3)))
+    te = _fake_layer("TEGroupedMLP", {"linear_fc1": fc1, "linear_fc2": fc2}, [4, 5])
+    got = [(tuple(p.shape), r) for p, r in compat.local_expert_ranges(te)]
+    assert got == [((2, 6, 4), [ExpertRange(4, 0, 24), ExpertRange(5, 24, 48)]),
+                   ((2, 6), [ExpertRange(4, 0, 6), ExpertRange(5, 6, 12)]),
+                   ((2, 4, 3), [ExpertRange(4, 0, 12), ExpertRange(5, 12, 24)])]
+
+    fc2.num_gemms = 3  # a stacked weight that does not hold this layer's local experts
+    with pytest.raises(RuntimeError, match="single grouped 'weight'.*2 local experts"):
+        compat.local_expert_ranges(te)
+
+
 def test_distributed_optimizer_shard_cutting_a_stacked_expert_tensor():
     """A DistributedOptimizer rank owning elements [10, 40) of a legacy GroupedMLP
     weight (2 experts of 24 elements) steps expert 2's tail and expert 3's head."""
@@ -117,6 +138,16 @@ def test_unsupported_optimizer_settings_are_refused_by_name(setting):
     optimizer = types.SimpleNamespace(config=types.SimpleNamespace(**{setting: True}), chained_optimizers=[])
     with pytest.raises(NotImplementedError, match=setting):
         compat.check_supported([torch.nn.Linear(1, 1)], optimizer)
+
+
+def test_optimizer_cuda_graph_is_refused_naming_the_flag_and_the_fix():
+    """Megatron-LM's --optimizer-cuda-graph (0.19.x) replays a captured optimizer.step(): Excitation's
+    step wrapper and torch optimizer hooks would not run on replays."""
+    optimizer = types.SimpleNamespace(config=types.SimpleNamespace(optimizer_cuda_graph=True), chained_optimizers=[])
+    with pytest.raises(NotImplementedError, match=r"\(--optimizer-cuda-graph.*replays.*drop --optimizer-cuda-graph"):
+        compat.check_supported([torch.nn.Linear(1, 1)], optimizer)
+    optimizer.config.optimizer_cuda_graph = False
+    compat.check_supported([torch.nn.Linear(1, 1)], optimizer)
 
 
 def test_megatron_fsdp_is_refused_by_name():
@@ -148,6 +179,20 @@ def test_cuda_graphs_are_refused_at_attach(setting):
     chunk.config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4,
                                      moe_router_topk=2)
     compat.check_supported([chunk], types.SimpleNamespace(config=None, chained_optimizers=[]))
+
+
+def test_attach_on_a_stage_without_moe_layers():
+    """A pipeline stage of dense layers only, in a model with experts, gets no controller
+    (nothing to count or scale); a model without experts is refused."""
+    import excitation_dist.megatron as exmeg
+
+    chunk, optimizer = torch.nn.Linear(1, 1), types.SimpleNamespace(config=None, chained_optimizers=[])
+    chunk.config = types.SimpleNamespace(num_moe_experts=4)
+    assert exmeg.attach([chunk], optimizer, {"strategy": "zerosum"}) is None
+    assert exmeg.attached(optimizer) is None and optimizer.__dict__.keys() == {"config", "chained_optimizers"}
+    chunk.config = types.SimpleNamespace(num_moe_experts=None)
+    with pytest.raises(ValueError, match="num_moe_experts is not set"):
+        exmeg.attach([chunk], optimizer, {"strategy": "zerosum"})
 
 
 def test_unknown_optimizer_wrapper_is_refused():

@@ -6,6 +6,8 @@ What it wires, and why there:
   ``BaseMoELayer.router`` of every model chunk of this pipeline stage (virtual
   stages included), counting real assignments (:func:`compat.router_tokens_per_expert`),
   accumulated over the micro-batches of one optimizer step;
+* a pipeline stage without MoE layers gets no controller (``attach`` returns
+  None): nothing to count or scale, and no other stage's collective to join;
 * the single count all-reduce: issued right after ``config.finalize_model_grads_func``
   (the end of megatron's forward-backward schedule, when every micro-batch and
   recompute has been counted), so it overlaps the optimizer's preamble; it is
@@ -49,6 +51,7 @@ class _Attachment:
     handles: list[Any] = field(default_factory=list)
     model_config: Any = None
     original_finalize: Callable | None = None
+    writes_common: bool = True  # this rank writes the checkpoint state every stage shares (one rank does)
 
 
 def _as_chunks(model_chunks: Any) -> list[torch.nn.Module]:
@@ -82,7 +85,7 @@ def attach(
     config: ExcitationConfig | Mapping[str, Any] | None = None,
     *,
     overlap: bool = True,
-) -> Excitation:
+) -> Excitation | None:
     """Enable Excitation on every MoE layer of ``model_chunks``.
 
     Args:
@@ -97,7 +100,15 @@ def attach(
             (default); False leaves it to the optimizer step.
 
     Returns:
-        The :class:`Excitation` controller of this pipeline stage.
+        The :class:`Excitation` controller of this pipeline stage, or None on a
+        stage that holds no MoE layer (dense first layers with ``moe_layer_freq``,
+        e.g. DeepSeek-V3 style with an uneven split, ``--decoder-first-pipeline-num-layers``).
+        Such a stage needs no count all-reduce: that collective runs over the
+        stage's own group (``counts_process_group``: the DP x CP x TP ranks of
+        this pipeline rank), whose ranks all hold the same dense layers, so no
+        rank waits for it; and its updates are left as the optimizer made them.
+        With pipeline parallelism, call it on every rank: it agrees once (one
+        all-reduce) on the rank that writes the checkpoint state all stages share.
     """
     compat.check_version()
     chunks = _as_chunks(model_chunks)
@@ -105,8 +116,12 @@ def attach(
     if getattr(optimizer, _ATTACHMENT, None) is not None:
         raise RuntimeError("Excitation is already attached to this optimizer; call excitation_dist.megatron.detach(optimizer) first")
     layers = compat.moe_layers(chunks)
+    first_with_layers = compat.first_rank_with_moe_layers(bool(layers))  # every rank, dense stages too
     if not layers:
-        raise ValueError("attach() found no MoE layer (BaseMoELayer) in the model chunks of this pipeline stage")
+        if compat.is_moe_model(chunks):
+            return None  # a stage of dense layers only: nothing to count or scale, no collective to join
+        raise ValueError("attach() found no MoE layer (BaseMoELayer) in the model: TransformerConfig.num_moe_experts "
+                         "is not set; Excitation scales the updates of routed experts")
     experts = {compat.num_global_experts(layer) for layer in layers}
     if len(experts) != 1:
         raise ValueError(f"all MoE layers must have the same number of experts, found {sorted(experts)}")
@@ -119,7 +134,9 @@ def attach(
             "is after dropping; use counts='processed' or drop moe_expert_capacity_factor"
         )
     excitation.set_segments(owned_expert_segments(layers, optimizer))
-    attachment = _Attachment(excitation, layers, chunks, optimizer, overlap, model_config=compat.model_config(chunks))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    attachment = _Attachment(excitation, layers, chunks, optimizer, overlap, model_config=compat.model_config(chunks),
+                             writes_common=rank == first_with_layers)
 
     for leaf in compat.leaf_optimizers(optimizer):
         base = compat.base_optimizer(leaf)

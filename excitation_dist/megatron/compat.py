@@ -66,6 +66,11 @@ def check_supported(model_chunks: Sequence[torch.nn.Module], optimizer: Any) -> 
          "HybridDeviceOptimizer steps CPU copies outside the wrapped torch optimizer; turn it off"),
         (flag("use_layer_wise_optimizer"), "OptimizerConfig.use_layer_wise_optimizer",
          "the layer-wise (Muon) optimizer is not wired up; use adam or sgd"),
+        (flag("optimizer_cuda_graph"), "CUDA graphs for the optimizer step (--optimizer-cuda-graph, "
+         "OptimizerConfig.optimizer_cuda_graph)",
+         "Megatron-LM captures optimizer.step() once and then replays the graph, which skips the Python step "
+         "wrapper and the torch optimizer hooks where Excitation reduces its counts and scales the expert "
+         "updates; drop --optimizer-cuda-graph"),
     ]
     for chunk in model_chunks:
         ddp = getattr(chunk, "ddp_config", None)
@@ -129,6 +134,12 @@ def moe_layers(model_chunks: Sequence[torch.nn.Module]) -> list[Any]:
     return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, BaseMoELayer)]
 
 
+def is_moe_model(model_chunks: Sequence[torch.nn.Module]) -> bool:
+    """True if the model has routed experts (``num_moe_experts``), even where this
+    pipeline stage holds only dense layers (``moe_layer_freq``: dense first layers)."""
+    return bool(getattr(model_config(model_chunks), "num_moe_experts", None))
+
+
 def num_global_experts(layer: Any) -> int:
     return int(layer.config.num_moe_experts)
 
@@ -139,7 +150,11 @@ def local_expert_ranges(layer: Any) -> list[tuple[torch.nn.Parameter, list[Exper
     global expert of local expert ``i``.
 
     * ``SequentialMLP``: ``local_experts[i]`` is a full MLP; each of its params is one expert.
-    * ``TEGroupedMLP``: ``linear_fc1``/``linear_fc2`` hold ``weight{i}`` (and ``bias{i}``) per local expert.
+    * ``TEGroupedMLP``: ``linear_fc1``/``linear_fc2`` hold ``weight{i}`` (and ``bias{i}``) per local expert,
+      or, with ``moe_single_grouped_weight`` / ``moe_single_grouped_bias`` (0.19.x, Transformer Engine
+      >= 2.14), one ``weight`` / ``bias`` stacking all ``num_gemms`` local experts on the leading
+      dimension: expert ``i`` is flat chunk ``i`` (what ``TEGroupedLinear._split_grouped_checkpoint_tensor``
+      cuts for the checkpoint's ``weight{i}``).
     * legacy ``GroupedMLP``: one ``weight1``/``weight2`` for all local experts, viewed as
       ``[E_local, ...]`` in its forward, so expert ``i`` is flat chunk ``i``.
 
@@ -156,10 +171,17 @@ def local_expert_ranges(layer: Any) -> list[tuple[torch.nn.Parameter, list[Exper
     elif kind == "TEGroupedMLP":
         for linear in (experts.linear_fc1, experts.linear_fc2):
             for name, p in linear.named_parameters(recurse=False):
-                match = re.fullmatch(r"(?:weight|bias)(\d+)", name)
+                match = re.fullmatch(r"(?:weight|bias)(\d*)", name)
                 if match is None:
                     raise RuntimeError(f"unexpected TEGroupedMLP parameter {name!r}; megatron changed its layout")
-                out.append((p, stacked_expert_ranges(p.numel(), 1, first_expert=globals_[int(match.group(1))])))
+                if match.group(1):  # one expert: weight{i} / bias{i}
+                    out.append((p, stacked_expert_ranges(p.numel(), 1, first_expert=globals_[int(match.group(1))])))
+                    continue
+                stacked = int(linear.num_gemms)  # single grouped weight / bias: [num_gemms, ...]
+                if stacked != len(globals_) or p.numel() % stacked:
+                    raise RuntimeError(f"TEGroupedMLP single grouped {name!r} of {p.numel()} elements does not stack "
+                                       f"{len(globals_)} local experts ({stacked} GEMMs); megatron changed its layout")
+                out.append((p, stacked_expert_ranges(p.numel(), stacked, first_expert=globals_[0])))
     elif kind == "GroupedMLP":
         for p in (experts.weight1, experts.weight2):
             out.append((p, stacked_expert_ranges(p.numel(), experts.num_local_experts, first_expert=globals_[0])))
@@ -233,6 +255,24 @@ def counts_process_group() -> Any:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
+def first_rank_with_moe_layers(has_moe_layers: bool) -> int:
+    """The lowest global rank whose pipeline stage holds MoE layers (it writes the
+    state every stage shares into checkpoints): global rank 0 may sit on a stage of
+    dense layers only. Without pipeline parallelism every rank does: 0, no
+    communication; with it, one MIN all-reduce over the world, so every rank calls this."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_pipeline_model_parallel_world_size() > 1):
+        return 0
+    from excitation_dist.core import collective_device
+
+    rank = torch.tensor([dist.get_rank() if has_moe_layers else dist.get_world_size()], device=collective_device(None))
+    dist.all_reduce(rank, op=dist.ReduceOp.MIN)
+    return int(rank)
 
 
 def capacity_drops(layers: Iterable[Any]) -> bool:

@@ -66,6 +66,40 @@ def add_excitation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def check_excitation_flags(argv: list[str]) -> None:
+    """Check the ``--excitation-*`` flags of ``argv`` before Megatron parses its own (whose
+    error, printed by every rank, is Megatron's whole usage): an unknown flag (with the
+    closest one), a bad value or an invalid configuration exits with one line, on rank 0."""
+    import difflib
+
+    parser = add_excitation_args(argparse.ArgumentParser(prog="pretrain_gpt", add_help=False, exit_on_error=False))
+    known = sorted(o for a in parser._actions for o in a.option_strings)
+    ours = [a for a in argv if a.startswith(_FLAG)]
+    problem = None
+    for arg in ours:
+        flag = arg.split("=", 1)[0]
+        if flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1)
+            problem = (f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+                       + f"; the Excitation flags are {', '.join(known)}")
+            break
+    if problem is None:
+        values = []
+        for i, arg in enumerate(argv):  # the flags and the values that follow them
+            if arg.startswith(_FLAG):
+                values.append(arg)
+                if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    values.append(argv[i + 1])
+        try:
+            config = excitation_config_from_args(parser.parse_known_args(values)[0])
+        except (argparse.ArgumentError, ValueError) as exc:  # ConfigError is a ValueError
+            problem = str(exc)
+    if problem is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_gpt: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 def excitation_config_from_args(args: argparse.Namespace) -> ExcitationConfig | None:
     if getattr(args, "excitation_strategy", None) is None:
         return None
@@ -91,7 +125,8 @@ def install_excitation(config: ExcitationConfig, *, require_state: bool = False)
     def get_megatron_optimizer_with_excitation(opt_config: Any, model_chunks: Any, *args: Any, **kwargs: Any) -> Any:
         optimizer = build(opt_config, model_chunks, *args, **kwargs)
         _STATE["excitation"] = attach(model_chunks, optimizer, config)
-        _log_metrics_on_logging_steps(optimizer, _STATE["excitation"])
+        if _STATE["excitation"] is not None:  # None: a pipeline stage without MoE layers
+            _log_metrics_on_logging_steps(optimizer, _STATE["excitation"])
         return optimizer
 
     training.get_megatron_optimizer = get_megatron_optimizer_with_excitation
@@ -124,7 +159,8 @@ def _log_metrics_on_logging_steps(optimizer: Any, excitation: Any) -> None:
 
 
 def excitation() -> Any:
-    """The controller of this process (after the optimizer was built)."""
+    """The controller of this process (after the optimizer was built); None on a
+    pipeline stage without MoE layers (dense first layers, ``--moe-layer-freq``)."""
     return _STATE.get("excitation")
 
 
@@ -210,12 +246,34 @@ def _skip_dataset_helper_build() -> None:
 
 
 # Megatron-LM flags a CPU run needs (gloo, no Transformer Engine, no fused CUDA kernels); put before the
-# user's own flags, so that an explicit flag of the user still wins.
+# user's own flags, so that an explicit flag of the user still wins. Both bias-activation fusions are off:
+# Megatron-LM sets TransformerConfig.bias_activation_fusion from --bias-swiglu-fusion with --swiglu, else
+# from --bias-gelu-fusion (on unless --disable-bias-linear), and with it on megatron-core's expert MLP
+# refuses GeLU ("Only support fusion of swiglu and quick_gelu with per_token_scale").
 CPU_ARGS = [
     "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization", "--num-workers", "0",
     "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
-    "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+    "--no-bias-swiglu-fusion", "--no-bias-gelu-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
 ]
+# (flag a user may pass, why it cannot run on CPU): said once at start, as the recipe's fast-path report does
+_CPU_ONLY_FALLBACKS = {
+    "--moe-grouped-gemm": "grouped GEMM kernels need CUDA; megatron-core runs the experts one by one (SequentialMLP)",
+    "--use-flash-attn": "flash attention needs CUDA; megatron-core's local attention runs instead",
+}
+
+
+def cpu_fallbacks(argv: list[str]) -> list[tuple[str, str]]:
+    """(setting, reason) for what a CPU run of ``pretrain_gpt`` turns off or replaces: the CPU flag
+    set (Transformer Engine, NCCL, the CUDA fusions) and the GPU-only flags in ``argv``."""
+    out = [("--transformer-impl local", "Transformer Engine needs CUDA"),
+           ("--distributed-backend gloo", "NCCL needs GPUs"),
+           ("fusions off", "gradient-accumulation, masked-softmax, bias-dropout, bias-swiglu, bias-gelu and rope "
+                           "fusions are CUDA kernels")]
+    given = {a.split("=", 1)[0] for a in argv}
+    out += [(flag, why) for flag, why in _CPU_ONLY_FALLBACKS.items() if flag in given]
+    return out
+
+
 TRAINING_LOOP_VERSION = "0.19.2"  # the megatron-core whose megatron.training the CPU patches were checked against
 UNPACKED = Path(__file__).resolve().parents[2] / ".megatron-0.19.2"  # `make megatron-0.19.2` (Python 3.11)
 
@@ -270,6 +328,7 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
     jit fusions would compile with inductor) and the CPU patches, all automatic."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    check_excitation_flags(sys.argv[1:])  # before megatron's own parser (and before importing megatron)
     if cpu is None:
         cpu = not torch.cuda.is_available()
     version = use_megatron_with_training_loop()  # before the patches: they check this version
@@ -279,6 +338,10 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
             from torch import _dynamo
 
             _dynamo.config.disable = True
+        if int(os.environ.get("RANK", "0")) == 0:
+            fallbacks = cpu_fallbacks(sys.argv[1:])
+            print(f"fast paths: {len(fallbacks)} setting(s) fall back (pretrain_gpt, cpu):\n"
+                  + "\n".join(f"  {name}: {why}" for name, why in fallbacks), flush=True)
         sys.argv = [sys.argv[0], *CPU_ARGS, *sys.argv[1:]]
         from excitation_dist.megatron import cpu_patches
 
