@@ -82,3 +82,48 @@ def test_second_run_refused_and_workers_die_with_the_launcher(tmp_path):
             except ProcessLookupError:
                 pass
         launcher.stdout.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for child in _children(pid):
+        out += [child, *_descendants(child)]
+    return out
+
+
+def test_ranks_and_the_deepspeed_launch_process_exit_when_the_deepspeed_command_is_killed(tmp_path):
+    """`deepspeed --num_gpus 2 --module excitation_dist.cli train ...` SIGKILLed alone: DeepSpeed's
+    per-node launch process is reparented and would keep both ranks training; the ranks watch it
+    and exit, and then the launch process does."""
+    pytest = __import__("pytest")
+    pytest.importorskip("deepspeed")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [str(deepspeed), "--num_gpus", "2", "--module", "excitation_dist.cli", "train",
+               str(ROOT / "configs" / "tiny_cpu.yaml"), *LONG, f"checkpoint.dir={tmp_path / 'ckpt'}",
+               f"logging.dir={tmp_path / 'log'}"]
+    runner = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, env=env)
+    family: list[int] = []
+    try:
+        seen = []
+        for line in runner.stdout:
+            seen.append(line)
+            if line.startswith("step ") and "| loss" in line:
+                break
+        assert runner.poll() is None, "".join(seen[-40:])
+        family = _descendants(runner.pid)  # the launch process and its two ranks
+        assert len(family) >= 3 and all(_alive(p) for p in family), family
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in family), "the launch process or a rank outlived the deepspeed command"
+    finally:
+        for pid in [runner.pid, *family]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        runner.stdout.close()

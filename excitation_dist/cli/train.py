@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-from excitation_dist.recipe.parent_watch import exit_with_parent
+from excitation_dist.recipe.parent_watch import exit_with_launcher
 
 BACKENDS = {
     "deepspeed": "excitation_dist.recipe.backends.deepspeed",
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     launched = _launched()
     if launched:
-        exit_with_parent()  # a rank never outlives its launcher
+        exit_with_launcher()  # a rank never outlives its launcher (nor the deepspeed command)
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as exc:
