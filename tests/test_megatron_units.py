@@ -230,3 +230,22 @@ def test_cpu_patches_fail_loudly_on_an_unchecked_version(monkeypatch):
     for module in patches.PATCHES:
         with pytest.raises(patches.PatchVersionError, match=r"0\.18\.0"):
             common.require(module.NAME, module.CHECKED)
+
+
+def test_the_cpu_device_mode_raises_no_warning_of_its_own():
+    """Reading ``.grad`` through patches/megatron_cpu's device mode (megatron reads main_grad views)
+    warned from the mode's own frame: the one warning a CPU run printed from this project."""
+    import warnings
+
+    import torch
+
+    from patches.megatron_cpu.cuda_devices import CpuDeviceMode
+
+    leaf = torch.ones(2, requires_grad=True)
+    view = leaf * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with CpuDeviceMode():
+            assert view.grad is None and leaf.grad is None
+            assert torch.zeros(1, device="cuda").device.type == "cpu"  # the mode still rewrites devices
+    assert not caught, [str(w.message) for w in caught]

@@ -22,12 +22,14 @@ Checked against megatron-core 0.16.1 and 0.19.2 with torch 2.13 (CPU build).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from . import _common
 
+_GRAD_GETTER = torch.Tensor.grad.__get__
 NAME = "cuda_devices"
 CHECKED = ("0.16.1", "0.19.2")
 
@@ -44,6 +46,10 @@ class CpuDeviceMode(TorchFunctionMode):
     """Rewrites CUDA devices in torch calls to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func == _GRAD_GETTER:  # passed through untouched, without the non-leaf ``.grad`` warning, which the
+            with warnings.catch_warnings():  # mode's frame would otherwise carry (megatron reads main_grad views)
+                warnings.simplefilter("ignore", UserWarning)
+                return func(*args)
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
