@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 export DS_BUILD_OPS ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup demo test clean system-deps megatron-0.19.2 gpu-check
+.PHONY: setup demo test test-fast clean system-deps megatron-0.19.2 gpu-check
 
 # torch first and alone, at the tested version (from frameworks.txt: on this project's machines a CPU wheel),
 # so that pyproject's torch range is already met when the package and its extras resolve.
@@ -41,6 +41,18 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The inner loop (a few minutes): the unit tests, and one 2-rank case per backend. `make test` stays the whole suite.
+FAST_TESTS := tests/test_strategies.py tests/test_config.py tests/test_segments.py tests/test_blend.py tests/test_rows.py \
+	tests/test_core_controller.py tests/test_core_equivalence.py tests/test_step_order.py tests/test_step_ops.py \
+	tests/test_dispatch_counter.py tests/test_torch_counting.py tests/test_recipe_config.py tests/test_router_options.py \
+	tests/test_run_directories.py tests/test_checkpoint.py \
+	tests/test_torch_distributed.py::test_one_collective_per_step_in_the_optimizer_step \
+	"tests/test_deepspeed_backend.py::test_deepspeed_two_ranks[auto]" \
+	"tests/test_megatron_backend.py::test_megatron_two_ranks[auto]"
+
+test-fast: setup
+	$(PY) -m pytest -q $(FAST_TESTS)
 
 # On a CUDA machine: no host syncs in Excitation's step path (sync debug mode "error"), step-time ratio and
 # max_memory_allocated with/without (torch backend, DeepSpeed if importable); writes results/gpu_check.md.

@@ -341,7 +341,15 @@ def _run_case(case: Case, checkpoint_dir: str | None = None, update: str = "auto
         if case.bf16 and step > 0:
             tol = {"rtol": 1e-2, "atol": 1e-3}
         for i, (fa, fb) in enumerate(zip(_stepped_fp32(a), flats_b)):
-            torch.testing.assert_close(fa, fb, **tol, msg=lambda m: f"{case.name} step {step} flat {i}: {m}")
+            if step == 0 or case.bf16:
+                torch.testing.assert_close(fa, fb, **tol, msg=lambda m: f"{case.name} step {step} flat {i}: {m}")
+                continue
+            # after step 0: amplified rounding hits isolated elements (a gradient ~0), a wrong multiplier every
+            # element of an expert's rows; allow the former (at most 0.2% of the elements, within 5e-4), not the latter
+            off = ~torch.isclose(fa, fb, **tol)
+            assert int(off.sum()) <= max(2, fa.numel() // 500) and float((fa - fb).abs().max()) <= 5e-4, (
+                f"{case.name} step {step} flat {i}: {int(off.sum())} of {fa.numel()} elements off, "
+                f"max {float((fa - fb).abs().max()):.2e}")
         moved = max(moved, max(float((f - o).abs().max()) for f, o in zip(_stepped_fp32(a), before)))
         if case.zero == 3:  # the scaled masters are what reached the model's partitions
             _check_partitions_match_masters(a)
