@@ -439,6 +439,8 @@ class Excitation:
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         folded = self._update.path(optimizer).startswith("folded:")
         if closure is None and not folded:
+            # the blend path without a closure: snapshot now (many optimizers take a closure argument and never
+            # call it; a snapshot of parameters does not depend on the gradients later pre-hooks may change)
             self._prepare_update(optimizer)
             return None
         excited = self._excited_closure(optimizer, closure)

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from excitation_dist.recipe.run_lock import locked_by
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,16 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has exited
 
 
+def _until_training(proc: subprocess.Popen) -> None:
+    """Read ``proc``'s output until its first training step is logged; it must still run."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step ") and "| loss" in line:
+            break
+    assert proc.poll() is None, "".join(seen[-40:])
+
+
 def _train(tmp: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "excitation_dist.cli", "train", CONFIG, *LONG,
             f"checkpoint.dir={tmp / 'ckpt'}", f"logging.dir={tmp / 'log'}", *extra]
@@ -51,12 +63,7 @@ def test_second_run_refused_and_workers_die_with_the_launcher(tmp_path):
     launcher = subprocess.Popen(_train(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True, env=env)
     try:
-        seen = []
-        for line in launcher.stdout:
-            seen.append(line)
-            if line.startswith("step ") and "| loss" in line:
-                break
-        assert launcher.poll() is None, "".join(seen)
+        _until_training(launcher)
         holder = f"pid {launcher.pid} on host {socket.gethostname()}"
 
         for extra in (["--dry-run"], []):
@@ -95,7 +102,6 @@ def test_ranks_and_the_deepspeed_launch_process_exit_when_the_deepspeed_command_
     """`deepspeed --num_gpus 2 --module excitation_dist.cli train ...` SIGKILLed alone: DeepSpeed's
     per-node launch process is reparented and would keep both ranks training; the ranks watch it
     and exit, and then the launch process does."""
-    pytest = __import__("pytest")
     pytest.importorskip("deepspeed")
     deepspeed = Path(sys.executable).parent / "deepspeed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -106,12 +112,7 @@ def test_ranks_and_the_deepspeed_launch_process_exit_when_the_deepspeed_command_
                               start_new_session=True, env=env)
     family: list[int] = []
     try:
-        seen = []
-        for line in runner.stdout:
-            seen.append(line)
-            if line.startswith("step ") and "| loss" in line:
-                break
-        assert runner.poll() is None, "".join(seen[-40:])
+        _until_training(runner)
         family = _descendants(runner.pid)  # the launch process and its two ranks
         assert len(family) >= 3 and all(_alive(p) for p in family), family
         os.kill(runner.pid, signal.SIGKILL)

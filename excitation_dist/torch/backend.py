@@ -80,6 +80,30 @@ def _moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, ExcitableMoE)]
 
 
+def excitable_layers(model: nn.Module, detach_hint: str = "excitation_dist.torch.detach(model)") -> tuple[list[nn.Module], int]:
+    """The model's :class:`ExcitableMoE` layers (in module order: Excitation's layer index)
+    and their common number of routed experts; refuses a model without any, with mixed
+    expert counts, or already attached (shared by every adapter of this layer protocol)."""
+    layers = _moe_layers(model)
+    if not layers:
+        raise ValueError(
+            "attach() found no MoE layer: a layer takes part by defining num_experts and "
+            "excitation_expert_slices() (see excitation_dist.torch.ExcitableMoE)"
+        )
+    experts = {m.num_experts for m in layers}
+    if len(experts) != 1:
+        raise ValueError(f"all MoE layers must have the same number of routed experts, found {sorted(experts)}")
+    if any(getattr(m, _BINDING, None) is not None for m in layers):
+        raise RuntimeError(f"this model already has Excitation attached; call {detach_hint} first")
+    return layers, experts.pop()
+
+
+def bind_layers(excitation: Excitation, layers: list[nn.Module]) -> None:
+    """Route each layer's :func:`report_expert_counts` to ``excitation`` as its layer index."""
+    for layer, module in enumerate(layers):
+        setattr(module, _BINDING, _Binding(excitation, layer))
+
+
 def attach(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -103,20 +127,9 @@ def attach(
     Returns:
         The :class:`Excitation` controller (metrics, state_dict, last multipliers).
     """
-    layers = _moe_layers(model)
-    if not layers:
-        raise ValueError(
-            "attach() found no MoE layer: a layer takes part by defining num_experts and "
-            "excitation_expert_slices() (see excitation_dist.torch.ExcitableMoE)"
-        )
-    experts = {m.num_experts for m in layers}
-    if len(experts) != 1:
-        raise ValueError(f"all MoE layers must have the same number of routed experts, found {sorted(experts)}")
-    if any(getattr(m, _BINDING, None) is not None for m in layers):
-        raise RuntimeError("this model already has Excitation attached; call excitation_dist.torch.detach(model) first")
-
+    layers, num_experts = excitable_layers(model)
     device = next(model.parameters()).device
-    excitation = Excitation(config, len(layers), experts.pop(), process_group, device=device)
+    excitation = Excitation(config, len(layers), num_experts, process_group, device=device)
     expert_params_by_layer = []
     for module in layers:
         by_param: dict[int, tuple[nn.Parameter, list[ExpertRange]]] = {}
@@ -129,8 +142,7 @@ def attach(
                                hint="A trainable expert parameter is not in the optimizer: build the optimizer over "
                                     "all expert parameters before attach().")
     excitation.set_segments(segments)
-    for layer, module in enumerate(layers):
-        setattr(module, _BINDING, _Binding(excitation, layer))
+    bind_layers(excitation, layers)
     excitation.hook_optimizer(optimizer)
 
     if overlap and isinstance(model, nn.parallel.DistributedDataParallel):

@@ -1,0 +1,132 @@
+"""What Excitation costs on the FSDP2 / DTensor backend (CPU, gloo), measured side by side.
+
+Per model size, one baseline B (FSDP2 ``fully_shard`` per block and the root on
+a 1-D CPU mesh, ``torch.optim.AdamW(foreach=True)`` stepping the DTensors, no
+Excitation) and one model A per variant (folded / blend update path x ZeroSum /
+PositiveSum, and the null control: a second B), identical models on the same
+data, 2 processes. The expert weights are sharded ``Shard(0)`` over the mesh;
+with ``--shard-dim 1`` every rank holds a piece of every expert. Interleaved
+A/B pairs repeated in rounds; memory, collectives and host syncs as in
+benchmarks/overhead_table.py.
+
+    python benchmarks/fsdp2_overhead.py                          # small medium, 2 ranks
+    python benchmarks/fsdp2_overhead.py --sizes tiny --repeats 5 --pairs 1   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SIZES = {  # name: (layers, d_model, experts, d_ff, seq, batch)
+    "tiny": (2, 16, 4, 32, 16, 4),  # smoke tests only
+    "small": (2, 64, 8, 128, 64, 8),
+    "medium": (4, 256, 16, 512, 128, 8),
+    "large": (8, 256, 16, 512, 128, 8),
+}
+
+
+def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, mesh, shard_dim: int):
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    import excitation_dist.fsdp2 as exfsdp
+    from excitation_dist.models import GPTMoE, GPTMoEConfig
+    from overhead_table import excitation_config
+
+    layers, d, e, f, seq, b = SIZES[size]
+    cfg = GPTMoEConfig(vocab_size=256, seq_len=seq, d_model=d, n_layers=layers, n_heads=4, d_ff=f,
+                       num_experts=e, top_k=2)
+    torch.manual_seed(0)
+    model = GPTMoE(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    experts = {id(w) for blk in model.blocks for w in (blk.ffn.experts.w_in_EDF, blk.ffn.experts.w_out_EFD)}
+
+    def placement(p):
+        return Shard(shard_dim) if id(p) in experts else Shard(0)
+
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    config = excitation_config(*strategy_update) if strategy_update else None
+    ex = exfsdp.attach(model, opt, config, mesh=mesh) if config else None
+    state = {"step": 0}
+
+    def step() -> None:
+        g = torch.Generator().manual_seed(1000 * state["step"] + rank)
+        state["step"] += 1
+        tokens = torch.randint(0, 256, (b, seq + 1), generator=g)
+        model(tokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, ex, params
+
+
+def _worker(sizes, repeats, pairs, warmup, shard_dim) -> list[dict]:
+    import gc
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from overhead_table import check_update_path, compare, quiet_logs, selected_variants
+
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    rows = []
+    with quiet_logs():
+        for size in sizes:
+            baseline, _, params = _model_step(size, None, rank, mesh, shard_dim)
+            variants = {}
+            for update, strategy in selected_variants():
+                step, ex, _ = _model_step(size, (update, strategy), rank, mesh, shard_dim)
+                variants[f"{update}-{strategy}"] = (step, ex)
+            result = compare(baseline, variants, repeats=repeats, pairs=pairs, warmup=warmup)
+            for name, (_, ex) in variants.items():
+                check_update_path(name, ex)
+            rows += [dict(r, size=size, params=params) for r in result.values()]
+            del baseline, variants
+            gc.collect()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the whole A/B comparison")
+    parser.add_argument("--pairs", type=int, default=2, help="interleaved step pairs per variant per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=list(SIZES))
+    parser.add_argument("--shard-dim", type=int, default=0, choices=[0, 1],
+                        help="FSDP2 shard dimension of the stacked expert weights "
+                             "(1: every rank holds part of every expert)")
+    from overhead_table import add_variants_argument, select_variants
+
+    add_variants_argument(parser)
+    args = parser.parse_args(argv)
+    select_variants(args.variants)
+
+    from excitation_dist.testing import run_distributed
+    from overhead_table import print_rounds, print_table
+
+    rows = run_distributed(_worker, args.nproc, args.sizes, args.repeats, args.pairs, args.warmup, args.shard_dim,
+                           env={"OMP_NUM_THREADS": "1"}, timeout=3600)[0]
+    print_table(f"FSDP2 backend: fully_shard per block + root, AdamW(foreach=True) on DTensors, {args.nproc} processes "
+                f"(CPU, gloo), expert weights Shard({args.shard_dim}), {args.repeats} rounds x {args.pairs} "
+                "interleaved pairs per variant", rows)
+    print("params per size: " + ", ".join(sorted({f"{r['size']} {r['params']:,}" for r in rows})))
+    print_rounds(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
