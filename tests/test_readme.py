@@ -1,12 +1,18 @@
-"""The README's commands run as written (so that they cannot drift from the code).
+"""README.md and docs/ say what the code does (so that they cannot drift from it).
 
-The shell blocks of "The training recipe" and the Megatron-LM block of "Use it
-from Megatron" are extracted from README.md and run in order in a scratch
-directory that sees the repository's ``configs/`` (``train`` gets a few
-overrides appended that make the model tiny and the run 3 steps long; the
-rest runs exactly as printed). The DeepSpeed snippet of "Use it from
-DeepSpeed" runs on one CPU process with a tiny ``deepspeed.moe`` model, loader
-and config defined around it.
+The commands run as written: the shell block of README's "The training recipe" and
+the Megatron-LM block of "Use it from Megatron" are extracted and run in order in a
+scratch directory that sees the repository's ``configs/`` (``train`` gets a few
+overrides appended that make the model tiny and the run 3 steps long; the rest runs
+exactly as printed). The DeepSpeed snippet of "Use it from DeepSpeed" runs on one CPU
+process with a tiny ``deepspeed.moe`` model, loader and config defined around it.
+The two fresh-machine commands of "Quick start" and the SLURM block of "Launch on a
+cluster" are checked without running them (Makefile targets and CI's script; the
+scripts, configs and node counts; the scripts themselves run under a local SLURM in
+tests/test_launch.py). Every shell block of README.md and docs/*.md must be one of
+these, so a new command cannot go untested. Every number of README's results tables
+must be on one line of the results file its row cites, and every relative link of
+README.md and docs/ must point at a file that exists.
 """
 
 from __future__ import annotations
@@ -23,18 +29,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = {p: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
 TINY_TRAIN = ["schedule.train_steps=3", "schedule.warmup_steps=1", "schedule.eval_interval=0", "logging.interval=1",
               "model.hidden_size=32", "model.moe.ffn_hidden_size=32", "model.seq_length=32"]
 
 
-def section(title: str) -> str:
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start:end if end > 0 else None]
+def section(title: str, text: str = README) -> str:
+    """The ``## title`` section of ``text`` (README by default), up to the next ``## ``."""
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
 
 
 def blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+SHELL = "(?:bash|sh|shell|console|zsh)"
 
 
 def commands(block: str) -> list[list[str]]:
@@ -125,3 +136,105 @@ def test_deepspeed_snippet_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "README DeepSpeed snippet: OK" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+
+
+def test_every_shell_block_of_readme_and_docs_is_run_or_checked():
+    """A shell block added to README.md or docs/ must be taken up by a test in this file."""
+    tested = [blocks(section("Quick start (fresh machine, Python >= 3.10)"), "bash"),
+              blocks(section("The training recipe"), "bash"),
+              [b for b in blocks(section("Use it from Megatron"), "bash") if "pretrain_gpt" in b],
+              blocks(section("Launch on a cluster"), "bash")]
+    assert all(len(b) == 1 for b in tested), tested
+    tested = [b[0] for b in tested]
+    found = [(name, b) for name, text in [("README.md", README), *((p.name, s) for p, s in DOCS.items())]
+             for b in blocks(text, SHELL)]
+    untested = [f"{name}: {b.splitlines()[0]}" for name, b in found if b not in tested]
+    assert not untested, f"shell blocks no test runs or checks (add them to tests/test_readme.py): {untested}"
+    assert len(found) == len(tested), found
+
+
+def test_quick_start_commands_are_the_makefile_targets_ci_runs():
+    (block,) = blocks(section("Quick start (fresh machine, Python >= 3.10)"), "bash")
+    assert commands(block) == [["make", "demo"], ["make", "test"]]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo: ", makefile, flags=re.M) and re.search(r"^test: ", makefile, flags=re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, flags=re.M), ci
+
+
+def test_slurm_block_names_scripts_and_configs_that_exist_and_agree():
+    from excitation_dist.recipe.config import load_run_config
+
+    (block,) = blocks(section("Launch on a cluster"), "bash")
+    cmds = commands(block)
+    assert [c[0] for c in cmds] == ["sbatch"] * len(cmds) and len(cmds) >= 1
+    scripts = set()
+    for words in cmds:
+        nodes = int(words[words.index("--nodes") + 1])
+        script, config, *overrides = words[words.index("--nodes") + 2:]
+        scripts.add(script)
+        assert (ROOT / script).is_file() and script.startswith("launch/slurm/"), script
+        assert f"sbatch --nodes" in (ROOT / script).read_text()  # its usage line
+        cfg = load_run_config(ROOT / config, overrides)
+        assert cfg.parallel.nodes == nodes, f"{config}: parallel.nodes={cfg.parallel.nodes}, sbatch --nodes {nodes}"
+    assert scripts == {"launch/slurm/train.sbatch", "launch/slurm/deepspeed.sbatch"}
+    launch_tests = (ROOT / "tests" / "test_launch.py").read_text()
+    assert all(f"launch/slurm/{Path(s).name}" in launch_tests for s in scripts)
+
+
+NUMBER = re.compile(r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?")
+LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def _table_rows(text: str) -> list[tuple[list[str], list[str]]]:
+    """(header cells, row cells) of every markdown table row in ``text``."""
+    rows, header = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set("".join(cells)) <= set("-: "):
+            rows.append((header, cells))
+    return rows
+
+
+def test_readme_results_numbers_are_in_the_results_files_they_cite():
+    """Each row of README's results tables cites one results file. Every number of the row (links
+    aside) must be in one row of that file, whose setting, method and verdict columns, where the
+    README's table has them, say the same; a row without those columns must have its numbers on
+    one line of the file."""
+    rows = _table_rows(section("Measured results"))
+    assert len(rows) >= 8, rows
+    cited = set()
+    for header, cells in rows:
+        row = " | ".join(cells)
+        targets = {url.split("#")[0] for _, url in LINK.findall(row) if url.startswith("results/")}
+        assert len(targets) == 1, f"a results row must cite one file under results/: {row}"
+        (target,) = targets
+        cited.add(target)
+        text = (ROOT / target).read_text()
+        numbers = set(NUMBER.findall(LINK.sub("", row)))
+        assert numbers, row
+        keys = {k: cells[header.index(k)] for k in ("setting", "method", "verdict") if k in header}
+        if keys:
+            matches = [c for h, c in _table_rows(text) if numbers <= set(NUMBER.findall(" | ".join(c)))
+                       and all(k in h and c[h.index(k)] == v for k, v in keys.items())]
+        else:
+            matches = [line for line in text.splitlines() if numbers <= set(NUMBER.findall(line))]
+        assert matches, f"{target} has no {'row' if keys else 'line'} with all of {sorted(numbers)}" + (
+            f" and {keys}" if keys else "") + f" (README row: {row})"
+    assert {"results/README.md", "results/overhead/README.md", "results/overhead/step_ops.md"} <= cited
+
+
+def test_relative_links_of_readme_and_docs_resolve():
+    broken = []
+    for path, text in [(ROOT / "README.md", README), *DOCS.items()]:
+        for _, url in LINK.findall(text):
+            if re.match(r"[a-z]+:", url) or url.startswith("#"):
+                continue
+            if not (path.parent / url.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {url}")
+    assert not broken, broken
