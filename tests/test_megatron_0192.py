@@ -157,3 +157,135 @@ def test_pretrain_gpt_on_cpu_swiglu_biases_pp2_dense_first_stage(megatron_0192):
                              "--decoder-first-pipeline-num-layers", "1", "--moe-layer-freq", "[0,1,1]"]
     results = run_distributed(_pretrain_counts, 2, megatron_0192, argv, env=ENV, timeout=400)
     assert results == [None, (ITERS, [GLOBAL_BATCH * SEQ * TOPK] * 2)]
+
+
+def _single_grouped_weight_checkpoint_slices(megatron_path: str) -> list[dict]:
+    """Worker (EP 2 on 2 gloo ranks): a TEGroupedMLP whose linear_fc1 / linear_fc2 hold one stacked
+    ``weight`` ``[2, 6, 4]`` / ``[2, 4, 3]`` and ``bias`` ``[2, out]`` (moe_single_grouped_weight /
+    _bias), saved through megatron-core 0.19.2's own TEGroupedLinear checkpoint methods. Per range of
+    ``compat.local_expert_ranges``: its expert and elements, and what megatron saves for that local
+    expert (``{name}{i}``): the global expert (the ShardedTensor's offset on the expert axis), the
+    slice, whether the slice is a view of exactly the range's elements, and its replica id."""
+    import ast
+    import copy
+    from pathlib import Path
+
+    sys.path.insert(0, megatron_path)
+    from excitation_dist.megatron import compat, cpu_patches
+
+    compat.backfill_typing_override()
+    cpu_patches.apply()  # before megatron.core's first import
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    # Transformer Engine is not installed (te_ext.TEGroupedLinear is None): compile megatron's own
+    # TEGroupedLinear checkpoint methods and the column / row parallel sharded_state_dict, as written
+    # in transformer_engine.py, onto a stand-in for TE's GroupedLinear
+    source = ast.parse(Path(te_ext.__file__).read_text())
+    classes = {n.name: n for n in ast.walk(source) if isinstance(n, ast.ClassDef)}
+
+    def borrowed(name: str, methods: tuple[str, ...], base: str | None = None) -> ast.ClassDef:
+        cls = copy.deepcopy(classes[name])
+        cls.body = [f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name in methods]
+        assert sorted(f.name for f in cls.body) == sorted(methods), (name, methods)
+        if base is not None:
+            cls.bases = [ast.Name(base, ast.Load())]
+        return cls
+
+    module = ast.Module(body=[
+        borrowed("TEGroupedLinear", ("_sharded_state_dict_grouped", "_split_grouped_checkpoint_tensor",
+                                     "_split_extra_state"), base="GroupedLinearStandIn"),
+        borrowed("TEColumnParallelGroupedLinear", ("sharded_state_dict",)),  # subclasses of the one above
+        borrowed("TERowParallelGroupedLinear", ("sharded_state_dict",)),
+    ], type_ignores=[])
+
+    class GroupedLinearStandIn(torch.nn.Module):
+        """What TE's GroupedLinear (>= 2.14 with single_grouped_weight / single_grouped_bias, no FP8)
+        and TEGroupedLinear.__init__ leave on the module: one weight [num_gemms, out, in], one bias
+        [num_gemms, out], every element distinct."""
+
+        def __init__(self, num_gemms: int, in_features: int, out_features: int, first_value: int, pgs):
+            super().__init__()
+            self.num_gemms, self.in_features, self.out_features = num_gemms, in_features, out_features
+            self.use_bias = self.single_grouped_weight = self.single_grouped_bias = True
+            self._pg_collection, self._tp_group = pgs, pgs.expt_tp
+            self.fp8_meta, self.fp8, self.fp8_calibration = {"fp8_checkpoint": False}, False, False
+            w, b = num_gemms * out_features * in_features, num_gemms * out_features
+            values = torch.arange(first_value, first_value + w + b, dtype=torch.float32)
+            self.weight = torch.nn.Parameter(values[:w].reshape(num_gemms, out_features, in_features).clone())
+            self.bias = torch.nn.Parameter(values[w:].reshape(num_gemms, out_features).clone())
+
+        def get_extra_state(self):
+            return torch.empty(0, dtype=torch.uint8)  # TE's extra state without FP8
+
+        def set_extra_state(self, state):
+            pass
+
+    namespace = {**vars(te_ext), "GroupedLinearStandIn": GroupedLinearStandIn}
+    exec(compile(ast.fix_missing_locations(module), te_ext.__file__, "exec"), namespace)
+
+    ps.initialize_model_parallel(expert_model_parallel_size=2)  # EP 2, expert-DP 1
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, num_moe_experts=4,
+                               moe_ffn_hidden_size=6, expert_model_parallel_size=2, add_bias_linear=True,
+                               use_cpu_initialization=True)
+
+    class MoELayerStandIn(BaseMoELayer):  # megatron's BaseMoELayer.__init__ sets local_expert_indices
+        def forward(self, hidden_states):
+            raise NotImplementedError
+
+    layer = MoELayerStandIn(config, layer_number=1, pg_collection=pgs)
+    experts = TEGroupedMLP.__new__(TEGroupedMLP)  # its __init__ needs TE: set what sharded_state_dict reads
+    torch.nn.Module.__init__(experts)
+    experts.config, experts.num_local_experts = config, layer.num_local_experts
+    experts.ep_group, experts.tp_group = pgs.ep, pgs.expt_tp
+    experts.linear_fc1 = namespace["TEColumnParallelGroupedLinear"](2, 4, 6, 0, pgs)  # weight [2, 6, 4]
+    experts.linear_fc2 = namespace["TERowParallelGroupedLinear"](2, 3, 4, 1000, pgs)  # weight [2, 4, 3]
+    layer.experts = experts
+
+    saved = experts.sharded_state_dict(prefix="decoder.layers.0.mlp.")  # what dist_checkpointing.save writes
+    out = []
+    for p, ranges in compat.local_expert_ranges(layer):
+        linear_name, name = next((ln, n) for ln in ("linear_fc1", "linear_fc2")
+                                 for n, q in getattr(experts, ln).named_parameters(recurse=False) if q is p)
+        flat = p.detach().reshape(-1)
+        for i, r in enumerate(ranges):  # range i: local expert i, which megatron saves as {name}{i}
+            sh = saved[f"decoder.layers.0.mlp.{linear_name}.{name}{i}"]
+            assert isinstance(sh, ShardedTensor), type(sh)
+            out.append({
+                "tensor": f"{linear_name}.{name}{i}", "shape": tuple(p.shape), "key": sh.key,
+                "expert": r.expert, "megatron_expert": sh.global_offset[0], "global_shape": tuple(sh.global_shape),
+                "elements": flat[r.start:r.end].tolist(), "megatron_slice": sh.data.reshape(-1).tolist(),
+                "same_memory": (sh.data.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+                                and sh.data.storage_offset() == p.storage_offset() + r.start
+                                and sh.data.numel() == r.end - r.start),
+                "replica_id": tuple(sh.replica_id),
+            })
+    return out
+
+
+def test_single_grouped_weight_map_matches_megatron_checkpoint_slices(megatron_0192):
+    """compat.local_expert_ranges on a TEGroupedMLP with one stacked ``weight`` / ``bias`` per linear
+    layer (moe_single_grouped_weight / _bias, 0.19.x with TE >= 2.14) against megatron-core 0.19.2's
+    own checkpoint sharding of it (TEGroupedLinear._sharded_state_dict_grouped): every range is the
+    slice megatron saves for that local expert, under the global expert megatron assigns."""
+    results = run_distributed(_single_grouped_weight_checkpoint_slices, 2, megatron_0192, env=ENV, timeout=300)
+    for ep_rank, rows in enumerate(results):
+        tensors = [f"linear_fc{j}.{n}{i}" for j in (1, 2) for n in ("weight", "bias") for i in (0, 1)]
+        assert [row["tensor"] for row in rows] == tensors  # 8 expert tensors: 2 local experts x 4 params
+        for row in rows:
+            name = row["tensor"].rstrip("01")
+            assert row["key"] == f"decoder.layers.0.mlp.experts.{name}", row  # one key per param, all experts
+            assert row["global_shape"] == (4, *row["shape"][1:]), row  # the 4 global experts stacked
+            local = int(row["tensor"][-1])
+            assert row["expert"] == row["megatron_expert"] == 2 * ep_rank + local, row
+            assert row["elements"] == row["megatron_slice"], row
+            assert row["same_memory"], row
+            assert row["replica_id"] == (0, 0, 0), row  # expert-DP 1: this rank writes it
+    assert [row["expert"] for row in results[1]] == [2, 3] * 4  # EP rank 1 of 2: global experts 2 and 3

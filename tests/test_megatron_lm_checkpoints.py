@@ -202,3 +202,34 @@ def test_megatron_lm_checkpoint_without_excitation_state(megatron_0192, tmp_path
     assert "holds no Excitation state: Excitation starts fresh" in fresh.stdout
     state, _, _ = _checkpoint(megatron_0192, tmp_path / "fresh" / "iter_0000004")
     assert state["common"]["step"] == 2  # iterations 3 and 4 only
+
+
+def test_megatron_lm_save_and_resume_with_a_dense_first_pipeline_stage(megatron_0192, tmp_path):  # noqa: F811
+    """PP 2 on 2 ranks (EP 1), stage 0 holds one dense layer, stage 1 two MoE layers: global rank 0
+    has no Excitation controller, so rank 1 (the first rank with MoE layers) writes Excitation's
+    common state. When only global rank 0 wrote it, ``--save`` failed with ``CheckpointingException:
+    Invalid access pattern: 1 ShardedObject are missing``. Save at iteration 2 (a 4-iteration run
+    stopped by ``--exit-interval``: the LR schedule must match for the resume), resume to 4."""
+
+    def dense_first(argv: list[str]) -> list[str]:
+        for flag, value in (("--num-layers", "3"), ("--expert-model-parallel-size", "1"),
+                            ("--pipeline-model-parallel-size", "2"), ("--decoder-first-pipeline-num-layers", "1"),
+                            ("--moe-layer-freq", "[0,1,1]")):
+            argv = _set(argv, flag, value)
+        return argv
+
+    stopped = dense_first(_args(tmp_path, iters=4, save="ckpt", extra=("--exit-interval", "2")))
+    first = _torchrun(tmp_path, megatron_0192, stopped)
+    assert first.returncode == 0, first.stdout[-5000:]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    state, _, _ = _checkpoint(megatron_0192, tmp_path / "ckpt" / "iter_0000002")
+    assert state["common"]["step"] == 2 and state["common"]["config"]["strategy"] == "positivesum", state["common"]
+    assert list(state["layers"]) == [2, 3] and all(row is not None for row in state["layers"].values()), state
+
+    resumed = _torchrun(tmp_path, megatron_0192, dense_first(_args(tmp_path, iters=4, save="ckpt", load="ckpt")))
+    assert resumed.returncode == 0, resumed.stdout[-5000:]
+    assert "Excitation resumed from" in resumed.stdout  # said by stage 1's first rank (global rank 0 has no MoE layer)
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    state, _, _ = _checkpoint(megatron_0192, tmp_path / "ckpt" / "iter_0000004")
+    assert state["common"]["step"] == 4, state["common"]  # resumed at step 2 (starting fresh would save 2)
+    assert list(state["layers"]) == [2, 3] and all(row is not None for row in state["layers"].values()), state

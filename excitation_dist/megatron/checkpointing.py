@@ -162,8 +162,10 @@ def check_compatible(saved: dict[str, Any], excitation: Excitation, *, where: st
 _HOOKS: dict[str, Any] = {}
 
 
-def _print0(text: str) -> None:
-    if _global_rank() == 0:
+def _print_once(optimizer: Any, text: str) -> None:
+    """Print on the one rank that writes Excitation's common state (the first with MoE layers:
+    global rank 0 may hold a pipeline stage of dense layers only)."""
+    if _writes_common(optimizer):
         print(text, flush=True)
 
 
@@ -252,7 +254,7 @@ def install_megatron_lm_hooks(*, require_state: bool, flag: str = "--excitation-
             if require_state:
                 raise SystemExit(f"pretrain_gpt: checkpoint {path} {why} and --excitation-require-state is set; load "
                                  "a checkpoint written with Excitation, or drop the flag to start Excitation fresh")
-            _print0(f"pretrain_gpt: checkpoint {path} {why}: Excitation starts fresh (step 0, no EMA)")
+            _print_once(optimizer, f"pretrain_gpt: checkpoint {path} {why}: Excitation starts fresh (step 0, no EMA)")
         else:
             try:
                 check_compatible(saved, excitation, where=f"checkpoint {path}", flag=flag)
@@ -266,7 +268,7 @@ def install_megatron_lm_hooks(*, require_state: bool, flag: str = "--excitation-
         loaded = _HOOKS.pop("loaded", None)
         if loaded is not None:
             load_loaded_state(excitation, loaded, layers)
-            _print0(f"pretrain_gpt: Excitation resumed from {path} at its step {excitation.step}")
+            _print_once(optimizer, f"pretrain_gpt: Excitation resumed from {path} at its step {excitation.step}")
         elif saved is not None:  # e.g. --no-load-optim / --finetune: Megatron built no template with our entry
             from megatron.core import dist_checkpointing
             from excitation_dist.megatron import compat
