@@ -22,6 +22,7 @@ from excitation_dist.recipe.parent_watch import exit_with_launcher
 
 BACKENDS = {
     "deepspeed": "excitation_dist.recipe.backends.deepspeed",
+    "fsdp2": "excitation_dist.recipe.backends.fsdp2",
     "megatron": "excitation_dist.recipe.backends.megatron",
     "torch": "excitation_dist.recipe.backends.torch",
 }

@@ -265,7 +265,7 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    backend: Literal["deepspeed", "megatron", "torch"] = "deepspeed"
+    backend: Literal["deepspeed", "fsdp2", "megatron", "torch"] = "deepspeed"
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1234
@@ -311,6 +311,9 @@ class RunConfig:
                      "megatron for tensor/pipeline/context parallelism")
             _require(self.backend != "torch" or p.expert_parallel == 1, "parallel.expert_parallel",
                      "the torch backend replicates experts (DDP): set 1, or use backend: deepspeed or megatron")
+            _require(self.backend != "fsdp2" or p.expert_parallel == 1, "parallel.expert_parallel",
+                     "the fsdp2 backend shards every expert weight over the data-parallel ranks (FSDP2, no token "
+                     "exchange between expert-parallel ranks): set 1, or use backend: deepspeed or megatron")
             _require(p.expert_tensor_parallel == 1, "parallel.expert_tensor_parallel", "must be 1 with the deepspeed backend")
             _require(dp % p.expert_parallel == 0, "parallel.expert_parallel", f"must divide the data-parallel size {dp}")
         _require(m.num_attention_heads % p.tensor_parallel == 0, "parallel.tensor_parallel",

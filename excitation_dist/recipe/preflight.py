@@ -265,6 +265,10 @@ def resume_check(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[list[s
     if cfg.backend == "torch" and ranks_before != now["parallel"]["world_size"]:
         notes.append(f"checkpoint {checkpoint} was written by {ranks_before} ranks, this run has "
                      f"{now['parallel']['world_size']}: fine for backend torch (DDP keeps full replicas)")
+    if cfg.backend == "fsdp2" and ranks_before != now["parallel"]["world_size"]:
+        notes.append(f"checkpoint {checkpoint} was written by {ranks_before} ranks, this run has "
+                     f"{now['parallel']['world_size']}: fine for backend fsdp2 (torch.distributed.checkpoint "
+                     "reshards the model and optimizer state at load)")
     return problems, notes
 
 

@@ -1,4 +1,4 @@
-"""One module per framework behind ``excitation-dist train``: ``torch`` (DDP),
+"""One module per framework behind ``excitation-dist train``: ``torch`` (DDP), ``fsdp2`` (FSDP2 + DCP),
 ``deepspeed`` (a DeepSpeed engine) and ``megatron`` (megatron-core's schedules).
 
 Each builds its model and optimizer from a :class:`~excitation_dist.recipe.config.RunConfig`,

@@ -25,7 +25,7 @@ def model_config(cfg: RunConfig) -> GPTMoEConfig:
     """The :class:`GPTMoEConfig` (torch experts) for ``cfg.model``; refuses what it cannot build."""
     m = cfg.model
     if m.attention != "standard":
-        raise ConfigError("model.attention: multi-head latent attention (mla) is not built by backend torch; "
+        raise ConfigError(f"model.attention: multi-head latent attention (mla) is not built by backend {cfg.backend}; "
                           "use backend: megatron")
     try:
         return GPTMoEConfig(**gpt_moe_options(m), experts="torch")
@@ -36,10 +36,16 @@ def model_config(cfg: RunConfig) -> GPTMoEConfig:
 def validate(cfg: RunConfig) -> None:
     model_config(cfg)
     if cfg.precision != "fp32":
-        raise ConfigError("precision: backend torch trains in fp32; use deepspeed or megatron for bf16/fp16")
+        raise ConfigError(f"precision: backend {cfg.backend} trains in fp32; use deepspeed or megatron for bf16/fp16")
 
 
-def _optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+def scalar(value: torch.Tensor) -> float:
+    """A reduced value (the gradient norm) as a number; a DTensor's (FSDP2) through its full value."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)
+
+
+def optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     o = cfg.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.beta1, weight_decay=o.weight_decay)
@@ -54,7 +60,7 @@ class TorchDDPBackend:
         self.model = GPTMoE(model_config(cfg)).to(device)
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model) if distributed else self.model
-        self.optimizer = _optimizer(cfg, self.wrapped.parameters())
+        self.optimizer = optimizer(cfg, self.wrapped.parameters())
         self.excitation = attach(self.wrapped, self.optimizer, cfg.excitation)
         self.data_parallel_rank = dist.get_rank() if dist.is_initialized() else 0
 
@@ -73,7 +79,7 @@ class TorchDDPBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_expert_biases()  # model.moe.expert_bias: aux-loss-free balancing, once per step
-        return {"grad_norm": float(norm), "applied": 1.0}
+        return {"grad_norm": scalar(norm), "applied": 1.0}
 
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         self.model.eval()
