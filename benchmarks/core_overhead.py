@@ -39,7 +39,7 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int):
 
     from excitation_dist.models import GPTMoE, GPTMoEConfig
     from excitation_dist.torch import attach
-    from overhead_table import excitation_config
+    from overhead_table import excitation_config, lm_train_step
 
     layers, d, e, f, seq, b = SIZES[size]
     cfg = GPTMoEConfig(vocab_size=256, seq_len=seq, d_model=d, n_layers=layers, n_heads=4, d_ff=f,
@@ -50,15 +50,7 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int):
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     config = excitation_config(*strategy_update) if strategy_update else None
     ex = attach(ddp, opt, config) if config else None
-    state = {"step": 0}
-
-    def step() -> None:
-        g = torch.Generator().manual_seed(1000 * state["step"] + rank)
-        state["step"] += 1
-        tokens = torch.randint(0, 256, (b, seq + 1), generator=g)
-        ddp(tokens).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = lm_train_step(ddp, opt, rank, b, seq)
 
     return step, ex, sum(p.numel() for p in model.parameters())
 

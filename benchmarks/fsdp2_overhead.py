@@ -37,7 +37,7 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, m
 
     import excitation_dist.fsdp2 as exfsdp
     from excitation_dist.models import GPTMoE, GPTMoEConfig
-    from overhead_table import excitation_config
+    from overhead_table import excitation_config, lm_train_step
 
     layers, d, e, f, seq, b = SIZES[size]
     cfg = GPTMoEConfig(vocab_size=256, seq_len=seq, d_model=d, n_layers=layers, n_heads=4, d_ff=f,
@@ -56,15 +56,7 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, m
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     config = excitation_config(*strategy_update) if strategy_update else None
     ex = exfsdp.attach(model, opt, config, mesh=mesh) if config else None
-    state = {"step": 0}
-
-    def step() -> None:
-        g = torch.Generator().manual_seed(1000 * state["step"] + rank)
-        state["step"] += 1
-        tokens = torch.randint(0, 256, (b, seq + 1), generator=g)
-        model(tokens).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = lm_train_step(model, opt, rank, b, seq)
 
     return step, ex, params
 

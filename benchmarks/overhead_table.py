@@ -375,3 +375,20 @@ def quiet_logs():
 
     logging.getLogger("excitation_dist").setLevel(logging.ERROR)
     yield
+
+
+def lm_train_step(model, optimizer, rank: int, batch: int, seq: int, vocab: int = 256):
+    """One training step of a GPT-MoE on seeded random tokens (a different batch per step and rank)."""
+    import torch
+
+    state = {"step": 0}
+
+    def step() -> None:
+        g = torch.Generator().manual_seed(1000 * state["step"] + rank)
+        state["step"] += 1
+        tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+        model(tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -23,7 +23,6 @@ from excitation_dist.config import ConfigError
 from excitation_dist.models import GPTMoE
 from excitation_dist.recipe.backends import torch as torch_backend
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.loop import init_process_group, run_training
 
 EXCITATION_KEY = "excitation"
 
@@ -110,9 +109,4 @@ class FSDP2Backend(torch_backend.TorchDDPBackend):
 
 def train(cfg: RunConfig) -> int:
     validate(cfg)
-    device = init_process_group(cfg)
-    try:
-        run_training(cfg, FSDP2Backend(cfg, device), device)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    return torch_backend.run(cfg, FSDP2Backend)

@@ -101,11 +101,16 @@ class TorchDDPBackend:
             self.excitation.load_state_dict(state["excitation"])
 
 
-def train(cfg: RunConfig) -> int:
-    validate(cfg)
+def run(cfg: RunConfig, backend: type) -> int:
+    """Join the process group, train ``backend(cfg, device)`` with the recipe's loop, leave the group."""
     device = init_process_group(cfg)
     try:
-        run_training(cfg, TorchDDPBackend(cfg, device), device)
+        run_training(cfg, backend(cfg, device), device)
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def train(cfg: RunConfig) -> int:
+    validate(cfg)
+    return run(cfg, TorchDDPBackend)
