@@ -1,7 +1,8 @@
 """Excitation adds no host sync to a training step, on every backend.
 
-Each test runs the same training step twice, without and with Excitation
-attached (default config: the folded update), under a TorchDispatchMode that
+Each test runs the same training step without and with Excitation attached
+(the folded update, and the blend path; for the torch backend also a fused
+AdamW, folded), under a TorchDispatchMode that
 records every op that makes the host wait for a device (``.item()``,
 ``bool(t)``, value-dependent shapes, device-to-host copies; see
 :mod:`excitation_dist.testing.syncs`). The frameworks' own syncs (DeepSpeed's
@@ -25,7 +26,9 @@ def _added(with_excitation: Counter, without: Counter) -> dict:
     return dict(with_excitation - without)
 
 
-def test_torch_backend_step_adds_no_host_sync():
+@pytest.mark.parametrize("update, fused, path", [("auto", False, "folded"), ("blend", False, "blend"),
+                                                 ("auto", True, "folded")])
+def test_torch_backend_step_adds_no_host_sync(update, fused, path):
     from excitation_dist.models import GPTMoE, GPTMoEConfig
     from excitation_dist.torch import attach
 
@@ -34,8 +37,8 @@ def test_torch_backend_step_adds_no_host_sync():
     for excited in (False, True):
         torch.manual_seed(0)
         model = GPTMoE(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        ex = attach(model, opt, {"strategy": "zerosum"}) if excited else None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        ex = attach(model, opt, {"strategy": "zerosum", "update": update}) if excited else None
         for step in range(2):
             tokens = torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(step))
             with count_host_syncs() as syncs:
@@ -45,7 +48,7 @@ def test_torch_backend_step_adds_no_host_sync():
                 opt.zero_grad()
         seen.append(syncs)
         if ex is not None:
-            assert ex.update_path == "folded" and (ex.last_multipliers_LE != 1).any()
+            assert ex.update_path == path and (ex.last_multipliers_LE != 1).any()
     assert seen[1]["_local_scalar_dense"] > 0  # the recorder sees the model's own syncs
     assert _added(seen[1], seen[0]) == {}
 
@@ -58,23 +61,23 @@ def _deepspeed_syncs():
     dc.setup_deepspeed()
     case = dc.Case("z2-fp32-ep2-top2-ga2", zero=2, ep=2, k=2, gas=2)
     seen = []
-    for excited in (False, True):
+    for update in (None, "auto", "blend"):
         engine = dc.build_engine(case, per_expert_lr=False)
-        ex = exds.attach(engine, {"strategy": "zerosum"}) if excited else None
+        ex = exds.attach(engine, {"strategy": "zerosum", "update": update}) if update else None
         _train_step(engine, case, 0)
         with count_host_syncs() as syncs:
             _train_step(engine, case, 1)
         seen.append(syncs)
         if ex is not None:
-            assert ex.update_path == "folded" and ex.step == 2
-    return _added(seen[1], seen[0]), sum(seen[0].values())
+            assert ex.update_path == ("folded" if update == "auto" else "blend") and ex.step == 2
+    return [_added(s, seen[0]) for s in seen[1:]], sum(seen[0].values())
 
 
 def test_deepspeed_step_adds_no_host_sync():
     pytest.importorskip("deepspeed")
     env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
     for added, baseline in run_distributed(_deepspeed_syncs, 2, env=env, timeout=300):
-        assert baseline > 0 and added == {}
+        assert baseline > 0 and added == [{}, {}]  # folded, blend
 
 
 def _megatron_syncs():
@@ -83,18 +86,18 @@ def _megatron_syncs():
 
     case = ms.Case("ep2-a2a-fp32-ga2", ep=2, gas=2)
     seen = []
-    for excited in (False, True):
+    for update in (None, "auto", "blend"):
         ms.setup(case)
         chunks, opt = ms.build(case, per_expert_lr=False)
-        ex = exmeg.attach(chunks, opt, {"strategy": "zerosum"}) if excited else None
+        ex = exmeg.attach(chunks, opt, {"strategy": "zerosum", "update": update}) if update else None
         ms.train_step(chunks, opt, case, 0)
         with count_host_syncs() as syncs:
             ms.train_step(chunks, opt, case, 1)
         seen.append(syncs)
         if ex is not None:
-            assert ex.update_path == "folded" and ex.step == 2
+            assert ex.update_path == ("folded" if update == "auto" else "blend") and ex.step == 2
             exmeg.detach(opt)
-    return _added(seen[1], seen[0]), sum(seen[0].values())
+    return [_added(s, seen[0]) for s in seen[1:]], sum(seen[0].values())
 
 
 def test_megatron_step_adds_no_host_sync():
@@ -102,4 +105,4 @@ def test_megatron_step_adds_no_host_sync():
     from tests.megatron_support import ENV
 
     for added, baseline in run_distributed(_megatron_syncs, 2, env=ENV, timeout=300):
-        assert baseline > 0 and added == {}
+        assert baseline > 0 and added == [{}, {}]  # folded, blend
