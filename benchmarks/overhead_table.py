@@ -205,8 +205,12 @@ def interleaved(baseline: Callable[[], None], variants: dict[str, Callable[[], N
     times = {name: ([], []) for name in variants}  # name -> (A times, B times), per pair
     rounds = {name: [] for name in variants}
     k = 0
-    for _ in range(repeats):
-        for name, step in variants.items():
+    names = list(variants)
+    for r in range(repeats):
+        # the variants in a rotated order each round: whichever runs first in a round (caches, allocator, the
+        # machine's frequency state) is a different one every time, not always the first one listed
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            step = variants[name]
             ratios = []
             for _ in range(pairs):
                 if k % 2 == 0:
