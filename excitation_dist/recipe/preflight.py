@@ -131,12 +131,12 @@ def check_directories(cfg: RunConfig, *, check_lock: bool = True) -> None:
             raise ConfigError(f"{key}: {path} exists and is not a directory; choose another path")
         if not _writable(path):
             raise ConfigError(f"{key}: {path} is not writable by this user; choose a directory you can write")
-    if check_lock:  # before launch only: a restart inside the launch replaces its own attempt's records
-        check_logging_dir_unused(cfg)
     if check_lock and cfg.checkpoint.dir is not None:
         holder = locked_by(cfg.checkpoint.dir)
         if holder is not None and not held_by_our_launcher(cfg.checkpoint.dir):
             raise ConfigError(locked_message(cfg.checkpoint.dir, holder))
+    if check_lock:  # before launch only: a restart inside the launch replaces its own attempt's records
+        check_logging_dir_unused(cfg)
 
 
 def check_logging_dir_unused(cfg: RunConfig) -> None:
