@@ -249,3 +249,24 @@ def test_the_cpu_device_mode_raises_no_warning_of_its_own():
             assert view.grad is None and leaf.grad is None
             assert torch.zeros(1, device="cuda").device.type == "cpu"  # the mode still rewrites devices
     assert not caught, [str(w.message) for w in caught]
+
+
+def test_known_megatron_cpu_warnings_are_summarized_in_one_line(capsys, monkeypatch):
+    import warnings
+
+    from excitation_dist.megatron import cpu_patches
+    from excitation_dist.megatron.cpu_patches import quiet_known_cpu_warnings
+
+    monkeypatch.setattr(cpu_patches, "_QUIETED", [])  # as in a fresh process
+    monkeypatch.delenv("EXCITATION_MEGATRON_WARNINGS", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert quiet_known_cpu_warnings()
+        warnings.warn("Apex is not installed. Falling back to Torch Norm")
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("something else")  # not a known CPU warning: still shown
+    assert [str(w.message) for w in caught] == ["something else"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "EXCITATION_MEGATRON_WARNINGS=all shows them" in out[0]

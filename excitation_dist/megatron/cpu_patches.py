@@ -49,7 +49,40 @@ def apply(*, training_loop: bool = False) -> dict[str, str]:
             "refusing to apply the megatron-core CPU patches in a process that sees a GPU; "
             f"unset {ENV} and run megatron-core unpatched"
         )
-    return _load().apply_all(training_loop)
+    applied_now = _load().apply_all(training_loop)
+    quiet_known_cpu_warnings()
+    return applied_now
+
+
+# What megatron-core (and torch under it) warns about on every CPU run, each expected there: no Transformer
+# Engine or apex (local fallbacks), torch's deprecated names of the collectives megatron calls, a CUDA-graph default.
+KNOWN_CPU_WARNINGS = (
+    r"Apex is not installed",
+    r"Transformer Engine and Apex are not installed",
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+    r"full scope is deprecated",
+)
+WARNINGS_ENV = "EXCITATION_MEGATRON_WARNINGS"
+_QUIETED: list[bool] = []
+
+
+def quiet_known_cpu_warnings() -> bool:
+    """Hide :data:`KNOWN_CPU_WARNINGS` (about 40 lines per CPU run) and say so in one line on
+    rank 0, once per process (call it before megatron-core is imported: some warn at import);
+    ``EXCITATION_MEGATRON_WARNINGS=all`` keeps them. Returns whether they are hidden."""
+    import warnings
+
+    if _QUIETED:
+        return _QUIETED[0]
+    _QUIETED.append(os.environ.get(WARNINGS_ENV) != "all")
+    if not _QUIETED[0]:
+        return False
+    for pattern in KNOWN_CPU_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
+    if os.environ.get("RANK", "0") == "0":
+        print("megatron-core on CPU: its known CPU warnings are not shown (no Transformer Engine or apex: local "
+              f"fallbacks; torch's deprecated collective names); {WARNINGS_ENV}=all shows them", flush=True)
+    return True
 
 
 def apply_if_requested() -> dict[str, str]:

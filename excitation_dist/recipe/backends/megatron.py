@@ -500,6 +500,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def train(cfg: RunConfig) -> int:
     cfg = fast_paths.apply_device(cfg, fast_paths.resolve(cfg))  # a GPU config on a CPU machine runs on CPU
+    if cfg.device == "cpu":
+        from excitation_dist.megatron.cpu_patches import quiet_known_cpu_warnings
+
+        quiet_known_cpu_warnings()  # before megatron-core's first import
     validate(cfg)
     if cfg.device == "cpu":
         from torch import _dynamo
