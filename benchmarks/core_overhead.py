@@ -56,29 +56,15 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int):
 
 
 def _worker(sizes, repeats, pairs, warmup) -> list[dict]:
-    import gc
-
     import torch
     import torch.distributed as dist
 
-    from overhead_table import check_update_path, compare, selected_variants
+    from overhead_table import compare_sizes
 
     torch.set_num_threads(1)
     rank = dist.get_rank()
-    rows = []
-    for size in sizes:
-        baseline, _, params = _model_step(size, None, rank)
-        variants = {}
-        for update, strategy in selected_variants():
-            step, ex, _ = _model_step(size, (update, strategy), rank)
-            variants[f"{update}-{strategy}"] = (step, ex)
-        result = compare(baseline, variants, repeats=repeats, pairs=pairs, warmup=warmup)
-        for name, (_, ex) in variants.items():
-            check_update_path(name, ex)
-        rows += [dict(r, size=size, params=params) for r in result.values()]
-        del baseline, variants
-        gc.collect()
-    return rows
+    return compare_sizes(sizes, lambda size, variant: _model_step(size, variant, rank), repeats=repeats, pairs=pairs,
+                         warmup=warmup)
 
 
 def _optimizer_alone(elements: int, experts: int, repeats: int, pairs: int, warmup: int) -> list[dict]:

@@ -62,32 +62,18 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, m
 
 
 def _worker(sizes, repeats, pairs, warmup, shard_dim) -> list[dict]:
-    import gc
-
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from overhead_table import check_update_path, compare, quiet_logs, selected_variants
+    from overhead_table import compare_sizes, quiet_logs
 
     torch.set_num_threads(1)
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
-    rows = []
     with quiet_logs():
-        for size in sizes:
-            baseline, _, params = _model_step(size, None, rank, mesh, shard_dim)
-            variants = {}
-            for update, strategy in selected_variants():
-                step, ex, _ = _model_step(size, (update, strategy), rank, mesh, shard_dim)
-                variants[f"{update}-{strategy}"] = (step, ex)
-            result = compare(baseline, variants, repeats=repeats, pairs=pairs, warmup=warmup)
-            for name, (_, ex) in variants.items():
-                check_update_path(name, ex)
-            rows += [dict(r, size=size, params=params) for r in result.values()]
-            del baseline, variants
-            gc.collect()
-    return rows
+        return compare_sizes(sizes, lambda size, variant: _model_step(size, variant, rank, mesh, shard_dim),
+                             repeats=repeats, pairs=pairs, warmup=warmup)
 
 
 def main(argv=None) -> int:

@@ -396,3 +396,25 @@ def lm_train_step(model, optimizer, rank: int, batch: int, seq: int, vocab: int 
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def compare_sizes(sizes, model_step, *, repeats: int, pairs: int, warmup: int) -> list[dict]:
+    """Per model size: the baseline ``model_step(size, None)`` against every selected variant
+    ``model_step(size, (update, strategy))`` (each returns (step, Excitation or None, params)),
+    interleaved; the rows of :func:`compare`, with the size and the parameter count."""
+    import gc
+
+    rows = []
+    for size in sizes:
+        baseline, _, params = model_step(size, None)
+        variants = {}
+        for update, strategy in selected_variants():
+            step, ex, _ = model_step(size, (update, strategy))
+            variants[f"{update}-{strategy}"] = (step, ex)
+        result = compare(baseline, variants, repeats=repeats, pairs=pairs, warmup=warmup)
+        for name, (_, ex) in variants.items():
+            check_update_path(name, ex)
+        rows += [dict(r, size=size, params=params) for r in result.values()]
+        del baseline, variants
+        gc.collect()
+    return rows
