@@ -36,12 +36,12 @@ class ExcitationConfig:
             dropping) or ``routed`` (router assignments before dropping).
         seed: seed of the ``random`` control strategy (identical on all ranks).
         update: how the update is scaled. ``folded``: the expert rows are stepped
-            at learning rate ``phi * lr`` inside the optimizer's own pass (torch
-            SGD / Adam / AdamW without fused kernels, amsgrad or maximize; no extra
-            memory, no host sync). ``blend``: any optimizer steps normally and the
-            change of the rows with phi != 1 is blended afterwards (a transient
-            copy of those rows). ``auto`` (default): folded where it is exact,
-            else blend, said in one log line.
+            at learning rate ``phi * lr`` inside the optimizer's step (torch SGD /
+            Adam / AdamW, single-tensor, foreach or fused; not amsgrad, maximize or
+            capturable; no snapshot, no host sync). ``blend``: any optimizer steps
+            normally and the change of the owned expert rows is blended afterwards
+            (a transient copy of those rows, no host sync). ``auto`` (default):
+            folded where it is exact, else blend, said in one log line.
     """
 
     strategy: str = "zerosum"

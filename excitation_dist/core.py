@@ -10,8 +10,8 @@ One object per model (per pipeline stage). Per optimizer step it
 3. turns the global counts into multipliers ``phi_LE`` (:mod:`strategies`);
 4. inside the optimizer step (after its pre-hooks and its closure), steps the
    registered expert slices at ``lr * phi`` (the folded path, :mod:`folded`), or
-   snapshots the slices whose multiplier differs from 1 and, in the post-hook,
-   blends ``new = old + phi * (stepped - old)`` on exactly those slices.
+   snapshots them and, in the post-hook, blends ``new = old + phi * (stepped - old)``
+   on them (the blend path, :mod:`blend`).
 
 "Where are counts reduced" is :meth:`reduce_counts_async`; "where is the update
 scaled" is :class:`excitation_dist.update.ExcitedUpdate` (:mod:`folded`, :mod:`blend`). Every

@@ -153,14 +153,23 @@ class RowBlocks:
     xs: list[torch.Tensor] = field(default_factory=list)
     ys: list[torch.Tensor] = field(default_factory=list)
     desc: list[int] = field(default_factory=list)
+    _positions: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # ("x"/"y", id) -> index
 
     def add(self, x: torch.Tensor, x_start: int, n: int, length: int, first: int,
             y: torch.Tensor | None = None, y_start: int | None = None) -> None:
         """One block: rows ``[x_start, x_start + n * length)`` of ``x``'s flat view, read
         from ``y`` (default ``x``) at ``y_start`` (default ``x_start``)."""
         y = x if y is None else y
-        self.desc += [_index(self.xs, x), x_start, _index(self.ys, y), x_start if y_start is None else y_start,
-                      n, length, first]
+        self.desc += [self._index("x", self.xs, x), x_start, self._index("y", self.ys, y),
+                      x_start if y_start is None else y_start, n, length, first]
+
+    def _index(self, side: str, tensors: list[torch.Tensor], t: torch.Tensor) -> int:
+        """``t``'s position in ``tensors`` (appended if new): one dict lookup per block, not a scan."""
+        key = (side, id(t))
+        if key not in self._positions:
+            self._positions[key] = len(tensors)
+            tensors.append(t)
+        return self._positions[key]
 
     def __len__(self) -> int:
         return len(self.desc) // _FIELDS
@@ -168,14 +177,6 @@ class RowBlocks:
     def apply(self, mode: str, factors_R: torch.Tensor, alpha: float = 1.0) -> None:
         if self.desc:
             _rows(self.xs, self.ys, self.desc, factors_R, MODES.index(mode), float(alpha))
-
-
-def _index(tensors: list[torch.Tensor], t: torch.Tensor) -> int:
-    for i, seen in enumerate(tensors):
-        if seen is t:
-            return i
-    tensors.append(t)
-    return len(tensors) - 1
 
 
 def _views(xs, ys, desc):
@@ -193,12 +194,12 @@ def _views(xs, ys, desc):
 
 def _columns(factors_R: torch.Tensor, firsts: list[int], rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """The ``[n, 1]`` factor column of each block, in the block's dtype (views of one cast per dtype)."""
-    cast: dict[torch.dtype, torch.Tensor] = {}
+    cast: dict[torch.dtype, torch.Tensor] = {}  # dtype -> the factors as one [R, 1] column
     out = []
     for first, x in zip(firsts, rows):
         if x.dtype not in cast:
-            cast[x.dtype] = factors_R.to(x.dtype)
-        out.append(cast[x.dtype][first : first + x.shape[0]].unsqueeze(1))
+            cast[x.dtype] = factors_R.to(x.dtype).unsqueeze(1)
+        out.append(cast[x.dtype][first : first + x.shape[0]])
     return out
 
 
