@@ -42,6 +42,22 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has exited
 
 
+def _gone(pids: list[int], seconds: float) -> bool:
+    """Whether every process of ``pids`` has exited within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(p) for p in pids)
+
+
+def _kill(*pids: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _until_training(proc: subprocess.Popen) -> None:
     """Read ``proc``'s output until its first training step is logged; it must still run."""
     seen = []
@@ -77,17 +93,10 @@ def test_second_run_refused_and_workers_die_with_the_launcher(tmp_path):
         assert len(workers) == 2 and all(_alive(w) for w in workers), workers
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=10)
-        deadline = time.monotonic() + 5
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(w) for w in workers), "ranks outlived their launcher"
+        assert _gone(workers, seconds=5), "ranks outlived their launcher"
         assert locked_by(tmp_path / "ckpt") is None
     finally:  # torchrun starts each rank in its own session: clean up by pid
-        for pid in [launcher.pid, *workers]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(launcher.pid, *workers)
         launcher.stdout.close()
 
 
@@ -117,14 +126,7 @@ def test_ranks_and_the_deepspeed_launch_process_exit_when_the_deepspeed_command_
         assert len(family) >= 3 and all(_alive(p) for p in family), family
         os.kill(runner.pid, signal.SIGKILL)
         runner.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while any(_alive(p) for p in family) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(_alive(p) for p in family), "the launch process or a rank outlived the deepspeed command"
+        assert _gone(family, seconds=15), "the launch process or a rank outlived the deepspeed command"
     finally:
-        for pid in [runner.pid, *family]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(runner.pid, *family)
         runner.stdout.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_recipe_train import _kill_in_save_env, _losses, _train
+from tests.test_recipe_train import _kill_in_save_env, _losses, _train, hooked_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu_fsdp2.yaml")
@@ -152,14 +152,8 @@ _fsdp2.FSDP2Backend.save, _fsdp2.FSDP2Backend.load = save, load
 
 
 def _dump_state_env(tmp) -> dict[str, str]:
-    import os
-
-    hook, out = tmp / "dump_state", tmp / "states"
-    hook.mkdir(exist_ok=True)
-    out.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(_DUMP_STATE)
-    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return {**os.environ, "PYTHONPATH": path, "EXCITATION_TEST_STATE": str(out)}
+    (tmp / "states").mkdir(exist_ok=True)
+    return hooked_env(tmp / "dump_state", _DUMP_STATE, EXCITATION_TEST_STATE=str(tmp / "states"))
 
 
 def test_checkpoint_saved_on_four_ranks_resumes_on_two(full_run, tmp_path):

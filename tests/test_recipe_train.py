@@ -73,13 +73,17 @@ _checkpoint.CheckpointManager.publish = publish
 """
 
 
-def _kill_in_save_env(tmp, step: int) -> dict[str, str]:
-    hook = tmp / "kill_in_save"
+def hooked_env(hook: Path, sitecustomize: str, **env: str) -> dict[str, str]:
+    """The environment of a run whose processes execute ``sitecustomize`` (written into ``hook``) at start."""
     hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(_KILL_IN_PUBLISH)
+    (hook / "sitecustomize.py").write_text(sitecustomize)
     path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return {**os.environ, "PYTHONPATH": path, "EXCITATION_TEST_KILL_AT_STEP": str(step),
-            "EXCITATION_TEST_KILL_RECORD": str(tmp / "kill_record")}
+    return {**os.environ, "PYTHONPATH": path, **env}
+
+
+def _kill_in_save_env(tmp, step: int) -> dict[str, str]:
+    return hooked_env(tmp / "kill_in_save", _KILL_IN_PUBLISH, EXCITATION_TEST_KILL_AT_STEP=str(step),
+                      EXCITATION_TEST_KILL_RECORD=str(tmp / "kill_record"))
 
 
 def _losses(run_dir):
@@ -255,12 +259,8 @@ _data.TokenSource.train_batch = train_batch
 
 
 def _record_samples_env(tmp) -> dict[str, str]:
-    hook, out = tmp / "record_samples", tmp / "samples"
-    hook.mkdir(exist_ok=True)
-    out.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(_RECORD_SAMPLES)
-    path = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return {**os.environ, "PYTHONPATH": path, "EXCITATION_TEST_SAMPLES": str(out)}
+    (tmp / "samples").mkdir(exist_ok=True)
+    return hooked_env(tmp / "record_samples", _RECORD_SAMPLES, EXCITATION_TEST_SAMPLES=str(tmp / "samples"))
 
 
 def _samples_read(tmp) -> list[int]:
