@@ -109,11 +109,11 @@ def _optimizer_alone(elements: int, experts: int, repeats: int, pairs: int, warm
 
 
 def main(argv=None) -> int:
+    from overhead_table import add_timing_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of the whole A/B comparison")
-    parser.add_argument("--pairs", type=int, default=2, help="interleaved step pairs per variant per round")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_timing_arguments(parser)
     parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], choices=list(SIZES))
     parser.add_argument("--optimizer-elements", nargs="*", type=int, default=[2**21, 2**24],
                         help="expert elements of the optimizer-alone benchmark (none: skip it)")

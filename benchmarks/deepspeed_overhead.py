@@ -110,13 +110,13 @@ def _worker(sizes, ep_size, zero, repeats, pairs, warmup, micro, seq_len, cut):
 
 
 def main(argv=None) -> int:
+    from overhead_table import add_timing_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of the whole A/B comparison")
-    parser.add_argument("--pairs", type=int, default=2, help="interleaved step pairs per variant per round")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_timing_arguments(parser)
     parser.add_argument("--micro", type=int, default=8, help="sequences per micro-batch per rank")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--sizes", nargs="+", default=["small", "medium", "large"], choices=list(SIZES))

@@ -77,11 +77,11 @@ def _worker(sizes, repeats, pairs, warmup, shard_dim) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from overhead_table import add_timing_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of the whole A/B comparison")
-    parser.add_argument("--pairs", type=int, default=2, help="interleaved step pairs per variant per round")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_timing_arguments(parser)
     parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=list(SIZES))
     parser.add_argument("--shard-dim", type=int, default=0, choices=[0, 1],
                         help="FSDP2 shard dimension of the stacked expert weights "

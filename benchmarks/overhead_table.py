@@ -418,3 +418,10 @@ def compare_sizes(sizes, model_step, *, repeats: int, pairs: int, warmup: int) -
         del baseline, variants
         gc.collect()
     return rows
+
+
+def add_timing_arguments(parser) -> None:
+    """--repeats / --pairs / --warmup of the interleaved comparison (:func:`compare`), shared by the benchmarks."""
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the whole A/B comparison")
+    parser.add_argument("--pairs", type=int, default=2, help="interleaved step pairs per variant per round")
+    parser.add_argument("--warmup", type=int, default=2)
