@@ -79,11 +79,11 @@ def _setup(layout: str, layers: int, experts: int, base: str, update: str | None
     return prepare, opt, ex
 
 
-def count(layout: str, layers: int, experts: int, base: str, update: str | None):
+def count(layout: str, layers: int, experts: int, base: str, update: str | None, make_optimizer=None):
     """(ops, GPU launches) dispatched inside one optimizer step (after one warm-up step)."""
     from excitation_dist.testing.dispatch import count_dispatches
 
-    prepare, opt, ex = _setup(layout, layers, experts, base, update)
+    prepare, opt, ex = _setup(layout, layers, experts, base, update, make_optimizer=make_optimizer)
     prepare()
     opt.step()  # lazy state initialization happens in the first step
     prepare()

@@ -25,10 +25,15 @@ path, keep working. A DTensor parameter (FSDP2, expert parallel) is updated on
 its local shard (:func:`~excitation_dist.rows.local_tensor`); its state stays
 DTensors, as torch's own step keeps it.
 
+The fused Adams of DeepSpeed, apex and Transformer Engine fold too
+(:func:`fused_adam_group`: their kernel's formula and step counters, from
+:mod:`excitation_dist.fused_adams`), over fp32 parameters (ZeRO partitions,
+megatron-core's main parameters).
+
 Anything else (amsgrad, maximize, capturable, differentiable, complex parameters,
-Adafactor, Muon, apex / Transformer Engine / DeepSpeed FusedAdam, unknown
-optimizers) takes the blend path of :mod:`excitation_dist.blend`; so does, step by
-step, an excited tensor whose gradient is sparse.
+Adafactor, Muon, fused Adams over 16-bit parameters or with reduced-precision
+state, unknown optimizers) takes the blend path of :mod:`excitation_dist.blend`;
+so does, step by step, an excited tensor whose gradient is sparse.
 """
 
 from __future__ import annotations
@@ -37,18 +42,23 @@ from typing import Any, Sequence
 
 import torch
 
+from excitation_dist import fused_adams, triton_adam
 from excitation_dist.rows import RowBlocks, RowPlan, local_tensor
 
 _KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 
 
 def fold_kind(optimizer: torch.optim.Optimizer) -> tuple[str | None, str]:
-    """(``"sgd"`` / ``"adam"``, "") when the folded update reproduces this
-    optimizer exactly, else (None, the reason)."""
+    """(``"sgd"`` / ``"adam"`` / ``"fused_adam"``, "") when the folded update reproduces
+    this optimizer, else (None, the reason)."""
     kind = _KINDS.get(type(optimizer))
     name = type(optimizer).__name__
     if kind is None:
-        return None, f"{type(optimizer).__module__}.{name} is not one of torch.optim.SGD/Adam/AdamW"
+        if fused_adams.family(optimizer) is not None:
+            rules, reason = fused_adams.rules(optimizer)
+            return ("fused_adam" if rules else None), reason
+        return None, (f"{type(optimizer).__module__}.{name} is not one of torch.optim.SGD/Adam/AdamW or the "
+                      "DeepSpeed / apex / Transformer Engine FusedAdam")
     for group in optimizer.param_groups:
         if any(torch.is_complex(p) for p in group["params"]):
             return None, f"{name} over complex parameters (torch steps them as real views)"
@@ -105,6 +115,16 @@ def _rows(plan: RowPlan, members: Sequence[torch.Tensor], xs: Sequence[torch.Ten
     return rows
 
 
+def _spans(plan: RowPlan, members: Sequence[torch.Tensor]) -> list[list[tuple[int, int, int, int]]]:
+    """Per member, ``(start, numel, row length, first factor row)`` of its expert blocks and gaps."""
+    out = []
+    for p in members:
+        layout = plan.tensors[id(p)]
+        out.append([(start, n * length, length, first) for start, n, length, first in layout.blocks]
+                   + [(start, length, length, plan.num_rows) for start, length in layout.gaps])
+    return out
+
+
 def _state_step(p: torch.Tensor, group: dict) -> torch.Tensor:
     """torch's own initial step counter: on the parameter's device for fused, else a CPU scalar."""
     if group.get("fused"):
@@ -131,6 +151,12 @@ def adam_group(optimizer: torch.optim.Optimizer, group: dict[str, Any], members:
     before = [counts.known(p, s) for p, s in zip(members, steps)]
     torch._foreach_add_(steps, 1)
     step_values = [counts.advanced(p, s, b) for p, s, b in zip(members, steps, before)]
+    if len(set(step_values)) == 1 and triton_adam.usable([*params, *grads, *exp_avgs, *exp_avg_sqs]):
+        triton_adam.launch(params, grads, exp_avgs, exp_avg_sqs, _spans(plan, members), factors_R, lr=lr,
+                           beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, correction1=1 - beta1**step_values[0],
+                           correction2=1 - beta2**step_values[0],
+                           decoupled=group.get("decoupled_weight_decay", False), formula="torch")
+        return
     if wd != 0:
         if group.get("decoupled_weight_decay", False):
             _rows(plan, members, params, gaps=True).apply("scale", 1.0 - factors_R * (lr * wd))
@@ -146,6 +172,48 @@ def adam_group(optimizer: torch.optim.Optimizer, group: dict[str, Any], members:
     # infinite denominator, hence an update of exactly 0
     _rows(plan, members, denoms, gaps=False).apply("scale", factors_R.reciprocal())
     torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1**s) for s in step_values])
+
+
+def fused_adam_group(optimizer: torch.optim.Optimizer, group: dict[str, Any], members: list[torch.Tensor],
+                     plan: RowPlan, factors_R: torch.Tensor, rules: fused_adams.FusedAdamRules) -> None:
+    """A DeepSpeed / apex / Transformer Engine FusedAdam on ``members`` at learning rate
+    phi * lr per expert row: their kernel's formula (:mod:`excitation_dist.fused_adams`),
+    in their state (``exp_avg``, ``exp_avg_sq``, their step counter), so that a checkpoint,
+    or a later step by the optimizer itself, continues where this one left off. Exact to
+    float32 rounding (the kernel keeps intermediates in registers; these ops round each)."""
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    bias_correction = group.get("bias_correction", True)
+    for p in members:
+        if "exp_avg" not in optimizer.state[p]:
+            fused_adams.init_state(rules, optimizer.state[p], p, group)
+    step = fused_adams.advance_step(rules, optimizer, group, members)
+    params = [local_tensor(p) for p in members]
+    grads = [local_tensor(p.grad) for p in members]
+    exp_avgs = [local_tensor(optimizer.state[p]["exp_avg"]) for p in members]
+    exp_avg_sqs = [local_tensor(optimizer.state[p]["exp_avg_sq"]) for p in members]
+    correction1 = 1 - beta1**step if bias_correction else 1.0
+    correction2 = 1 - beta2**step if bias_correction else 1.0
+    if triton_adam.usable([*params, *grads, *exp_avgs, *exp_avg_sqs]):
+        triton_adam.launch(params, grads, exp_avgs, exp_avg_sqs, _spans(plan, members), factors_R, lr=lr,
+                           beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, correction1=correction1,
+                           correction2=correction2, decoupled=rules.decoupled, formula="fused")
+        return
+    if wd != 0 and not rules.decoupled:
+        grads = torch._foreach_add(grads, params, alpha=wd)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    updates = torch._foreach_div(exp_avg_sqs, correction2)  # the one transient: sqrt(v / bc2) + eps, then
+    torch._foreach_sqrt_(updates)                              # overwritten in place by (m / bc1) / it
+    torch._foreach_add_(updates, eps)
+    torch._foreach_reciprocal_(updates)
+    torch._foreach_mul_(updates, exp_avgs)
+    torch._foreach_div_(updates, correction1)
+    if wd != 0 and rules.decoupled:
+        torch._foreach_add_(updates, params, alpha=wd)
+    _rows(plan, members, updates, gaps=False).apply("scale", factors_R)
+    torch._foreach_add_(params, updates, alpha=-lr)
 
 
 def sgd_group(optimizer: torch.optim.Optimizer, group: dict[str, Any], members: list[torch.Tensor],

@@ -21,6 +21,7 @@ definition (tests/test_rows.py); its speed on a GPU is for ``make gpu-check``.
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 
 import torch
@@ -76,6 +77,11 @@ def _kernel():
     return rows_kernel
 
 
+def interpreted() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``, set before Triton is imported): tests only."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _elem(dtype: torch.dtype):
     import triton.language as tl
 
@@ -83,7 +89,8 @@ def _elem(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _tables(key: tuple, columns: tuple[list[int], ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+def tables(key: tuple, columns: tuple[list[int], ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """int64 device tables of ``columns``, kept for the next call with the same ``key`` (the same blocks)."""
     tables = _TABLES.get(key)
     if tables is None:
         tables = tuple(torch.tensor(c, dtype=torch.int64, device=device) for c in columns)
@@ -117,7 +124,7 @@ def launch(mode: str, xs: list[torch.Tensor], ys: list[torch.Tensor], desc: list
     kernel = _kernel()
     for dtype, cols in by_dtype.items():
         key = (xs[0].device, dtype, *(tuple(c) for c in cols))
-        x_addr, y_addr, numels, lengths, firsts = _tables(key, cols, xs[0].device)
+        x_addr, y_addr, numels, lengths, firsts = tables(key, cols, xs[0].device)
         chunks = min(MAX_CHUNK_PROGRAMS, max(1, -(-max(cols[2]) // BLOCK)))
         kernel[(len(cols[0]), chunks)](x_addr, y_addr, numels, lengths, firsts, factors_R, float(alpha),
                                        MODE=_MODE_CODES[mode], ELEM=_elem(dtype), BLOCK=BLOCK)

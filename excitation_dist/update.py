@@ -18,7 +18,8 @@ import torch
 
 from excitation_dist.blend import Snapshot, blend, snapshot
 from excitation_dist.config import ConfigError
-from excitation_dist.folded import StepCounts, adam_group, fold_kind, sgd_group
+from excitation_dist import fused_adams
+from excitation_dist.folded import StepCounts, adam_group, fold_kind, fused_adam_group, sgd_group
 from excitation_dist.rows import RowPlan, SegmentBlock
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ExcitedUpdate:
         self.num_experts = num_experts
         self.plan = RowPlan([], num_experts)
         self._paths: dict[int, str] = {}  # id(base optimizer) -> "folded:<kind>" or "blend"
+        self._fused_rules: dict[int, fused_adams.FusedAdamRules] = {}  # id(base optimizer) -> its fused Adam rules
         self._counts = StepCounts()
         self._phi_LE: torch.Tensor | None = None
         self._factors_R: torch.Tensor | None = None
@@ -47,13 +49,19 @@ class ExcitedUpdate:
     # ----------------------------------------------------------------- paths
     def choose_path(self, optimizer: torch.optim.Optimizer, requested: str) -> str:
         """Record and return the path ``optimizer`` takes under ``excitation.update`` = ``requested``."""
+        refused = fused_adams.refusal(optimizer)
+        if refused:
+            raise ConfigError(f"Excitation cannot scale this optimizer's update: {refused}.")
         kind, reason = fold_kind(optimizer)
         if requested == "folded" and kind is None:
             raise ConfigError(
                 f"excitation.update: 'folded' needs an optimizer whose update is linear in the learning rate "
-                f"(torch.optim.SGD/Adam/AdamW, foreach or fused, without amsgrad, maximize, capturable); {reason}. "
+                f"(torch.optim.SGD/Adam/AdamW, foreach or fused, without amsgrad, maximize, capturable; DeepSpeed, "
+                f"apex or Transformer Engine FusedAdam over fp32 parameters); {reason}. "
                 "Use update: auto (or blend), or change the optimizer."
             )
+        if kind == "fused_adam":
+            self._fused_rules[id(optimizer)] = fused_adams.rules(optimizer)[0]
         name = type(optimizer).__name__
         if requested == "blend" or kind is None:
             if requested == "auto":
@@ -124,6 +132,9 @@ class ExcitedUpdate:
                 continue
             if kind == "adam":
                 adam_group(optimizer, group, members, self.plan, self._factors(), self._counts)
+            elif kind == "fused_adam":
+                fused_adam_group(optimizer, group, members, self.plan, self._factors(),
+                                 self._fused_rules[id(optimizer)])
             else:
                 sgd_group(optimizer, group, members, self.plan, self._factors())
             for p in members:

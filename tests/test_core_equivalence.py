@@ -199,7 +199,8 @@ def test_unknown_optimizer_takes_the_blend_path_with_one_log_line(caplog):
     assert ex.update_path == "blend"
     assert [r.getMessage() for r in caplog.records if "blend path" in r.getMessage()] == [
         "Excitation: Lion takes the blend path (a transient copy of the owned expert rows per step): "
-        "tests.test_core_equivalence.Lion is not one of torch.optim.SGD/Adam/AdamW"]
+        "tests.test_core_equivalence.Lion is not one of torch.optim.SGD/Adam/AdamW or the DeepSpeed / apex / "
+        "Transformer Engine FusedAdam"]
     ex.record(0, torch.tensor([3, 1]))
     p.grad = -torch.ones(4)
     opt.step()
