@@ -252,3 +252,36 @@ def test_added_operations_and_host_syncs_do_not_grow_with_layers_times_experts(f
     with count_host_syncs() as counted:
         opt.step()
     assert sum(counted.values()) == 0, counted
+
+
+def test_gpu_checks_exactness_section_runs_here(fused_adam):
+    """make gpu-check's exactness rows (the first GPU run of TE / apex FusedAdam against the
+    folded update) on CPU, with the optimizers this machine has: the code a GPU runs first works."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    FusedAdam, _ = fused_adam
+    makers = {"torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+              "DeepSpeed FusedAdam (kernel transcribed)": lambda ps: FusedAdam(ps, lr=1e-2, weight_decay=0.1)}
+    rows = gpu_check.exactness_rows(makers, "cpu")
+    assert len(rows) == 4
+    for r in rows:
+        assert r["path"] == "folded" and r["rel_error"] <= gpu_check.EXACT_TOLERANCE, r
+    broken = gpu_check.exactness_rows({"wrong lr": lambda ps: _WrongLr(ps)}, "cpu")
+    assert all(r["rel_error"] > gpu_check.EXACT_TOLERANCE for r in broken), broken  # the check can fail
+    assert "| NO |" in gpu_check.exactness_table(broken)
+
+
+class _WrongLr(torch.optim.AdamW):
+    """An AdamW that ignores per-group learning rates: its reference is wrong, and the check must say so."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=1e-2, weight_decay=0.1, foreach=True)
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["lr"] = 1e-2
+        return super().step(closure)
