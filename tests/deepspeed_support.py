@@ -43,6 +43,9 @@ class Case:
     # (ZeRO-0 + torch_autocast fp16: its GradScaler skips optimizer.step())
     overflow_reported_applied: bool = False
     reentrant_layer0: bool = False  # the engine under test runs MoE layer 0 under reentrant checkpointing
+    # client optimizer: "torch" (torch.optim.AdamW) or "fused_adam" (DeepSpeed's FusedAdam class with its CUDA
+    # kernel transcribed in torch, tests/fused_adam_kernel.py)
+    optimizer: str = "torch"
     extra: dict = field(default_factory=dict)
 
 
@@ -162,7 +165,17 @@ def build_engine(case: Case, *, per_expert_lr: bool, seed: int = 0):
     else:
         groups = [{"name": "all", "params": list(model.parameters())}]
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = torch.optim.AdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY)
+    if case.optimizer == "fused_adam":
+        import pytest
+
+        from tests.fused_adam_kernel import install_deepspeed_fused_adam
+
+        install_deepspeed_fused_adam(pytest.MonkeyPatch())  # this worker process only
+        from deepspeed.ops.adam import FusedAdam
+
+        optimizer = FusedAdam(groups, lr=LR, weight_decay=WEIGHT_DECAY, adam_w_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case))
     return engine
 

@@ -22,6 +22,8 @@ group with learning rate phi * lr, train on the same data. Per optimizer step:
 
 Matrix (each row one reason):
   world 2: z2-fp32-ep1-top2-ga2  ZeRO-2 flat partitions split experts; accumulation; checkpoint round trip
+           z2-fp32-ep1-top2-fusedadam  DeepSpeed's FusedAdam folded over ZeRO-2 partitions that split experts
+                                 (its class; its CUDA kernel transcribed in torch: tests/fused_adam_kernel.py)
            z1-bf16-ep1-top1      BF16_Optimizer; config optimizer (torch_adam); routed counts
            z0-fp32-ep2-top3      no ZeRO (params stepped directly); top-k gate; expert parallel
            z2-fp32-ep1-offload   ZeRO-Offload (fp32 partitions on the CPU optimizer path)
@@ -53,6 +55,7 @@ ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
 
 WORLD2 = [
     Case("z2-fp32-ep1-top2-ga2", zero=2, k=2, gas=2),
+    Case("z2-fp32-ep1-top2-fusedadam", zero=2, k=2, optimizer="fused_adam"),
     Case("z1-bf16-ep1-top1", zero=1, dtype="bf16", bf16_optimizer=True, k=1, config_optimizer=True, counts="routed"),
     Case("z0-fp32-ep2-top3", zero=0, ep=2, k=3),
     Case("z2-fp32-ep1-offload", zero=2, k=2, offload=True),
@@ -74,7 +77,9 @@ def _expected_wrapper(case: Case) -> str:
         return "BF16_Optimizer"
     if case.zero:
         return "DeepSpeedZeroOptimizer"
-    return "AdamW" if case.dtype == "fp32" else "FP16_UnfusedOptimizer"
+    if case.dtype == "fp32":
+        return "FusedAdam" if case.optimizer == "fused_adam" else "AdamW"
+    return "FP16_UnfusedOptimizer"
 
 
 def _tolerance(case: Case) -> dict:
