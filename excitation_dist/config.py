@@ -38,7 +38,8 @@ class ExcitationConfig:
         update: how the update is scaled. ``folded``: the expert rows are stepped
             at learning rate ``phi * lr`` inside the optimizer's step (torch SGD /
             Adam / AdamW, single-tensor, foreach or fused; not amsgrad, maximize or
-            capturable; no snapshot, no host sync). ``blend``: any optimizer steps
+            capturable; DeepSpeed, apex and Transformer Engine FusedAdam over fp32
+            parameters; no snapshot, no host sync). ``blend``: any optimizer steps
             normally and the change of the owned expert rows is blended afterwards
             (a transient copy of those rows, no host sync). ``auto`` (default):
             folded where it is exact, else blend, said in one log line.
