@@ -90,16 +90,22 @@ def _elem(dtype: torch.dtype):
 
 
 def tables(key: tuple, columns: tuple[list[int], ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """int64 device tables of ``columns``, kept for the next call with the same ``key`` (the same blocks)."""
-    tables = _TABLES.get(key)
-    if tables is None:
-        tables = tuple(torch.tensor(c, dtype=torch.int64, device=device) for c in columns)
-        _TABLES[key] = tables
+    """int64 device tables of ``columns``, kept for the next call with the same ``key`` (the same blocks).
+
+    A new key (new blocks, or gradients reallocated at new addresses) uploads from pinned
+    host memory without blocking the host; the pinned copies live as long as the entry."""
+    entry = _TABLES.get(key)
+    if entry is None:
+        host = [torch.tensor(c, dtype=torch.int64) for c in columns]
+        if device.type == "cuda":
+            host = [h.pin_memory() for h in host]
+        entry = (tuple(h.to(device, non_blocking=True) for h in host), host)
+        _TABLES[key] = entry
         while len(_TABLES) > _TABLES_KEPT:
             _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(key)
-    return tables
+    return entry[0]
 
 
 def launch(mode: str, xs: list[torch.Tensor], ys: list[torch.Tensor], desc: list[int],
