@@ -48,30 +48,44 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from excitation_dist.testing import run_distributed  # noqa: E402
-
+from tests.batch_support import result, run_batch, runs, selected  # noqa: E402
 from tests.megatron_support import DENSE_FIRST, ENV, STEPS, WORLD2, WORLD4, run_cases, run_dense_first_stage  # noqa: E402
 
+# The tests of one world size share one process group (tests/batch_support.py): the ranks import megatron-core once.
+
+
+@pytest.fixture(scope="module")
+def world2(request):
+    updates = selected(request, "test_megatron_two_ranks", "update")
+    return run_batch(2, [(u, run_cases, (WORLD2, None, u)) for u in updates], env=ENV, timeout=500 * len(updates))
+
+
+@pytest.fixture(scope="module")
+def world4(request):
+    jobs = [(u, run_cases, (WORLD4, None, u)) for u in selected(request, "test_megatron_four_ranks", "update")]
+    if runs(request, "test_megatron_pipeline_stage_with_dense_layers_only"):
+        jobs.append(("dense_first", run_dense_first_stage, (DENSE_FIRST,)))
+    return run_batch(4, jobs, env=ENV, timeout=500 * len(jobs))
 
 
 @pytest.mark.parametrize("update", ["auto", "blend"])  # auto: the folded path (torch AdamW)
-def test_megatron_two_ranks(update):
-    results = run_distributed(run_cases, 2, WORLD2, None, update, env=ENV, timeout=500)
+def test_megatron_two_ranks(world2, update):
+    results = result(world2, update)
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in WORLD2]
         assert all(r["max_update"] > 0 for r in rank_results)
 
 
 @pytest.mark.parametrize("update", ["auto", "blend"])
-def test_megatron_four_ranks(update):
-    results = run_distributed(run_cases, 4, WORLD4, None, update, env=ENV, timeout=500)
+def test_megatron_four_ranks(world4, update):
+    results = result(world4, update)
     assert all(len(r) == len(WORLD4) for r in results)
 
 
-def test_megatron_pipeline_stage_with_dense_layers_only():
+def test_megatron_pipeline_stage_with_dense_layers_only(world4):
     """PP 2 x DP 2 x EP 2 (4 ranks), stage 0 one dense layer, stage 1 two MoE layers (moe_layer_freq
     [0, 1, 1], num_layers_in_first_pipeline_stage 1): attach() gives stage 0 no controller and no
     collective, stage 1 counts and scales as usual; see run_dense_first_stage."""
-    results = run_distributed(run_dense_first_stage, 4, DENSE_FIRST, env=ENV, timeout=400)
+    results = result(world4, "dense_first")
     assert [r["dense_stage"] for r in results] == [True, True, False, False]  # pipeline rank = global rank // 2
     assert [r["phi_step"] for r in results] == [None, None, STEPS, STEPS]
