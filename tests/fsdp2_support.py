@@ -1,7 +1,10 @@
 """Building blocks of the FSDP2 / DTensor tests: layouts of the GPT-MoE on a CPU
 DeviceMesh, the data, independent counts and the references.
 
-Expert parallel here is the layout, not the token exchange: the stacked
+Expert parallel comes two ways. ``ep_alltoall`` is the real thing: tokens are
+exchanged all-to-all with the ranks that hold their experts
+(:mod:`excitation_dist.models.expert_parallel`). The other EP layouts test the
+layout, not the token exchange: the stacked
 ``[E, ...]`` expert weights are DTensors ``Shard(0)`` over the ``ep`` mesh
 dimension (and ``Shard(0)``, or ``Shard(1)``, over ``dp``), so each rank holds
 and steps only a piece of its EP rank's experts, exactly as with EP. The forward
@@ -33,7 +36,8 @@ class Case:
     (``replicate`` x ``shard``), ``ep_fsdp`` (``ep`` x ``dp``: experts Shard(0) x
     ``Shard(expert_shard_dim)`` over ``dp`` as one DTensor, the rest HSDP),
     ``ep_fsdp_native`` (``dp`` x ``ep``: experts Shard(0) over ``ep``, then
-    ``fully_shard`` over ``dp``: FSDP2's own ``_StridedShard`` layout). ``expert_shard_dim``:
+    ``fully_shard`` over ``dp``: FSDP2's own ``_StridedShard`` layout), ``ep_alltoall`` (the same
+    layout with real expert parallelism: tokens exchanged all-to-all over ``ep``). ``expert_shard_dim``:
     the shard dimension of the expert weights over the data-parallel dimension
     (1 cuts every expert; FSDP2 refuses uneven splits of a dimension other
     than 0, so uneven cuts through an expert take ``flat_experts``)."""
@@ -168,6 +172,18 @@ def shard(model: GPTMoE, case: Case):
         for block in model.blocks if not case.checkpointing else ():
             fully_shard(block, mesh=mesh, ignored_params=ignored)  # HSDP: replicated over ep, sharded over dp
         fully_shard(model, mesh=mesh, ignored_params=ignored)
+        return mesh
+    elif case.layout == "ep_alltoall":
+        # real expert parallelism: tokens exchanged all-to-all over ep (excitation_dist.models.expert_parallel),
+        # experts Shard(0) over ep and FSDP2 over dp, the rest FSDP2 over (dp, ep)
+        from excitation_dist.models.expert_parallel import shard_expert_parallel
+
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "ep"))
+        for m in experts:
+            shard_expert_parallel(m, mesh)
+        for block in model.blocks if not case.checkpointing else ():
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return mesh
     elif case.layout == "ep_fsdp_native":
         # torchtitan's layout: experts Shard(0) over ep (distribute_tensor), then FSDP2 over dp on the expert

@@ -2,8 +2,9 @@
 
 Every case trains the GPT-MoE sharded by FSDP2 (``fully_shard``), HSDP, or
 expert parallel x FSDP (experts ``Shard(0)`` over ``ep``, and FSDP2 over ``dp``
-on top of that as torchtitan does, which FSDP2 writes as ``_StridedShard``; see
-:mod:`tests.fsdp2_support` for what EP means here) with ``torch.optim.AdamW``
+on top of that as torchtitan does, which FSDP2 writes as ``_StridedShard``; with
+tokens exchanged all-to-all in the ``ep_alltoall`` cases, see :mod:`tests.fsdp2_support`)
+with ``torch.optim.AdamW``
 stepping the DTensors, Excitation attached with :func:`excitation_dist.fsdp2.attach`,
 and checks after each optimizer step that
 
@@ -35,6 +36,7 @@ CASES_2 = [
     Case("fsdp2-shard1-accum", "fsdp", micro=2, expert_shard_dim=1, strategy="positivesum", check_syncs=True),
     Case("fsdp2-flat-uneven-experts-cut-checkpointing", "fsdp", flat_experts=True, num_experts=3,
          checkpointing=True, micro=2),
+    Case("ep2-alltoall-checkpointing-accum", "ep_alltoall", micro=2, checkpointing=True),
 ]
 CASES_4 = [
     Case("fsdp4-flat-uneven-experts-cut-accum", "fsdp", flat_experts=True, num_experts=3, micro=2),
@@ -42,7 +44,8 @@ CASES_4 = [
     Case("hsdp2x2-checkpointing-accum", "hsdp", micro=2, checkpointing=True, strategy="positivesum"),
     Case("ep2xfsdp2-uneven", "ep_fsdp", micro=2, num_experts=6),
     Case("ep2xfsdp2-shard1-checkpointing", "ep_fsdp", expert_shard_dim=1, checkpointing=True),
-    Case("fsdp2-over-ep2-strided-accum", "ep_fsdp_native", num_experts=8, micro=2)]
+    Case("fsdp2-over-ep2-strided-accum", "ep_fsdp_native", num_experts=8, micro=2),
+    Case("ep2xfsdp2-alltoall-accum", "ep_alltoall", num_experts=8, micro=2)]
 
 
 def _train_case(case: Case, singleton: dist.ProcessGroup) -> dict:

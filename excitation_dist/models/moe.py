@@ -10,7 +10,9 @@ Optional expert capacity (Switch): each expert processes at most
 dropped (their contribution is zero). Experts are GELU or SwiGLU MLPs stacked
 into ``w_in_EDF`` (``[E, D, 2F]`` for SwiGLU: gate and up projections) and
 ``w_out_EFD``, so expert e is chunk e of each. It reports its routing to
-:mod:`excitation_dist.torch`, the backend that attaches Excitation to it.
+:mod:`excitation_dist.torch`, the backend that attaches Excitation to it. With
+``expert_parallel_group`` set, the experts live on the ranks of that group and
+tokens are exchanged all-to-all (:mod:`excitation_dist.models.expert_parallel`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class TopKMoE(nn.Module):
         self.register_buffer("expert_bias_E", torch.zeros(num_experts) if expert_bias else None)
         self._bias_counts_E: torch.Tensor | None = None  # assignments since the last update (not a buffer: DDP
         # would overwrite every rank's with rank 0's)
+        self.expert_parallel_group = None  # a ProcessGroup: experts sharded over it, tokens exchanged all-to-all
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,13 +131,18 @@ class TopKMoE(nn.Module):
         if self.expert_bias_E is not None and self.training and torch.is_grad_enabled():
             self._count_for_bias(experts_TK, keep_TK if mask_T is None else keep_TK & mask_T[:, None])
 
-        out_TD = torch.zeros_like(x_TD)
-        for e in range(self.num_experts):
-            token_idx, slot = torch.nonzero((experts_TK == e) & keep_TK, as_tuple=True)
-            if token_idx.numel() == 0:
-                continue
-            h = self.expert_mlp(e, x_TD[token_idx])
-            out_TD.index_add_(0, token_idx, h * weights_TK[token_idx, slot, None])
+        if self.expert_parallel_group is not None:
+            from excitation_dist.models import expert_parallel
+
+            out_TD = expert_parallel.exchange(self, x_TD, experts_TK, weights_TK, keep_TK, self.expert_parallel_group)
+        else:
+            out_TD = torch.zeros_like(x_TD)
+            for e in range(self.num_experts):
+                token_idx, slot = torch.nonzero((experts_TK == e) & keep_TK, as_tuple=True)
+                if token_idx.numel() == 0:
+                    continue
+                h = self.expert_mlp(e, x_TD[token_idx])
+                out_TD.index_add_(0, token_idx, h * weights_TK[token_idx, slot, None])
         if self.load_balancing == "none":
             return out_TD.reshape(shape), probs_TE.new_zeros(())
         if self.score_function == "sigmoid":  # the loss's P_e: scores normalized per token
@@ -165,11 +173,15 @@ class TopKMoE(nn.Module):
         self._bias_counts_E = None
 
     def expert_mlp(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        h_NF = x_ND @ self.w_in_EDF[e]
+        return self.mlp(x_ND, self.w_in_EDF[e], self.w_out_EFD[e])
+
+    def mlp(self, x_ND: torch.Tensor, w_in_DF: torch.Tensor, w_out_FD: torch.Tensor) -> torch.Tensor:
+        """One expert's MLP with the given weights."""
+        h_NF = x_ND @ w_in_DF
         if self.swiglu:
             gate_NF, up_NF = h_NF.chunk(2, dim=-1)
-            return (F.silu(gate_NF) * up_NF) @ self.w_out_EFD[e]
-        return F.gelu(h_NF) @ self.w_out_EFD[e]
+            return (F.silu(gate_NF) * up_NF) @ w_out_FD
+        return F.gelu(h_NF) @ w_out_FD
 
     def load_balancing_loss(
         self, probs_TE: torch.Tensor, experts_TK: torch.Tensor, mask_T: torch.Tensor | None
