@@ -1,0 +1,376 @@
+"""torchtitan integration (excitation_dist.torchtitan) with torchtitan's own MoE
+modules, parallelize function and optimizer container.
+
+The model is a tiny Qwen3-MoE built from torchtitan's config builders (2 MoE
+blocks, 4 experts, top-2, torchtitan's ``TokenChoiceTopKRouter``,
+``GroupedExperts`` with ``torch._grouped_mm``, load-balancing bias buffers).
+One CPU stand-in: FlexAttention has no backward on CPU, so its inner attention
+is swapped for torchtitan's ``ScaledDotProductAttention`` (Excitation does not
+touch attention). Specifications checked:
+
+* each expert's update equals that of the same AdamW at ``lr * phi`` (a
+  reference with one parameter group per expert slice), with phi computed in
+  the test from torchtitan's own ``tokens_per_expert_E`` counts;
+* tokens are counted once per step under gradient accumulation and under
+  torchtitan's full activation checkpointing (whose own buffer counts twice);
+* the override line of the docs turns a job's optimizer config into the
+  excited one (parsed by torchtitan's ConfigManager), and Excitation's state
+  goes through torch.distributed.checkpoint inside the optimizer state;
+* 2 CPU ranks over gloo, parallelized by torchtitan's ``parallelize_qwen3``
+  (FSDP2 over ``fsdp``; expert parallel 2 with FSDP2 over ``efsdp``): the same
+  per-expert-learning-rate reference on the global batch, one count all-reduce
+  per step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torchtitan")
+
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+from torchtitan.components.optimizer import OptimizersContainer, default_adamw  # noqa: E402
+from torchtitan.config import Configurable  # noqa: E402
+from torchtitan.config.override import OverrideConfig  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from excitation_dist.testing import count_collectives, run_distributed  # noqa: E402
+
+E, TOP_K, N_LAYERS, DIM, VOCAB, SEQ = 4, 2, 2, 32, 64, 8
+LR, WD, BETAS, EPS = 1e-2, 0.1, (0.9, 0.95), 1e-8
+SEQS_PER_RANK = 2
+
+
+def tiny_moe_config():
+    """A Qwen3-MoE config from torchtitan's builders, small enough for a CPU test."""
+    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+    from torchtitan.models.qwen3 import Qwen3Model
+    from torchtitan.models.qwen3 import _build_qwen3_moe_layers, _qwen3_norm
+
+    head_dim = 8
+    cfg = Qwen3Model.Config(
+        vocab_size=VOCAB,
+        dim=DIM,
+        norm=_qwen3_norm(DIM),
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB),
+        layers=_build_qwen3_moe_layers(
+            fuse_qkv=True, n_layers=N_LAYERS, dim=DIM, n_heads=4, n_kv_heads=2, head_dim=head_dim,
+            moe_hidden_dim=16, num_experts=E, top_k=TOP_K, attn_backend="flex",
+            rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=64, theta=10000.0), moe_comm_backend="standard"),
+    )
+    for _fqn, _cfg, parent, attr in list(cfg.traverse(FlexAttention.Config)):
+        setattr(parent, attr, ScaledDotProductAttention.Config())  # FlexAttention: no backward on CPU
+    return cfg
+
+
+def build_model(seed: int = 0, device: str = "cpu"):
+    cfg = tiny_moe_config()
+    with torch.device("meta"):
+        model = cfg.build()
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    model.train()
+    return model
+
+
+def tokens(step: int, micro: int, seqs: int = SEQS_PER_RANK * 2) -> torch.Tensor:
+    """The global batch of one micro-batch: ``[seqs, SEQ + 1]`` token ids, skewed
+    towards a few ids so that routing is uneven."""
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.multinomial(torch.linspace(1.0, 0.05, VOCAB), seqs * (SEQ + 1), replacement=True,
+                             generator=g).view(seqs, SEQ + 1)
+
+
+def lm_loss(model, batch: torch.Tensor, denominator: int) -> torch.Tensor:
+    """Summed next-token cross entropy over ``denominator`` global tokens (torchtitan's
+    normalization: local sum / global tokens; FSDP2 sums gradients over ranks)."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum") / denominator
+
+
+def adamw_config(excitation: dict | None, implementation: str = "foreach"):
+    from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+
+    from excitation_dist.torchtitan import ExcitedOptimizersContainer
+
+    groups = [ParamGroupConfig(pattern=r".*", optimizer_name="AdamW",
+                               optimizer_kwargs={"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WD})]
+    if excitation is None:
+        return OptimizersContainer.Config(param_groups=groups, implementation=implementation)
+    return ExcitedOptimizersContainer.Config(param_groups=groups, implementation=implementation, excitation=excitation)
+
+
+def moe_modules(model):
+    from torchtitan.models.common.moe import MoE
+
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def zerosum(counts_LE: torch.Tensor) -> torch.Tensor:
+    """The paper's ZeroSum at gamma 1: u_k / mean_j u_j = c_k * E / sum_j c_j."""
+    counts = counts_LE.double()
+    return counts * counts.shape[-1] / counts.sum(-1, keepdim=True)
+
+
+class PerExpertAdamW:
+    """The reference: torch AdamW with one parameter group per expert slice of
+    every stacked ``[E, ...]`` expert weight, at ``lr * phi[layer, expert]``,
+    and one group for everything else at ``lr``."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.slices = []  # (stacked param, layer, expert, leaf)
+        expert_ids = set()
+        groups = []
+        for layer, moe in enumerate(moe_modules(model)):
+            for p in moe.routed_experts.inner_experts.parameters():
+                expert_ids.add(id(p))
+                for e in range(p.shape[0]):
+                    leaf = p.detach()[e].clone().requires_grad_(True)
+                    self.slices.append((p, layer, e, leaf))
+                    groups.append({"params": [leaf], "lr": LR})
+        rest = [p for p in model.parameters() if id(p) not in expert_ids]
+        self.opt = torch.optim.AdamW([{"params": rest, "lr": LR}] + groups, lr=LR, betas=BETAS, eps=EPS,
+                                     weight_decay=WD, foreach=True)
+
+    def step(self, phi_LE: torch.Tensor) -> None:
+        for (p, layer, e, leaf), group in zip(self.slices, self.opt.param_groups[1:]):
+            leaf.grad = p.grad[e].clone()
+            group["lr"] = LR * float(phi_LE[layer, e])
+        self.opt.step()
+        with torch.no_grad():
+            for p, _layer, e, leaf in self.slices:
+                p[e].copy_(leaf)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
+
+
+def torchtitan_counts(model) -> torch.Tensor:
+    """torchtitan's own tokens per expert since the last call ([L, E]); zeroes them
+    (its load-balancing hook is not registered in these tests)."""
+    counts = torch.stack([m.tokens_per_expert_E.detach().clone() for m in moe_modules(model)]).to(torch.int64)
+    for m in moe_modules(model):
+        m.tokens_per_expert_E.zero_()
+    return counts
+
+
+def assert_models_close(model, reference, atol: float = 2e-6) -> None:
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------- one process
+def _train_against_reference(steps: int = 3, micro: int = 2, checkpointing: bool = False,
+                             implementation: str = "foreach"):
+    from torchtitan.models.common.moe import MoE  # noqa: F401
+
+    model, reference = build_model(), build_model()
+    if checkpointing:
+        from torchtitan.distributed.activation_checkpoint import FullAC
+
+        FullAC.Config().build(dump_folder="").apply(model)
+    container = adapted = adamw_config({"strategy": "zerosum"}, implementation).build(model_parts=[model])
+    excitation = adapted.excitation
+    ref = PerExpertAdamW(reference)
+    denominator = micro * SEQS_PER_RANK * 2 * SEQ
+    phis = []
+    for step in range(steps):
+        container.zero_grad()
+        ref.zero_grad()
+        for m in range(micro):
+            lm_loss(model, tokens(step, m), denominator).backward()
+            lm_loss(reference, tokens(step, m), denominator).backward()
+        titan_excited = torchtitan_counts(model)
+        counts = torchtitan_counts(reference)
+        container.step()
+        phi = zerosum(counts)
+        ref.step(phi)
+        phis.append(phi)
+        assert torch.equal(excitation.last_counts_LE.cpu(), counts), f"step {step}"
+        # torchtitan's own buffer under full activation checkpointing counts every token twice
+        assert torch.equal(titan_excited, counts * (2 if checkpointing else 1))
+        torch.testing.assert_close(excitation.last_multipliers_LE.cpu(), phi)
+        assert_models_close(model, reference)
+    assert excitation.step == steps
+    assert max(float((p - 1).abs().max()) for p in phis) > 0.2  # routing is uneven: the test is not vacuous
+    return excitation
+
+
+def test_each_expert_update_equals_adamw_at_lr_times_phi():
+    _train_against_reference()
+
+
+def test_full_activation_checkpointing_counts_each_token_once():
+    _train_against_reference(steps=2, checkpointing=True)
+
+
+def test_fused_adamw_as_torchtitan_builds_it_by_default():
+    excitation = _train_against_reference(steps=2, micro=1, implementation="fused")
+    assert excitation.update_path in ("folded", "blend")
+
+
+@dataclass(kw_only=True, slots=True)
+class TinyJob(Configurable.Config):
+    """The fields of torchtitan's ``Trainer.Config`` that the override touches
+    (``optimizer``, ``override``; ``hf_assets_path`` for the parser's check).
+    ``Trainer.Config`` itself is not importable here: ``torchtitan.trainer``
+    imports torchtitan's Hugging Face data loader, which needs ``datasets``,
+    whose pins (fsspec <= 2026.2.0, huggingface-hub < 2) conflict with this
+    project's test environment."""
+
+    hf_assets_path: str = "."
+    optimizer: OptimizersContainer.Config = field(default_factory=lambda: default_adamw(lr=3e-4))
+    override: OverrideConfig = field(default_factory=OverrideConfig)
+
+
+def tiny_job() -> TinyJob:
+    """The job config of ``--module <this module> --config tiny_job``."""
+    return TinyJob()
+
+
+def parse_job(override: str):
+    from torchtitan.config import ConfigManager
+
+    return ConfigManager().parse_args(["--module", __name__, "--config", "tiny_job", "--override.imports", override])
+
+
+def test_override_line_of_the_docs_enables_excitation():
+    """The one line a torchtitan user adds, through torchtitan's own CLI parser and override code."""
+    from torchtitan.config.override import apply_overrides
+
+    from excitation_dist.config import ConfigError
+    from excitation_dist.torchtitan import ExcitedOptimizersContainer
+
+    config = parse_job('excitation_dist.torchtitan.excitation={"strategy": "positivesum", "gamma": 1.0}')
+    apply_overrides(config.override, config)  # what Trainer.__init__ does before building any component
+    assert type(config.optimizer) is ExcitedOptimizersContainer.Config
+    assert config.optimizer.excitation == {"strategy": "positivesum", "gamma": 1.0}
+    assert config.optimizer.param_groups[0].optimizer_kwargs["lr"] == 3e-4  # the job's optimizer, unchanged
+
+    model = build_model()
+    container = config.optimizer.build(model_parts=[model])  # what Trainer.__init__ does next
+    assert container.excitation.config.strategy == "positivesum"
+
+    bad = parse_job('excitation_dist.torchtitan.excitation={"stratgy": "zerosum"}')
+    with pytest.raises(ConfigError, match="unknown excitation key"):
+        apply_overrides(bad.override, bad)
+
+
+def test_state_goes_through_dcp_inside_the_optimizer_state(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    def run(steps):
+        model = build_model()
+        container = adamw_config({"strategy": "zerosum", "utilization_ema": 0.5}).build(model_parts=[model])
+        assert container.excitation.step == 0
+        for step in range(steps):
+            container.zero_grad()
+            lm_loss(model, tokens(step, 0), SEQ).backward()
+            container.step()
+        return model, container
+
+    _, saved = run(2)
+    dcp.save({"optimizer": saved}, checkpoint_id=str(tmp_path))
+
+    _, fresh = run(0)
+    fresh.state_dict()  # a fresh optimizer's state is made by a zero-lr step: not an Excitation step
+    assert fresh.excitation.step == 0
+    dcp.load({"optimizer": fresh}, checkpoint_id=str(tmp_path))
+    assert fresh.excitation.step == 2
+    torch.testing.assert_close(fresh.excitation.utilization_ema_LE, saved.excitation.utilization_ema_LE)
+    for key, value in saved.optimizers[0].state_dict()["state"].items():
+        torch.testing.assert_close(fresh.optimizers[0].state_dict()["state"][key], value)
+
+
+def test_load_balancing_hook_keeps_its_own_counts():
+    """torchtitan's bias update (its optimizer pre-hook) reads and zeroes its own
+    buffer; Excitation's counts are unaffected by it, and it by Excitation."""
+    from torchtitan.components.optimizer import register_moe_load_balancing_hook
+
+    class NoMesh:  # ParallelDims of a single process: no mesh to reduce over
+        ep_enabled, tp = False, 1
+
+        def get_optional_mesh(self, name):
+            return None
+
+    model = build_model()
+    container = adamw_config({"strategy": "zerosum"}).build(model_parts=[model])
+    register_moe_load_balancing_hook(container, [model], NoMesh())
+    lm_loss(model, tokens(0, 0), SEQ).backward()
+    expected = torch.stack([m.tokens_per_expert_E.clone() for m in moe_modules(model)]).to(torch.int64)
+    container.step()
+    assert torch.equal(container.excitation.last_counts_LE.cpu(), expected)
+    assert all(float(m.tokens_per_expert_E.abs().sum()) == 0 for m in moe_modules(model))  # zeroed by its hook
+    assert any(float(m.expert_bias_E.abs().sum()) > 0 for m in moe_modules(model))  # and its bias moved
+
+
+# ----------------------------------------------------------- 2 ranks over gloo
+def _distributed_cases(steps: int = 2) -> dict:
+    import torch.distributed as dist
+    import torchtitan.distributed.parallel_dims as parallel_dims_module
+    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.models.qwen3.parallelize import parallelize_qwen3
+
+    parallel_dims_module.device_type = "cpu"  # torchtitan picks "cuda" on a machine without an accelerator
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, ep in (("fsdp", 1), ("ep2_efsdp", 2)):
+        parallelism = ParallelismConfig(data_parallel_shard_degree=world, expert_parallel_degree=ep,
+                                        spmd_backend="partial_dtensor")
+        parallel_dims = ParallelDims.from_config(parallelism, world)
+        parallel_dims.build_mesh()
+        with torch.device("meta"):
+            model = tiny_moe_config().build()
+        model = parallelize_qwen3(model, parallel_dims=parallel_dims, training=TrainingConfig(),
+                                  parallelism=parallelism, compile_config=CompileConfig(), ac_config=None,
+                                  dump_folder="")
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model.init_weights(buffer_device=None)
+        model.train()
+        reference = build_model()  # every rank: the whole global batch in one process
+        # same initial weights as the sharded model (init under DTensor draws differently)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+                q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        container = adamw_config({"strategy": "zerosum"}).build(model_parts=[model])
+        excitation = container.excitation
+        ref = PerExpertAdamW(reference)
+        denominator = SEQS_PER_RANK * world * SEQ
+        placements = sorted({str(tuple(p.placements)) for m in moe_modules(model)
+                             for p in m.routed_experts.inner_experts.parameters()})
+        for step in range(steps):
+            container.zero_grad()
+            ref.zero_grad()
+            batch = tokens(step, 0, SEQS_PER_RANK * world)
+            lm_loss(model, batch[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK], denominator).backward()
+            lm_loss(reference, batch, denominator).backward()
+            counts = torchtitan_counts(reference)
+            with count_collectives() as log:
+                container.step()
+            ref.step(zerosum(counts))
+            assert torch.equal(excitation.last_counts_LE.cpu(), counts), (name, step)
+            assert log.count(shape=(N_LAYERS, E)) == 1, log.summary()
+            assert_models_close(model, reference, atol=1e-5)
+        results[name] = {"collectives": excitation.count_collectives_issued, "placements": placements,
+                         "segments": len(excitation.segments)}
+    return results
+
+
+def test_two_ranks_fsdp2_and_expert_parallel_match_per_expert_lr():
+    results = run_distributed(_distributed_cases, 2, timeout=240)
+    for per_rank in results:
+        assert per_rank["fsdp"]["collectives"] == 2 and per_rank["ep2_efsdp"]["collectives"] == 2
+    # expert parallel 2: each rank holds (and scales) only its own 2 experts of each weight
+    assert all(r["ep2_efsdp"]["segments"] == N_LAYERS * 3 * (E // 2) for r in results), results
