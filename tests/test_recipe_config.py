@@ -84,6 +84,8 @@ def test_overrides_and_inherit():
     ("schedule.global_batch_size=10", "schedule.global_batch_size: must be a multiple"),
     ("model.moe.top_k=0", "model.moe.top_k: must be in [1, num_experts=8], got 0"),
     ("optimizer.lr=-1", "optimizer.lr: need lr > 0 and 0 <= min_lr <= lr, got lr=-1.0"),
+    ("checkpoint.interval=0", "checkpoint.interval: must be an integer >= 1 (steps between checkpoints"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last: must be an integer >= 1"),
     ("precision=fp8", "precision: must be one of 'fp32', 'bf16', 'fp16'"),
     ("parallel.tensor_parallel=2", "the deepspeed backend supports data and expert parallelism only"),
     ("data.path=/data/x", "data.tokenizer"),

@@ -190,11 +190,30 @@ def test_checkpoint_saved_on_four_ranks_resumes_on_two(full_run, tmp_path):
         assert four_losses[step] == pytest.approx(full[step], abs=2e-2), step
 
 
-def test_expert_parallel_is_refused_before_any_process_starts():
-    from excitation_dist.config import ConfigError
+def test_expert_parallel_two_ranks_computes_the_data_parallel_run(full_run, tmp_path):
+    """parallel.expert_parallel=2: each rank holds half the experts and tokens go all-to-all to them. The same
+    samples per rank and the same initial weights as the data-parallel run, so the same losses up to the
+    summation order of the gradients; its step-6 checkpoint (experts Shard(0) over ep) resumes without expert
+    parallelism (DCP reshards) and continues the same run."""
+    proc, out = _run(tmp_path, "ep", "parallel.expert_parallel=2")
+    assert proc.returncode == 0, out
+    ep, dp = _losses(tmp_path / "ep"), _losses(full_run)
+    assert sorted(ep) == sorted(dp) == list(range(1, STEPS + 1))
+    for step in dp:
+        assert ep[step] == pytest.approx(dp[step], abs=1e-4), step
+
+    ckpt = tmp_path / "resumed" / "ckpt"
+    ckpt.mkdir(parents=True)
+    shutil.copytree(tmp_path / "ep" / "ckpt" / "step_00000006", ckpt / "step_00000006")
+    (ckpt / "latest").write_text("step_00000006\n")
+    proc, out = _run(tmp_path, "resumed")
+    assert proc.returncode == 0, out
+    assert f"resumed from {ckpt / 'step_00000006'} (step 6)" in out
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(7, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(dp[step], abs=1e-4), step
     from excitation_dist.recipe.config import load_run_config
 
-    with pytest.raises(ConfigError, match="parallel.expert_parallel.*fsdp2 backend shards every expert weight"):
-        load_run_config(CONFIG, ["parallel.expert_parallel=2"])
-    cfg = load_run_config(CONFIG)
+    cfg = load_run_config(CONFIG, ["parallel.expert_parallel=2"])
     assert cfg.backend == "fsdp2" and cfg.parallel.world_size == 2 and cfg.device == "cpu"

@@ -231,6 +231,13 @@ class CheckpointConfig:
     # starting Excitation fresh (false, said in one line)
     require_excitation_state: bool = False
 
+    def __post_init__(self) -> None:
+        _require(isinstance(self.interval, int) and self.interval >= 1, "interval",
+                 f"must be an integer >= 1 (steps between checkpoints; the last step is always saved), got "
+                 f"{self.interval!r}; for no checkpoints leave checkpoint.dir unset")
+        _require(isinstance(self.keep_last, int) and self.keep_last >= 1, "keep_last",
+                 f"must be an integer >= 1 (checkpoints kept), got {self.keep_last!r}")
+
 
 @dataclass
 class WandbConfig:
@@ -311,9 +318,6 @@ class RunConfig:
                      "megatron for tensor/pipeline/context parallelism")
             _require(self.backend != "torch" or p.expert_parallel == 1, "parallel.expert_parallel",
                      "the torch backend replicates experts (DDP): set 1, or use backend: deepspeed or megatron")
-            _require(self.backend != "fsdp2" or p.expert_parallel == 1, "parallel.expert_parallel",
-                     "the fsdp2 backend shards every expert weight over the data-parallel ranks (FSDP2, no token "
-                     "exchange between expert-parallel ranks): set 1, or use backend: deepspeed or megatron")
             _require(p.expert_tensor_parallel == 1, "parallel.expert_tensor_parallel", "must be 1 with the deepspeed backend")
             _require(dp % p.expert_parallel == 0, "parallel.expert_parallel", f"must divide the data-parallel size {dp}")
         _require(m.num_attention_heads % p.tensor_parallel == 0, "parallel.tensor_parallel",

@@ -1,9 +1,14 @@
 """``backend: fsdp2`` for ``excitation-dist train``: the recipe's GPT-MoE
 (:mod:`excitation_dist.models`, plain-PyTorch experts) sharded with FSDP2
 (``torch.distributed.fsdp.fully_shard`` per transformer block, then the root)
-on a 1-D ``cpu``/``cuda`` DeviceMesh over all ranks (data parallel; experts
-sharded like every other parameter, ``Shard(0)`` of the stacked ``[E, ...]``
-weights), Excitation attached with :func:`excitation_dist.fsdp2.attach`.
+on a ``cpu``/``cuda`` DeviceMesh over all ranks, Excitation attached with
+:func:`excitation_dist.fsdp2.attach`. With ``parallel.expert_parallel: 1`` the mesh
+is 1-D (``dp``) and experts are sharded like every other parameter (``Shard(0)`` of
+the stacked ``[E, ...]`` weights). With ``expert_parallel: N`` the mesh is
+``(dp, ep)`` = ``(world / N, N)``: each MoE layer's experts are ``Shard(0)`` over
+``ep`` with tokens exchanged all-to-all and FSDP2 over ``dp``
+(:func:`excitation_dist.models.expert_parallel.shard_expert_parallel`, torchtitan's
+layout); every rank reads its own data.
 
 Checkpoints go through ``torch.distributed.checkpoint`` (DCP): every rank writes
 its shards of the model and optimizer state (``get_state_dict``) and Excitation's
@@ -19,7 +24,6 @@ import io
 import torch
 import torch.distributed as dist
 
-from excitation_dist.config import ConfigError
 from excitation_dist.models import GPTMoE
 from excitation_dist.recipe.backends import torch as torch_backend
 from excitation_dist.recipe.config import RunConfig
@@ -29,9 +33,6 @@ EXCITATION_KEY = "excitation"
 
 def validate(cfg: RunConfig) -> None:
     torch_backend.validate(cfg)  # the same model (torch experts) and precision as backend torch
-    if cfg.parallel.expert_parallel != 1:  # also refused at config load (RunConfig._check_layout)
-        raise ConfigError("parallel.expert_parallel: backend fsdp2 shards every expert weight over the data-parallel "
-                          "ranks (FSDP2, no token exchange): set 1, or use backend: deepspeed or megatron")
 
 
 class FSDP2Backend(torch_backend.TorchDDPBackend):
@@ -47,7 +48,17 @@ class FSDP2Backend(torch_backend.TorchDDPBackend):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model = GPTMoE(torch_backend.model_config(cfg)).to(device)  # the same weights on every rank, then sharded
-        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+        ep = cfg.parallel.expert_parallel
+        if ep > 1:
+            from excitation_dist.models.expert_parallel import shard_expert_parallel
+
+            self.mesh = init_device_mesh(device.type, (dist.get_world_size() // ep, ep), mesh_dim_names=("dp", "ep"))
+            for block in self.model.blocks:
+                experts = getattr(block.ffn, "experts", None)  # None: a dense layer
+                if experts is not None:
+                    shard_expert_parallel(experts, self.mesh)
+        else:
+            self.mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
         for block in self.model.blocks:
             fully_shard(block, mesh=self.mesh)
         fully_shard(self.model, mesh=self.mesh)
