@@ -5,12 +5,15 @@ a 1-D CPU mesh, ``torch.optim.AdamW(foreach=True)`` stepping the DTensors, no
 Excitation) and one model A per variant (folded / blend update path x ZeroSum /
 PositiveSum, and the null control: a second B), identical models on the same
 data, 2 processes. The expert weights are sharded ``Shard(0)`` over the mesh;
-with ``--shard-dim 1`` every rank holds a piece of every expert. Interleaved
+with ``--shard-dim 1`` every rank holds a piece of every expert; with
+``--expert-parallel N`` the mesh is ``(dp, ep)`` and experts are ``Shard(0)`` over
+``ep`` with tokens exchanged all-to-all (the recipe's ``parallel.expert_parallel``). Interleaved
 A/B pairs repeated in rounds; memory, collectives and host syncs as in
 benchmarks/overhead_table.py.
 
     python benchmarks/fsdp2_overhead.py                          # small medium, 2 ranks
     python benchmarks/fsdp2_overhead.py --sizes tiny --repeats 5 --pairs 1   # smoke run
+    python benchmarks/fsdp2_overhead.py --expert-parallel 2                  # EP 2 with token exchange
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ SIZES = {  # name: (layers, d_model, experts, d_ff, seq, batch)
 }
 
 
-def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, mesh, shard_dim: int):
+def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, mesh, shard_dim: int,
+                expert_parallel: int):
     import torch
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -50,8 +54,13 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, m
     def placement(p):
         return Shard(shard_dim) if id(p) in experts else Shard(0)
 
+    if expert_parallel > 1:
+        from excitation_dist.models.expert_parallel import shard_expert_parallel
+
+        for blk in model.blocks:
+            shard_expert_parallel(blk.ffn.experts, mesh)
     for blk in model.blocks:
-        fully_shard(blk, mesh=mesh, shard_placement_fn=placement)
+        fully_shard(blk, mesh=mesh, shard_placement_fn=None if expert_parallel > 1 else placement)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     config = excitation_config(*strategy_update) if strategy_update else None
@@ -61,7 +70,7 @@ def _model_step(size: str, strategy_update: tuple[str, str] | None, rank: int, m
     return step, ex, params
 
 
-def _worker(sizes, repeats, pairs, warmup, shard_dim) -> list[dict]:
+def _worker(sizes, repeats, pairs, warmup, shard_dim, expert_parallel) -> list[dict]:
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -70,9 +79,11 @@ def _worker(sizes, repeats, pairs, warmup, shard_dim) -> list[dict]:
 
     torch.set_num_threads(1)
     rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    world, ep = dist.get_world_size(), expert_parallel
+    mesh = (init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=("dp", "ep")) if ep > 1
+            else init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)))
     with quiet_logs():
-        return compare_sizes(sizes, lambda size, variant: _model_step(size, variant, rank, mesh, shard_dim),
+        return compare_sizes(sizes, lambda size, variant: _model_step(size, variant, rank, mesh, shard_dim, ep),
                              repeats=repeats, pairs=pairs, warmup=warmup)
 
 
@@ -86,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-dim", type=int, default=0, choices=[0, 1],
                         help="FSDP2 shard dimension of the stacked expert weights "
                              "(1: every rank holds part of every expert)")
+    parser.add_argument("--expert-parallel", type=int, default=1,
+                        help="EP size: experts Shard(0) over an ep mesh dimension, tokens exchanged all-to-all")
     from overhead_table import add_variants_argument, select_variants
 
     add_variants_argument(parser)
@@ -95,11 +108,14 @@ def main(argv=None) -> int:
     from excitation_dist.testing import run_distributed
     from overhead_table import print_rounds, print_table
 
+    if args.nproc % args.expert_parallel:
+        parser.error(f"--expert-parallel {args.expert_parallel} must divide --nproc {args.nproc}")
     rows = run_distributed(_worker, args.nproc, args.sizes, args.repeats, args.pairs, args.warmup, args.shard_dim,
-                           env={"OMP_NUM_THREADS": "1"}, timeout=3600)[0]
+                           args.expert_parallel, env={"OMP_NUM_THREADS": "1"}, timeout=3600)[0]
+    layout = (f"experts Shard(0) over ep={args.expert_parallel} with all-to-all token exchange, FSDP2 over dp"
+              if args.expert_parallel > 1 else f"expert weights Shard({args.shard_dim})")
     print_table(f"FSDP2 backend: fully_shard per block + root, AdamW(foreach=True) on DTensors, {args.nproc} processes "
-                f"(CPU, gloo), expert weights Shard({args.shard_dim}), {args.repeats} rounds x {args.pairs} "
-                "interleaved pairs per variant", rows)
+                f"(CPU, gloo), {layout}, {args.repeats} rounds x {args.pairs} interleaved pairs per variant", rows)
     print("params per size: " + ", ".join(sorted({f"{r['size']} {r['params']:,}" for r in rows})))
     print_rounds(rows)
     return 0
