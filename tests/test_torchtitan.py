@@ -171,15 +171,13 @@ def assert_models_close(model, reference, atol: float = 2e-6) -> None:
 # ----------------------------------------------------------------- one process
 def _train_against_reference(steps: int = 3, micro: int = 2, checkpointing: bool = False,
                              implementation: str = "foreach"):
-    from torchtitan.models.common.moe import MoE  # noqa: F401
-
     model, reference = build_model(), build_model()
     if checkpointing:
         from torchtitan.distributed.activation_checkpoint import FullAC
 
         FullAC.Config().build(dump_folder="").apply(model)
-    container = adapted = adamw_config({"strategy": "zerosum"}, implementation).build(model_parts=[model])
-    excitation = adapted.excitation
+    container = adamw_config({"strategy": "zerosum"}, implementation).build(model_parts=[model])
+    excitation = container.excitation
     ref = PerExpertAdamW(reference)
     denominator = micro * SEQS_PER_RANK * 2 * SEQ
     phis = []
@@ -250,15 +248,20 @@ def test_override_line_of_the_docs_enables_excitation():
     from excitation_dist.config import ConfigError
     from excitation_dist.torchtitan import ExcitedOptimizersContainer
 
-    config = parse_job('excitation_dist.torchtitan.excitation={"strategy": "positivesum", "gamma": 1.0}')
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "torchtitan.md").read_text()
+    (argument,) = set(re.findall(r"--override\.imports '([^']+)'", docs))  # the argument the docs give
+    config = parse_job(argument)
     apply_overrides(config.override, config)  # what Trainer.__init__ does before building any component
     assert type(config.optimizer) is ExcitedOptimizersContainer.Config
-    assert config.optimizer.excitation == {"strategy": "positivesum", "gamma": 1.0}
+    assert config.optimizer.excitation == {"strategy": "zerosum", "gamma": 1.0}
     assert config.optimizer.param_groups[0].optimizer_kwargs["lr"] == 3e-4  # the job's optimizer, unchanged
 
     model = build_model()
     container = config.optimizer.build(model_parts=[model])  # what Trainer.__init__ does next
-    assert container.excitation.config.strategy == "positivesum"
+    assert container.excitation.config.strategy == "zerosum"
 
     bad = parse_job('excitation_dist.torchtitan.excitation={"stratgy": "zerosum"}')
     with pytest.raises(ConfigError, match="unknown excitation key"):
@@ -329,8 +332,8 @@ def _distributed_cases(steps: int = 2) -> dict:
     # Expert parallel 2 (FSDP2 over efsdp) is not run: on CPU/gloo torchtitan 0.3's all-to-all dispatch reaches
     # GroupedExperts but torch._grouped_mm fails with "matrix batch sizes have to match" (docs/torchtitan.md).
     for name, ep in (("fsdp", 1),):
-        # torchtitan 0.3's default backend, spmd_types, refuses these plain-tensor norms in fully_shard when the model
-        # is built outside its Trainer; partial_dtensor is its other FSDP2 + EP path. Set globally as Trainer.__init__ does.
+        # torchtitan 0.3's default backend, spmd_types, made fully_shard refuse a plain-tensor norm weight of this
+        # model built outside the Trainer; partial_dtensor is its other FSDP2 path (set globally, as the Trainer does).
         parallelism = ParallelismConfig(data_parallel_shard_degree=world, expert_parallel_degree=ep,
                                         spmd_backend="partial_dtensor")
         set_spmd_backend(parallelism.spmd_backend)
@@ -339,9 +342,9 @@ def _distributed_cases(steps: int = 2) -> dict:
         train_context = get_spmd_context(parallel_dims=parallel_dims, spmd_typechecking=False)
         with torch.device("meta"):
             model = tiny_moe_config().build()
-        model = parallelize_qwen3(model, parallel_dims=parallel_dims, training=TrainingConfig(mixed_precision_param="float32"),
-                                  parallelism=parallelism, compile_config=CompileConfig(), ac_config=None,
-                                  dump_folder="")
+        model = parallelize_qwen3(model, parallel_dims=parallel_dims,
+                                  training=TrainingConfig(mixed_precision_param="float32"), parallelism=parallelism,
+                                  compile_config=CompileConfig(), ac_config=None, dump_folder="")
         for module in model.modules():  # gloo has no PREMUL_SUM (torchtitan's divide factor 1.0): plain sums
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
