@@ -45,7 +45,7 @@ import pytest
 pytest.importorskip("deepspeed")
 transformers = pytest.importorskip("transformers")
 
-from excitation_dist.testing import run_distributed  # noqa: E402
+from tests.batch_support import result, run_batch, selected  # noqa: E402
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0", "TOKENIZERS_PARALLELISM": "false"}
 VOCAB, HIDDEN, FFN, SEQ, MICRO = 128, 32, 24, 8, 2
@@ -370,10 +370,18 @@ def _world(cases, checkpoint_dir, update="auto"):
     return [_run_case(case, checkpoint_dir if i == 0 else None, update) for i, case in enumerate(cases)]
 
 
+@pytest.fixture(scope="module")
+def world2(request, tmp_path_factory):
+    """Both update paths' runs in one process group (tests/batch_support.py)."""
+    jobs = [(u, _world, (CASES, str(tmp_path_factory.mktemp(f"ckpt_{u}") / "ckpt"), u))
+            for u in selected(request, "test_autoep_two_ranks", "update")]
+    return run_batch(2, jobs, env=ENV, timeout=400 * len(jobs))
+
+
 @pytest.mark.skipif(not _version_supported(), reason="AutoEP in DeepSpeed 0.19.8 needs transformers >=5.0,<5.23")
 @pytest.mark.parametrize("update", ["auto", "blend"])  # auto: the folded path (torch AdamW)
-def test_autoep_two_ranks(tmp_path, update):
-    results = run_distributed(_world, 2, CASES, str(tmp_path / "ckpt"), update, env=ENV, timeout=400)
+def test_autoep_two_ranks(world2, update):
+    results = result(world2, update)
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in CASES]
         assert all(r["moved"] > 0 for r in rank_results)

@@ -46,8 +46,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from excitation_dist.testing import run_distributed  # noqa: E402
-
+from tests.batch_support import result, run_batch, selected  # noqa: E402
 from tests.deepspeed_support import Case  # noqa: E402
 
 STEPS = 3
@@ -261,9 +260,23 @@ def _world(cases, checkpoint_dir, update="auto"):
     return [_run_case(case, checkpoint_dir if i == 0 else None, update) for i, case in enumerate(cases)]
 
 
+# The cases of one world size, both update paths, share one process group (tests/batch_support.py).
+@pytest.fixture(scope="module")
+def world2(request, tmp_path_factory):
+    jobs = [(u, _world, (WORLD2, str(tmp_path_factory.mktemp(f"ckpt_{u}") / "ckpt"), u))
+            for u in selected(request, "test_deepspeed_two_ranks", "update")]
+    return run_batch(2, jobs, env=ENV, timeout=400 * len(jobs))
+
+
+@pytest.fixture(scope="module")
+def world4(request):
+    jobs = [(u, _world, (WORLD4, None, u)) for u in selected(request, "test_deepspeed_four_ranks", "update")]
+    return run_batch(4, jobs, env=ENV, timeout=400 * len(jobs))
+
+
 @pytest.mark.parametrize("update", ["auto", "blend"])  # auto: the folded path (torch AdamW)
-def test_deepspeed_two_ranks(tmp_path, update):
-    results = run_distributed(_world, 2, WORLD2, str(tmp_path / "ckpt"), update, env=ENV, timeout=400)
+def test_deepspeed_two_ranks(world2, update):
+    results = result(world2, update)
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in WORLD2]
         assert all(r["max_update"] > 0 for r in rank_results)
@@ -271,8 +284,8 @@ def test_deepspeed_two_ranks(tmp_path, update):
 
 
 @pytest.mark.parametrize("update", ["auto", "blend"])
-def test_deepspeed_four_ranks(update):
-    results = run_distributed(_world, 4, WORLD4, None, update, env=ENV, timeout=400)
+def test_deepspeed_four_ranks(world4, update):
+    results = result(world4, update)
     assert all(len(r) == len(WORLD4) for r in results)
 
 
