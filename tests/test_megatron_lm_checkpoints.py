@@ -143,8 +143,13 @@ def _read(megatron_path: str, directory: str):
     return {**state, "layers": layers}, {k: v.tolist() for k, v in tensors.items() if hasattr(v, "tolist")}, steps
 
 
-def _checkpoint(megatron: str, directory):
-    return run_distributed(_read, 1, megatron, str(directory), env=ENV, timeout=300)[0]
+def _read_all(megatron_path: str, directories: list[str]):
+    return [_read(megatron_path, d) for d in directories]
+
+
+def _checkpoints(megatron: str, *directories):
+    """:func:`_read` of each directory, in one process (Megatron-LM imported once)."""
+    return run_distributed(_read_all, 1, megatron, [str(d) for d in directories], env=ENV, timeout=300)[0]
 
 
 def test_megatron_lm_checkpoint_killed_in_save_resumes_excitation_exactly(megatron_0192, tmp_path):  # noqa: F811
@@ -165,8 +170,8 @@ def test_megatron_lm_checkpoint_killed_in_save_resumes_excitation_exactly(megatr
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "Excitation resumed from" in resumed.stdout and "iter_0000002 at its step 2" in resumed.stdout
 
-    state_a, tensors_a, steps_a = _checkpoint(megatron_0192, tmp_path / "full" / "iter_0000004")
-    state_b, tensors_b, steps_b = _checkpoint(megatron_0192, tmp_path / "b" / "iter_0000004")
+    (state_a, tensors_a, steps_a), (state_b, tensors_b, steps_b) = _checkpoints(
+        megatron_0192, tmp_path / "full" / "iter_0000004", tmp_path / "b" / "iter_0000004")
     assert state_a["common"]["step"] == state_b["common"]["step"] == 4
     weights = [k for k in tensors_a if not k.startswith("optimizer")]
     assert tensors_a.keys() == tensors_b.keys() and any(".experts." in k for k in weights), sorted(tensors_a)
@@ -200,7 +205,7 @@ def test_megatron_lm_checkpoint_without_excitation_state(megatron_0192, tmp_path
     fresh = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, load="base", save="fresh"))
     assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
     assert "holds no Excitation state: Excitation starts fresh" in fresh.stdout
-    state, _, _ = _checkpoint(megatron_0192, tmp_path / "fresh" / "iter_0000004")
+    [(state, _, _)] = _checkpoints(megatron_0192, tmp_path / "fresh" / "iter_0000004")
     assert state["common"]["step"] == 2  # iterations 3 and 4 only
 
 
@@ -222,14 +227,17 @@ def test_megatron_lm_save_and_resume_with_a_dense_first_pipeline_stage(megatron_
     first = _torchrun(tmp_path, megatron_0192, stopped)
     assert first.returncode == 0, first.stdout[-5000:]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    state, _, _ = _checkpoint(megatron_0192, tmp_path / "ckpt" / "iter_0000002")
+
+    resumed = _torchrun(tmp_path, megatron_0192, dense_first(_args(tmp_path, iters=4, save="ckpt", load="ckpt")))
+    # both checkpoints read in one process, after the resumed run (which leaves iteration 2's in place)
+    iterations = ("iter_0000002", "iter_0000004") if resumed.returncode == 0 else ("iter_0000002",)
+    (state, _, _), *after = _checkpoints(megatron_0192, *(tmp_path / "ckpt" / i for i in iterations))
     assert state["common"]["step"] == 2 and state["common"]["config"]["strategy"] == "positivesum", state["common"]
     assert list(state["layers"]) == [2, 3] and all(row is not None for row in state["layers"].values()), state
 
-    resumed = _torchrun(tmp_path, megatron_0192, dense_first(_args(tmp_path, iters=4, save="ckpt", load="ckpt")))
     assert resumed.returncode == 0, resumed.stdout[-5000:]
     assert "Excitation resumed from" in resumed.stdout  # said by stage 1's first rank (global rank 0 has no MoE layer)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    state, _, _ = _checkpoint(megatron_0192, tmp_path / "ckpt" / "iter_0000004")
+    [(state, _, _)] = after
     assert state["common"]["step"] == 4, state["common"]  # resumed at step 2 (starting fresh would save 2)
     assert list(state["layers"]) == [2, 3] and all(row is not None for row in state["layers"].values()), state

@@ -39,13 +39,18 @@ def _read(directory: str) -> dict:
     return {k: v.tolist() for k, v in dist_checkpointing.load_plain_tensors(directory).items() if hasattr(v, "tolist")}
 
 
-def _weights(step_dir: Path) -> dict:
-    """Every tensor of a torch_dist checkpoint (model and optimizer), read on one rank."""
+def _read_all(directories: list[str]) -> list[dict]:
+    return [_read(d) for d in directories]
+
+
+def _weights(*step_dirs: Path) -> list[dict]:
+    """Every tensor of each torch_dist checkpoint (model and optimizer), read on one rank (one process)."""
     from excitation_dist.testing import run_distributed
 
-    out = run_distributed(_read, 1, str(step_dir), env={"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"},
-                          timeout=300)[0]
-    assert any(k.startswith("decoder.") for k in out), f"no model tensors under {step_dir}"
+    out = run_distributed(_read_all, 1, [str(d) for d in step_dirs],
+                          env={"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}, timeout=300)[0]
+    for step_dir, tensors in zip(step_dirs, out):
+        assert any(k.startswith("decoder.") for k in tensors), f"no model tensors under {step_dir}"
     return out
 
 
@@ -69,8 +74,7 @@ def test_megatron_recipe_trains_and_resumes_exactly(tmp_path):
     assert again.returncode == 0, out2
     assert "resumed from" in out2
 
-    a = _weights(tmp_path / "full" / "ckpt" / "step_00000006")
-    b = _weights(tmp_path / "resumed" / "ckpt" / "step_00000006")
+    a, b = _weights(tmp_path / "full" / "ckpt" / "step_00000006", tmp_path / "resumed" / "ckpt" / "step_00000006")
     assert a.keys() == b.keys()
     for key in a:
         assert a[key] == b[key], key  # bit-identical

@@ -120,8 +120,13 @@ def _read(directory: str):
             "layers": {n: None if row is None else row.tolist() for n, row in state["layers"].items()}}
 
 
-def _excitation(directory: Path) -> dict:
-    return run_distributed(_read, 1, str(directory), env=ENV, timeout=300)[0]
+def _read_all(directories: list[str]) -> list[dict]:
+    return [_read(d) for d in directories]
+
+
+def _excitation(*directories: Path) -> list[dict]:
+    """Excitation's state in each checkpoint directory, read in one process (megatron-core imported once)."""
+    return run_distributed(_read_all, 1, [str(d) for d in directories], env=ENV, timeout=300)[0]
 
 
 def _stale(directory: str) -> tuple[list[str], list[str]]:
@@ -140,12 +145,19 @@ def _stale(directory: str) -> tuple[list[str], list[str]]:
     return model, [k for k in model if not torch.equal(tensors[k], main[k].to(tensors[k].dtype))]
 
 
-def test_megatron_checkpoint_resumes_on_1_and_4_ranks(tmp_path):
-    full = _train(tmp_path, "full")
-    assert full.returncode == 0, full.stdout[-5000:]
-    step4 = tmp_path / "full" / "ckpt" / "step_00000004"
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    """The directory of the uninterrupted 6-step run (trained once for the tests that compare with it)."""
+    tmp = tmp_path_factory.mktemp("megatron_full")
+    run = _train(tmp, "full")
+    assert run.returncode == 0, run.stdout[-5000:]
+    return tmp / "full"
+
+
+def test_megatron_checkpoint_resumes_on_1_and_4_ranks(full, tmp_path):
+    step4 = full / "ckpt" / "step_00000004"
     assert (step4 / "metadata.json").is_file() and not list(step4.glob("rank*.pt"))  # torch_dist, not pickles
-    a = _losses(tmp_path / "full")
+    a = _losses(full)
 
     _from(tmp_path, step4, "one")  # 1 rank: EP 1, two micro-batches of 8 per step
     one = _train(tmp_path, "one", "parallel.gpus_per_node=1", "parallel.expert_parallel=1")
@@ -167,9 +179,9 @@ def test_megatron_checkpoint_resumes_on_1_and_4_ranks(tmp_path):
     # relative); a restarted optimizer or Excitation (fresh Adam moments, phi from a fresh EMA) moves it far more
     assert b[6] == pytest.approx(a[6], rel=2e-3, abs=0) and c[6] == pytest.approx(a[6], rel=2e-3, abs=0), (a, b, c)
 
-    full6 = _excitation(tmp_path / "full" / "ckpt" / "step_00000006")
-    for name in ("one", "four"):
-        resumed = _excitation(tmp_path / name / "ckpt" / "step_00000006")
+    full6, *resumed_states = _excitation(*(run / "ckpt" / "step_00000006" for run in (full, tmp_path / "one",
+                                                                                      tmp_path / "four")))
+    for name, resumed in zip(("one", "four"), resumed_states):
         assert resumed["step"] == full6["step"] == 6, name  # Excitation's step carried over
         assert resumed["layers"].keys() == full6["layers"].keys() == {1, 2}
         for n, row in full6["layers"].items():  # its utilization EMA too (a fresh one would start at 1/E)
@@ -187,10 +199,7 @@ def test_megatron_checkpoint_resumes_on_1_and_4_ranks(tmp_path):
     assert written == ["latest", "step_00000004"]  # the launcher's lock file aside
 
 
-def test_megatron_killed_inside_save_resumes_exactly(tmp_path):
-    full = _train(tmp_path, "full")
-    assert full.returncode == 0, full.stdout[-5000:]
-
+def test_megatron_killed_inside_save_resumes_exactly(full, tmp_path):
     broken = _train(tmp_path, "resumed", env=_hooked(tmp_path, KILL_IN_PUBLISH, KILL_IN_PUBLISH_AT="4"))
     assert broken.returncode != 0
     root = tmp_path / "resumed" / "ckpt"
@@ -201,7 +210,7 @@ def test_megatron_killed_inside_save_resumes_exactly(tmp_path):
     assert again.returncode == 0, again.stdout[-5000:]
     assert "resumed from" in again.stdout and "step_00000002 (step 2)" in again.stdout
     assert "not restored" not in again.stdout  # same layout: every rank's RNG state restored
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    a, b = _losses(full), _losses(tmp_path / "resumed")
     assert sorted(a) == list(range(1, 7)) and set(b) == set(a)
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]  # bit-exact
 
@@ -215,7 +224,7 @@ def test_megatron_resumes_a_checkpoint_without_excitation_state_with_excitation_
     assert on.returncode == 0, on.stdout[-5000:]
     assert "resumed from" in on.stdout and "step_00000002 (step 2)" in on.stdout
     assert "Excitation starts fresh" in on.stdout
-    state = _excitation(tmp_path / "run" / "ckpt" / "step_00000004")
+    [state] = _excitation(tmp_path / "run" / "ckpt" / "step_00000004")
     assert state["step"] == 2  # counted from the resume, not from the run's start
     assert all(row is not None for row in state["layers"].values())
 
