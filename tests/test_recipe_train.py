@@ -15,9 +15,12 @@ from excitation_dist.recipe.metrics_log import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu_torch.yaml")
 DEEPSPEED_CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")  # backend deepspeed, EP 2, ZeRO-1
+# parallel.timeout_minutes: a rank killed under torchrun --max-restarts (tests/test_restarts.py, which compares
+# with this module's uninterrupted runs) leaves its peer in a collective for at most 2 minutes
 COMMON = ["schedule.train_steps=30", "schedule.warmup_steps=5", "schedule.eval_interval=0", "logging.interval=1",
           "checkpoint.interval=10", "model.num_layers=2", "model.hidden_size=32", "model.moe.ffn_hidden_size=32",
-          "model.seq_length=32"]
+          "model.seq_length=32", "parallel.timeout_minutes=2"]
+CONFIGS = {"torch": CONFIG, "deepspeed": DEEPSPEED_CONFIG}
 
 
 def _train(tmp, name, *extra, config=CONFIG, common=COMMON, **popen):
@@ -113,11 +116,12 @@ def _final_weights(step_dir: Path) -> dict[str, torch.Tensor]:
 _UNINTERRUPTED: dict[str, Path] = {}
 
 
-def _uninterrupted(tmp_path_factory, backend: str) -> Path:
-    """The run directory of the uninterrupted 30-step run of ``backend`` (trained once per module)."""
+def uninterrupted(tmp_path_factory, backend: str) -> Path:
+    """The run directory of the uninterrupted 30-step run of ``backend`` (trained once per session: this
+    module's resume tests and tests/test_restarts.py compare with it)."""
     if backend not in _UNINTERRUPTED:
         tmp = tmp_path_factory.mktemp(f"full_{backend}")
-        full = _train(tmp, "full", config=CONFIG if backend == "torch" else DEEPSPEED_CONFIG)
+        full = _train(tmp, "full", config=CONFIGS[backend])
         out, _ = full.communicate(timeout=600)
         assert full.returncode == 0, out
         assert "step     30/30 | loss" in out and "tokens/s" in out and "ETA" in out
@@ -142,7 +146,7 @@ def test_killed_run_resumes_exactly(tmp_path, tmp_path_factory, backend):
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
     config = CONFIG if backend == "torch" else DEEPSPEED_CONFIG
-    full = _uninterrupted(tmp_path_factory, backend)
+    full = uninterrupted(tmp_path_factory, backend)
 
     # the same run, killed (SIGKILL, whole process group) once its step-10 checkpoint exists
     broken = _train(tmp_path, "resumed", config=config)
@@ -169,7 +173,7 @@ def test_killed_mid_save_resumes_exactly(tmp_path, tmp_path_factory, backend):
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
     config = CONFIG if backend == "torch" else DEEPSPEED_CONFIG
-    full = _uninterrupted(tmp_path_factory, backend)
+    full = uninterrupted(tmp_path_factory, backend)
     ckpt = tmp_path / "resumed" / "ckpt"
 
     broken = _train(tmp_path, "resumed", config=config, env=_kill_in_save_env(tmp_path, 20))

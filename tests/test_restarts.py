@@ -3,7 +3,8 @@ every rank, they rendezvous afresh (a per-attempt namespace in torchrun's shared
 store, see ``recipe.loop.restart_safe_store``), resume from the latest complete
 checkpoint and finish; every logged loss equals the uninterrupted run's, bit for bit.
 Backends torch (under torchrun) and deepspeed (under ``excitation-dist train
---max-restarts``), 2 CPU ranks, a tiny model."""
+--max-restarts``), 2 CPU ranks, a tiny model; the uninterrupted runs are
+tests/test_recipe_train.py's (the same settings, trained once per session)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"torch": ROOT / "configs" / "tiny_cpu_torch.yaml", "deepspeed": ROOT / "configs" / "tiny_cpu.yaml"}
-TINY = ["schedule.train_steps=40", "schedule.warmup_steps=5", "schedule.eval_interval=0", "logging.interval=1",
-        "checkpoint.interval=10", "model.hidden_size=32", "model.moe.ffn_hidden_size=32", "model.seq_length=32",
-        "parallel.timeout_minutes=2"]
+from tests.test_recipe_train import COMMON, CONFIGS, uninterrupted
+
+STEPS = 30  # COMMON's schedule.train_steps
 
 
-def _command(config: Path, run: Path, restarts: int, launcher: str) -> list[str]:
+def _command(config: str, run: Path, restarts: int, launcher: str) -> list[str]:
     """torchrun itself (rank 0 holds the checkpoint lock), or ``excitation-dist train
     --max-restarts`` (which execs torchrun and holds the lock across restarts)."""
-    train = [str(config), *TINY, f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'log'}"]
+    train = [str(config), *COMMON, f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'log'}"]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "--max-restarts", str(restarts), "-m", "excitation_dist.cli", "train", *train]
@@ -56,13 +55,11 @@ def _rank_pid(agent: int, rank: int) -> int | None:
 
 
 @pytest.mark.parametrize("backend, launcher", [("torch", "torchrun"), ("deepspeed", "excitation-dist")])
-def test_killed_rank_is_restarted_and_the_run_finishes_exactly(tmp_path, backend, launcher):
+def test_killed_rank_is_restarted_and_the_run_finishes_exactly(tmp_path, tmp_path_factory, backend, launcher):
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run(_command(CONFIGS[backend], tmp_path / "full", 0, launcher), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert full.returncode == 0, full.stdout + full.stderr
+    full = uninterrupted(tmp_path_factory, backend)  # `excitation-dist train`, which runs torchrun --max-restarts 0
 
     agent = subprocess.Popen(_command(CONFIGS[backend], tmp_path / "restarted", 1, launcher), cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -83,7 +80,7 @@ def test_killed_rank_is_restarted_and_the_run_finishes_exactly(tmp_path, backend
     resumed_at = int(out.split("resumed from", 1)[1].split("(step ", 1)[1].split(")", 1)[0])
     assert resumed_at >= 10
 
-    reference, restarted = _losses(tmp_path / "full"), _losses(tmp_path / "restarted")
-    assert sorted(restarted) == sorted(reference) == list(range(1, 41))
+    reference, restarted = _losses(full), _losses(tmp_path / "restarted")
+    assert sorted(restarted) == sorted(reference) == list(range(1, STEPS + 1))
     mismatches = [(s, reference[s], v) for s, values in restarted.items() for v in values if v != reference[s][0]]
     assert not mismatches, mismatches
