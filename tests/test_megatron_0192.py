@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from excitation_dist.testing import run_distributed
+from tests.batch_support import result, run_batch, runs
 from tests.megatron_support import DENSE_FIRST, ENV, STEPS, WORLD2, WORLD4, run_cases, run_dense_first_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +52,37 @@ def megatron_0192() -> str:
     return str(MEGATRON_0192)
 
 
-def test_backend_on_megatron_0192(megatron_0192):
-    results = run_distributed(run_cases, 2, WORLD2, megatron_0192, env=ENV, timeout=400)
+# The backend checks of one world size share one process group (tests/batch_support.py): the ranks import
+# megatron-core once. Megatron-LM's pretrain (global arguments, one run per process) keeps its own groups.
+@pytest.fixture(scope="module")
+def world2(request, megatron_0192):
+    jobs = []
+    if runs(request, "test_single_grouped_weight_map_matches_megatron_checkpoint_slices"):
+        jobs.append(("grouped", _single_grouped_weight_checkpoint_slices, (megatron_0192,)))
+    if runs(request, "test_backend_on_megatron_0192"):
+        jobs.append(("cases", run_cases, (WORLD2, megatron_0192)))  # resets megatron's parallel state first
+    return run_batch(2, jobs, env=ENV, timeout=400 * len(jobs))
+
+
+@pytest.fixture(scope="module")
+def world4(request, megatron_0192):
+    jobs = []
+    if runs(request, "test_backend_on_megatron_0192_four_ranks"):
+        jobs.append(("cases", run_cases, (WORLD4, megatron_0192)))
+    if runs(request, "test_backend_on_megatron_0192_pipeline_stage_with_dense_layers_only"):
+        jobs.append(("dense_first", run_dense_first_stage, (DENSE_FIRST, megatron_0192)))
+    return run_batch(4, jobs, env=ENV, timeout=500 * len(jobs))
+
+
+def test_backend_on_megatron_0192(world2):
+    results = result(world2, "cases")
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in WORLD2]
         assert rank_results[0]["megatron_core"] == "0.19.2"
 
 
-def test_backend_on_megatron_0192_four_ranks(megatron_0192):
-    results = run_distributed(run_cases, 4, WORLD4, megatron_0192, env=ENV, timeout=500)
+def test_backend_on_megatron_0192_four_ranks(world4):
+    results = result(world4, "cases")
     for rank_results in results:
         assert [r["case"] for r in rank_results] == [c.name for c in WORLD4]
         assert rank_results[0]["megatron_core"] == "0.19.2"
@@ -108,10 +131,10 @@ def test_pretrain_gpt_with_excitation(megatron_0192, tmp_path):
     assert steps == list(range(1, ITERS + 1))
 
 
-def test_backend_on_megatron_0192_pipeline_stage_with_dense_layers_only(megatron_0192):
+def test_backend_on_megatron_0192_pipeline_stage_with_dense_layers_only(world4):
     """As tests/test_megatron_backend.py's dense-first-stage case, on 0.19.2: stage 0 (one dense
     layer) gets no controller and no collective, stage 1 counts and scales as usual."""
-    results = run_distributed(run_dense_first_stage, 4, DENSE_FIRST, megatron_0192, env=ENV, timeout=400)
+    results = result(world4, "dense_first")
     assert [r["dense_stage"] for r in results] == [True, True, False, False]  # pipeline rank = global rank // 2
     assert [r["phi_step"] for r in results] == [None, None, STEPS, STEPS]
 
@@ -270,12 +293,12 @@ def _single_grouped_weight_checkpoint_slices(megatron_path: str) -> list[dict]:
     return out
 
 
-def test_single_grouped_weight_map_matches_megatron_checkpoint_slices(megatron_0192):
+def test_single_grouped_weight_map_matches_megatron_checkpoint_slices(world2):
     """compat.local_expert_ranges on a TEGroupedMLP with one stacked ``weight`` / ``bias`` per linear
     layer (moe_single_grouped_weight / _bias, 0.19.x with TE >= 2.14) against megatron-core 0.19.2's
     own checkpoint sharding of it (TEGroupedLinear._sharded_state_dict_grouped): every range is the
     slice megatron saves for that local expert, under the global expert megatron assigns."""
-    results = run_distributed(_single_grouped_weight_checkpoint_slices, 2, megatron_0192, env=ENV, timeout=300)
+    results = result(world2, "grouped")
     for ep_rank, rows in enumerate(results):
         tensors = [f"linear_fc{j}.{n}{i}" for j in (1, 2) for n in ("weight", "bias") for i in (0, 1)]
         assert [row["tensor"] for row in rows] == tensors  # 8 expert tensors: 2 local experts x 4 params
