@@ -130,33 +130,35 @@ def test_scaling_gradients_is_not_excitation_for_adam():
     assert gap_grad > 1e-2, gap_grad
 
 
-@pytest.mark.parametrize("name", sorted(FOLDED))
-def test_folded_update_on_a_flat_shard_with_dense_gaps(name):
+def check_flat_shard_with_dense_gaps(make_opt, *, dtype=torch.float64, tol=None, label=""):
     """A flat tensor (like a ZeRO partition or a DistributedOptimizer shard) that
     starts and ends with dense elements and cuts the first and last expert: the
-    folded update equals torch's optimizer with each piece in its own param group."""
+    folded update equals ``make_opt`` with each piece in its own param group at
+    lr * phi (tests/test_fused_adams.py uses it too)."""
+    tol = tol or {"rtol": 1e-12, "atol": 1e-12}
     g = torch.Generator().manual_seed(5)
     head, tail, cut = 3, 2, 2  # dense head, dense tail, elements of experts 0 and E-1 cut off by the shard
     sizes = [head, D - cut] + [D] * (E - 2) + [D - cut, tail]
     owner = [None] + list(range(E)) + [None]
-    init = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
-    xs = torch.randn(STEPS, sum(sizes), generator=g, dtype=torch.float64)
+    init = torch.randn(sum(sizes), generator=g, dtype=dtype)
+    xs = torch.randn(STEPS, sum(sizes), generator=g, dtype=dtype)
     counts = torch.randint(0, 50, (STEPS, 1, E), generator=g)
     counts[2, 0, 1] = 0
 
     pieces = [torch.nn.Parameter(t.clone()) for t in init.split(sizes)]
-    ref_opt = OPTIMIZERS[name]([{"params": [p]} for p in pieces])
+    ref_opt = make_opt([{"params": [p]} for p in pieces])
     flat = torch.nn.Parameter(init.clone())
-    opt = OPTIMIZERS[name]([flat])
+    opt = make_opt([flat])
     ex = Excitation({"strategy": "zerosum"}, 1, E, reduce=False)
     offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
     ex.set_segments(ExpertSegment(flat, offsets[i], offsets[i + 1], 0, e) for i, e in enumerate(owner) if e is not None)
     ex.hook_optimizer(opt)
     assert ex.update_path == "folded"
+    base_lr = ref_opt.param_groups[0]["lr"]
     for step in range(STEPS):
         phi = multipliers(counts[step], "zerosum")
         for group, e in zip(ref_opt.param_groups, owner):
-            group["lr"] = LR * (1.0 if e is None else phi[0, e].item())
+            group["lr"] = base_lr * (1.0 if e is None else phi[0, e].item())
         for params, o in ((pieces, ref_opt), ([flat], opt)):
             o.zero_grad()
             x = torch.cat([p.reshape(-1) for p in params])
@@ -164,8 +166,13 @@ def test_folded_update_on_a_flat_shard_with_dense_gaps(name):
         ex.record(0, counts[step, 0])
         ref_opt.step()
         opt.step()
-        torch.testing.assert_close(flat.detach(), torch.cat([p.detach() for p in pieces]), rtol=1e-12, atol=1e-12,
-                                   msg=lambda m: f"{name} step {step}: {m}")
+        torch.testing.assert_close(flat.detach(), torch.cat([p.detach() for p in pieces]), **tol,
+                                   msg=lambda m: f"{label} step {step}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(FOLDED))
+def test_folded_update_on_a_flat_shard_with_dense_gaps(name):
+    check_flat_shard_with_dense_gaps(OPTIMIZERS[name], label=name)
 
 
 def test_forcing_the_folded_path_on_an_unfoldable_optimizer_fails_naming_the_key():

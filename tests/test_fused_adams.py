@@ -13,6 +13,7 @@ import torch
 from excitation_dist import Excitation, ExpertSegment, multipliers
 from excitation_dist.config import ConfigError
 from tests.fused_adam_kernel import install_deepspeed_fused_adam
+from tests.test_core_equivalence import check_flat_shard_with_dense_gaps
 
 L, E, D = 2, 4, 5
 STEPS = 6
@@ -165,33 +166,8 @@ def test_flat_partition_with_dense_gaps(fused_adam):
     """A ZeRO-style fp32 partition that starts and ends with dense elements and cuts
     the first and last expert, against one parameter group per piece."""
     FusedAdam, _ = fused_adam
-    g = torch.Generator().manual_seed(5)
-    sizes = [3, D - 2] + [D] * (E - 2) + [D - 2, 2]
-    owner = [None] + list(range(E)) + [None]
-    init = torch.randn(sum(sizes), generator=g)
-    xs = torch.randn(STEPS, sum(sizes), generator=g)
-    counts = torch.randint(0, 50, (STEPS, 1, E), generator=g)
-    pieces = [torch.nn.Parameter(t.clone()) for t in init.split(sizes)]
-    ref_opt = FusedAdam([{"params": [p]} for p in pieces], lr=LR, weight_decay=0.1)
-    flat = torch.nn.Parameter(init.clone())
-    opt = FusedAdam([flat], lr=LR, weight_decay=0.1)
-    ex = Excitation({"strategy": "zerosum"}, 1, E, reduce=False)
-    offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
-    ex.set_segments(ExpertSegment(flat, offsets[i], offsets[i + 1], 0, e) for i, e in enumerate(owner) if e is not None)
-    ex.hook_optimizer(opt)
-    assert ex.update_path == "folded"
-    for step in range(STEPS):
-        phi = multipliers(counts[step], "zerosum")
-        for group, e in zip(ref_opt.param_groups, owner):
-            group["lr"] = LR * (1.0 if e is None else phi[0, e].item())
-        for params, o in ((pieces, ref_opt), ([flat], opt)):
-            o.zero_grad()
-            x = torch.cat([p.reshape(-1) for p in params])
-            (torch.sin(x * xs[step]).sum() + 0.1 * (x**2).sum()).backward()
-        ex.record(0, counts[step, 0])
-        ref_opt.step()
-        opt.step()
-        torch.testing.assert_close(flat.detach(), torch.cat([p.detach() for p in pieces]), **TOL)
+    check_flat_shard_with_dense_gaps(lambda groups: FusedAdam(groups, lr=LR, weight_decay=0.1), dtype=torch.float32,
+                                     tol=TOL, label="DeepSpeed FusedAdam")
 
 
 def test_sixteen_bit_parameters_take_the_blend_path_and_folded_is_refused(fused_adam, caplog):

@@ -89,8 +89,14 @@ TRITON_CHECK = textwrap.dedent("""
 """)
 
 
-def test_triton_kernel_matches_the_definition_in_the_interpreter():
+def run_in_triton_interpreter(script: str, timeout: int = 300) -> None:
+    """Run ``script`` (which sets TRITON_INTERPRET=1 before importing Triton) in a fresh
+    interpreter from the repository root; it must print "ok" last."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_triton_kernel_matches_the_definition_in_the_interpreter():
+    run_in_triton_interpreter(TRITON_CHECK)

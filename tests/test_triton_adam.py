@@ -4,12 +4,9 @@ one parameter group per expert at lr * phi (no Excitation code), on stacked expe
 and on a flat partition with dense gaps, float32 tolerance; the kernel must be what
 stepped them."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from tests.test_rows import run_in_triton_interpreter
 
 CHECK = textwrap.dedent("""
     import os
@@ -49,7 +46,4 @@ CHECK = textwrap.dedent("""
 
 
 def test_one_launch_adam_matches_per_expert_learning_rates_in_the_interpreter():
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", CHECK], cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_in_triton_interpreter(CHECK, timeout=600)
