@@ -23,11 +23,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from excitation_dist.testing import run_distributed
 from tests.megatron_support import ENV
+from tests.process_support import tag_runs
 from tests.test_megatron_0192 import PRETRAIN_ARGS, megatron_0192  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(monkeypatch):
+    """A SIGKILLed rank's checkpoint-writer process dies with the test (tests/process_support.py)."""
+    yield from tag_runs(monkeypatch)
 
 
 def _set(argv: list[str], flag: str, value: str | None) -> list[str]:

@@ -12,11 +12,19 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+from tests.process_support import tag_runs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 COMMON = ["backend=megatron", "schedule.train_steps=6", "schedule.warmup_steps=1", "schedule.eval_interval=3",
           "logging.interval=1", "checkpoint.interval=3", "model.hidden_size=32", "model.moe.ffn_hidden_size=32",
           "model.seq_length=32", "parallel.expert_parallel=2", "parallel.distributed_optimizer=true"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(monkeypatch):
+    """A SIGKILLed rank's checkpoint-writer process dies with the test (tests/process_support.py)."""
+    yield from tag_runs(monkeypatch)
 
 
 def _train(tmp: Path, name: str) -> subprocess.Popen:
