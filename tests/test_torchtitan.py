@@ -13,13 +13,18 @@ touch attention). Specifications checked:
   the test from torchtitan's own ``tokens_per_expert_E`` counts;
 * tokens are counted once per step under gradient accumulation and under
   torchtitan's full activation checkpointing (whose own buffer counts twice);
-* the override line of the docs turns a job's optimizer config into the
-  excited one (parsed by torchtitan's ConfigManager), and Excitation's state
-  goes through torch.distributed.checkpoint inside the optimizer state;
+* the override line of the docs turns the optimizer config of torchtitan's
+  ``--module qwen3 --config qwen3_moe_debug`` job into the excited one (parsed
+  by torchtitan's ConfigManager), and Excitation's state goes through
+  torch.distributed.checkpoint inside the optimizer state;
 * 2 CPU ranks over gloo, parallelized by torchtitan's ``parallelize_qwen3``
   (FSDP2 over ``fsdp``): the same per-expert-learning-rate reference on the
   global batch, one count all-reduce per step. Expert parallel does not run on
-  CPU here (see ``_distributed_cases``).
+  CPU here (see ``_distributed_cases``);
+* torchtitan's own trainer end to end (``torchtitan.train`` through
+  ``tests/torchtitan_cpu.py``'s CPU stand-ins, offline tokenizer and data in
+  ``tests/fixtures/torchtitan``) with the docs' argument: 1 process, a resume
+  from its checkpoint, 2 ranks.
 """
 
 from __future__ import annotations
@@ -28,12 +33,7 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
-from dataclasses import dataclass, field  # noqa: E402
-
 import torch  # noqa: E402
-from torchtitan.components.optimizer import OptimizersContainer, default_adamw  # noqa: E402
-from torchtitan.config import Configurable  # noqa: E402
-from torchtitan.config.override import OverrideConfig  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from excitation_dist.testing import count_collectives, run_distributed  # noqa: E402
@@ -216,44 +216,34 @@ def test_fused_adamw_as_torchtitan_builds_it_by_default():
     assert excitation.update_path in ("folded", "blend")
 
 
-@dataclass(kw_only=True, slots=True)
-class TinyJob(Configurable.Config):
-    """The fields of torchtitan's ``Trainer.Config`` that the override touches
-    (``optimizer``, ``override``; ``hf_assets_path`` for the parser's check).
-    ``Trainer.Config`` itself is not importable here: ``torchtitan.trainer``
-    imports torchtitan's Hugging Face data loader, which needs ``datasets``,
-    whose pins (fsspec <= 2026.2.0, huggingface-hub < 2) conflict with this
-    project's test environment."""
-
-    hf_assets_path: str = "."
-    optimizer: OptimizersContainer.Config = field(default_factory=lambda: default_adamw(lr=3e-4))
-    override: OverrideConfig = field(default_factory=OverrideConfig)
-
-
-def tiny_job() -> TinyJob:
-    """The job config of ``--module <this module> --config tiny_job``."""
-    return TinyJob()
-
-
 def parse_job(override: str):
+    """torchtitan's own command line for its Qwen3-MoE debug job, with ``override``."""
     from torchtitan.config import ConfigManager
 
-    return ConfigManager().parse_args(["--module", __name__, "--config", "tiny_job", "--override.imports", override])
+    return ConfigManager().parse_args(["--module", "qwen3", "--config", "qwen3_moe_debug",
+                                       "--override.imports", override])
+
+
+def docs_override_argument() -> str:
+    """The ``--override.imports`` argument that docs/torchtitan.md gives."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "torchtitan.md").read_text()
+    (argument,) = set(re.findall(r"--override\.imports '([^']+)'", docs))
+    return argument
 
 
 def test_override_line_of_the_docs_enables_excitation():
     """The one line a torchtitan user adds, through torchtitan's own CLI parser and override code."""
     from torchtitan.config.override import apply_overrides
+    from torchtitan.trainer import Trainer
 
     from excitation_dist.config import ConfigError
     from excitation_dist.torchtitan import ExcitedOptimizersContainer
 
-    import re
-    from pathlib import Path
-
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "torchtitan.md").read_text()
-    (argument,) = set(re.findall(r"--override\.imports '([^']+)'", docs))  # the argument the docs give
-    config = parse_job(argument)
+    config = parse_job(docs_override_argument())
+    assert type(config) is Trainer.Config
     apply_overrides(config.override, config)  # what Trainer.__init__ does before building any component
     assert type(config.optimizer) is ExcitedOptimizersContainer.Config
     assert config.optimizer.excitation == {"strategy": "zerosum", "gamma": 1.0}
@@ -393,3 +383,102 @@ def test_two_ranks_fsdp2_match_per_expert_lr():
         assert per_rank["fsdp"]["placements"] == ["(Shard(dim=0),)"], per_rank
     # FSDP2 Shard(0) of [4, ...] over 2 ranks: each rank holds (and scales) 2 whole experts of each weight
     assert all(r["fsdp"]["segments"] == N_LAYERS * 3 * (E // 2) for r in results), results
+
+
+# ----------------------------------------------- torchtitan's trainer, end to end
+def _train(tmp_path, nproc: int, steps: int, dump: str) -> str:
+    """``torchrun -m tests.torchtitan_cpu --module qwen3 --config qwen3_moe_debug`` (torchtitan's
+    ``torchtitan.train`` with the CPU stand-ins of tests/torchtitan_cpu.py: tiny debugmodel_moe flavor,
+    SDPA inner attention, device type cpu) plus the docs' override argument; its log."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fixtures = root / "tests" / "fixtures" / "torchtitan"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
+    if nproc == 1:  # torchrun's environment of one process, without torchrun's start-up
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(_free_port()))
+        launcher = [sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    command = [*launcher, "-m", "tests.torchtitan_cpu", "--module", "qwen3", "--config", "qwen3_moe_debug",
+               "--hf_assets_path", str(fixtures / "tokenizer"), "--dataloader.dataset_path", str(fixtures / "c4_test"),
+               "--training.steps", str(steps), "--training.local_batch_size", "2", "--training.seq_len", "32",
+               "--training.disable_cuda_graphs", "--metrics.disable_color_printing",
+               # torchtitan's default spmd_types backend: fully_shard refuses a parameter it did not annotate
+               "--parallelism.spmd_backend", "partial_dtensor",
+               "--checkpoint.enable", "--checkpoint.interval", "2", "--dump_folder", str(tmp_path / dump),
+               "--override.imports", docs_override_argument()]
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-6000:]
+    return log
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(log: str) -> dict[int, list[float]]:
+    import re
+
+    losses: dict[int, list[float]] = {}
+    for step, loss in re.findall(r"step:\s+(\d+)\s+loss:\s+(\S+)", log):
+        losses.setdefault(int(step), []).append(float(loss))
+    return losses
+
+
+def _saved_excitation(checkpoint) -> dict:
+    """Excitation's state in a torchtitan DCP checkpoint (``optimizer.excitation``)."""
+    import io
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {"optimizer": {"excitation": io.BytesIO()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+        dcp.load(state, checkpoint_id=str(checkpoint))
+    saved = state["optimizer"]["excitation"]
+    if isinstance(saved, io.BytesIO):
+        saved.seek(0)
+        saved = torch.load(saved, weights_only=False)
+    return saved
+
+
+def test_torchtitan_trainer_with_the_override_line_trains_resumes_and_runs_on_two_ranks(tmp_path):
+    """torchtitan's own trainer, config and command line on CPU: 1 process for 4 steps, a resume from its
+    step-4 checkpoint to step 6, and 2 ranks over gloo (FSDP2) for 2 steps, each with the docs' argument."""
+    import math
+
+    override = "[Override] excitation_dist.torchtitan.excitation: optimizer OptimizersContainer.Config -> " \
+               "ExcitedOptimizersContainer.Config with strategy='zerosum', gamma=1.0"
+
+    log = _train(tmp_path, nproc=1, steps=4, dump="one")
+    assert override in log and "Training completed" in log
+    losses = _losses(log)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(x) for v in losses.values() for x in v), losses
+    for step in (2, 4):  # Excitation stepped once per training step, its state saved with the optimizer's
+        saved = _saved_excitation(tmp_path / "one" / "checkpoint" / f"step-{step}")
+        assert saved["step"] == step and saved["shape"] == [2, 8], saved
+        assert saved["config"]["strategy"] == "zerosum" and saved["config"]["gamma"] == 1.0
+
+    log = _train(tmp_path, nproc=1, steps=6, dump="one")  # resumes from step-4
+    assert "Training starts at step 5" in log and "Training completed" in log
+    assert sorted(_losses(log)) == [5, 6]
+    assert _saved_excitation(tmp_path / "one" / "checkpoint" / "step-6")["step"] == 6  # restored 4, then 2 more
+
+    log = _train(tmp_path, nproc=2, steps=2, dump="two")
+    assert log.count(override) == 2 and log.count("Training completed") == 2
+    losses = _losses(log)
+    assert sorted(losses) == [1, 2] and all(len(v) == 2 and v[0] == v[1] and math.isfinite(v[0])
+                                            for v in losses.values()), losses  # the global loss on both ranks
+    assert _saved_excitation(tmp_path / "two" / "checkpoint" / "step-2")["step"] == 2
