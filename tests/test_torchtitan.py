@@ -45,26 +45,10 @@ SEQS_PER_RANK = 2
 
 def tiny_moe_config():
     """A Qwen3-MoE config from torchtitan's builders, small enough for a CPU test."""
-    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
-    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
-    from torchtitan.models.qwen3 import Qwen3Model
-    from torchtitan.models.qwen3 import _build_qwen3_moe_layers, _qwen3_norm
+    from tests.torchtitan_cpu import tiny_qwen3_moe
 
-    head_dim = 8
-    cfg = Qwen3Model.Config(
-        vocab_size=VOCAB,
-        dim=DIM,
-        norm=_qwen3_norm(DIM),
-        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM),
-        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB),
-        layers=_build_qwen3_moe_layers(
-            fuse_qkv=True, n_layers=N_LAYERS, dim=DIM, n_heads=4, n_kv_heads=2, head_dim=head_dim,
-            moe_hidden_dim=16, num_experts=E, top_k=TOP_K, attn_backend="flex",
-            rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=64, theta=10000.0), moe_comm_backend="standard"),
-    )
-    for _fqn, _cfg, parent, attr in list(cfg.traverse(FlexAttention.Config)):
-        setattr(parent, attr, ScaledDotProductAttention.Config())  # FlexAttention: no backward on CPU
-    return cfg
+    return tiny_qwen3_moe(vocab=VOCAB, dim=DIM, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, head_dim=8,
+                          moe_hidden=16, num_experts=E, top_k=TOP_K, max_seq_len=64, theta=10000.0)
 
 
 def build_model(seed: int = 0, device: str = "cpu"):

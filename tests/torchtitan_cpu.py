@@ -88,26 +88,37 @@ def _cpu_device_type() -> None:
         raise RuntimeError(f"torchtitan already chose device type {utils.device_type!r}: call install() first")
 
 
-def _tiny_debugmodel_moe(attn_backend: str = "flex", moe_comm_backend: str = "standard"):
+def tiny_qwen3_moe(*, vocab: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                   moe_hidden: int, num_experts: int, top_k: int, max_seq_len: int, theta: float,
+                   attn_backend: str = "flex", moe_comm_backend: str = "standard"):
+    """A Qwen3-MoE model config from torchtitan's own builders at CPU-test sizes, its inner attention
+    torchtitan's ScaledDotProductAttention (FlexAttention has no backward on CPU)."""
     from torchtitan.models.common import CosSinRoPE, Embedding, Linear
     from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
     from torchtitan.models.qwen3 import Qwen3Model, _build_qwen3_moe_layers, _qwen3_norm
 
     config = Qwen3Model.Config(
-        vocab_size=VOCAB,
-        dim=DIM,
-        norm=_qwen3_norm(DIM),
-        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM),
-        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB),
+        vocab_size=vocab,
+        dim=dim,
+        norm=_qwen3_norm(dim),
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim),
+        lm_head=Linear.Config(in_features=dim, out_features=vocab),
         layers=_build_qwen3_moe_layers(
-            fuse_qkv=True, n_layers=N_LAYERS, dim=DIM, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS, head_dim=HEAD_DIM,
-            moe_hidden_dim=MOE_HIDDEN, num_experts=NUM_EXPERTS, top_k=TOP_K, attn_backend=attn_backend,
-            rope=CosSinRoPE.Config(dim=HEAD_DIM, max_seq_len=256, theta=1000000.0),
+            fuse_qkv=True, n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            moe_hidden_dim=moe_hidden, num_experts=num_experts, top_k=top_k, attn_backend=attn_backend,
+            rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=max_seq_len, theta=theta),
             moe_comm_backend=moe_comm_backend),
     )
     for _fqn, _cfg, parent, attr in list(config.traverse(FlexAttention.Config)):
         setattr(parent, attr, ScaledDotProductAttention.Config())  # FlexAttention: no backward on CPU
     return config
+
+
+def _tiny_debugmodel_moe(attn_backend: str = "flex", moe_comm_backend: str = "standard"):
+    return tiny_qwen3_moe(vocab=VOCAB, dim=DIM, n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS,
+                          head_dim=HEAD_DIM, moe_hidden=MOE_HIDDEN, num_experts=NUM_EXPERTS, top_k=TOP_K,
+                          max_seq_len=256, theta=1000000.0, attn_backend=attn_backend,
+                          moe_comm_backend=moe_comm_backend)
 
 
 def _set_timeout() -> None:
