@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.models import GPTMoE, GPTMoEConfig
+from excitation_dist.models.expert_parallel import scale_grad
 from excitation_dist.models.moe import TopKMoE
 
 MODEL = GPTMoEConfig(vocab_size=32, seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=6, num_experts=4, top_k=2,
@@ -66,17 +67,6 @@ def chunk(step: int, rank: int, micro: int) -> torch.Tensor:
     return torch.randint(0, MODEL.vocab_size, (SEQS_PER_MICRO, MODEL.seq_len + 1), generator=g)
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
 def _full(w: torch.Tensor) -> torch.Tensor:
     """The full expert weight from its shards; backward: the local gradients
     summed onto the shards (reduce-scatter) and averaged over the ranks."""
@@ -84,7 +74,7 @@ def _full(w: torch.Tensor) -> torch.Tensor:
 
     mesh = w.device_mesh
     full = w.redistribute(mesh, [Replicate()] * mesh.ndim).to_local(grad_placements=[Partial()] * mesh.ndim)
-    return _ScaleGrad.apply(full, 1.0 / mesh.size())
+    return scale_grad(full, 1.0 / mesh.size())
 
 
 class GatheredExpertsMoE(TopKMoE):

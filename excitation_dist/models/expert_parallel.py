@@ -33,8 +33,6 @@ import torch.distributed as dist
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity in forward; the gradient times ``scale`` in backward."""
-
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
@@ -43,6 +41,11 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged in forward; its gradient times ``scale`` in backward."""
+    return _ScaleGrad.apply(x, scale)
 
 
 def local_weight(w: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,7 @@ def exchange(moe, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torc
     if num_experts % ep:
         raise ValueError(f"expert parallel needs num_experts ({num_experts}) divisible by the EP size ({ep})")
     local = num_experts // ep
-    w_in, w_out = (_ScaleGrad.apply(local_weight(w), 1.0 / ep) for w in (moe.w_in_EDF, moe.w_out_EFD))
+    w_in, w_out = (scale_grad(local_weight(w), 1.0 / ep) for w in (moe.w_in_EDF, moe.w_out_EFD))
     if w_in.shape[0] != local or w_out.shape[0] != local:
         raise ValueError(f"expert parallel over {ep} ranks: each rank must hold {local} experts (Shard(0) of the "
                          f"stacked [E, ...] weights over the EP dimension); this rank holds {w_in.shape[0]}")
