@@ -3,16 +3,15 @@ Excitation's state inside the container's checkpoint state."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import init_optim_state
 
 from excitation_dist.config import as_config
+from excitation_dist.fsdp2 import dcp_state
 from excitation_dist.torchtitan.backend import attach, paused
 
 __all__ = ["ExcitedOptimizersContainer", "EXCITATION_KEY"]
@@ -43,27 +42,23 @@ class ExcitedOptimizersContainer(OptimizersContainer):
         super().__init__(config, model_parts=model_parts)
         self.excitation = attach(model_parts, self, config.excitation)
 
-    def state_dict(self) -> dict[str, Any]:
+    def _init_optim_states(self) -> None:
+        """torchtitan's zero-lr step that creates a fresh optimizer's state: not an Excitation step."""
         with paused(self.excitation):
             for optim in self.optimizers:
                 init_optim_state(optim)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._init_optim_states()
         state = super().state_dict()
         if self.excitation is not None:
-            buffer = io.BytesIO()  # one replicated item (identical on every rank: the counts are all-reduced)
-            torch.save(self.excitation.state_dict(), buffer)
-            buffer.seek(0)
-            state[EXCITATION_KEY] = buffer
+            state[EXCITATION_KEY] = dcp_state.pack(self.excitation.state_dict())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         saved = state_dict.pop(EXCITATION_KEY, None)
-        with paused(self.excitation):
-            for optim in self.optimizers:
-                init_optim_state(optim)
+        self._init_optim_states()
         super().load_state_dict(state_dict)
         if self.excitation is not None and saved is not None:
-            if isinstance(saved, io.BytesIO):  # DCP hands back the bytes it wrote, or the object they unpickle to
-                saved.seek(0)
-                saved = torch.load(saved, weights_only=False)
-            self.excitation.load_state_dict(saved)
+            self.excitation.load_state_dict(dcp_state.unpack(saved))

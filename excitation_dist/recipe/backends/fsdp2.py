@@ -24,6 +24,7 @@ import io
 import torch
 import torch.distributed as dist
 
+from excitation_dist.fsdp2 import dcp_state
 from excitation_dist.models import GPTMoE
 from excitation_dist.recipe.backends import torch as torch_backend
 from excitation_dist.recipe.config import RunConfig
@@ -86,10 +87,7 @@ class FSDP2Backend(torch_backend.TorchDDPBackend):
         import torch.distributed.checkpoint as dcp
 
         state = self._state()
-        buffer = io.BytesIO()
-        torch.save({**self.excitation.state_dict(), "saved_at_step": step}, buffer)
-        buffer.seek(0)
-        state[EXCITATION_KEY] = buffer  # one item, written once (DCP deduplicates it across ranks)
+        state[EXCITATION_KEY] = dcp_state.pack({**self.excitation.state_dict(), "saved_at_step": step})
         dcp.save(state, checkpoint_id=directory)
 
     def load(self, directory: str) -> None:
@@ -109,11 +107,7 @@ class FSDP2Backend(torch_backend.TorchDDPBackend):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         if has_excitation:
-            saved = state[EXCITATION_KEY]
-            if isinstance(saved, io.BytesIO):
-                saved.seek(0)
-                saved = torch.load(saved, weights_only=False)
-            saved = dict(saved)
+            saved = dcp_state.unpack(state[EXCITATION_KEY])
             saved.pop("saved_at_step", None)
             self.excitation.load_state_dict(saved)
 
