@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from excitation_dist.strategies import STRATEGIES
+STRATEGIES = ("none", "zerosum", "positivesum", "expdiff", "inverted", "random", "global")
+"""The strategy names; their math is in :mod:`excitation_dist.strategies`."""
 
 COUNT_MODES = ("processed", "routed")
 UPDATE_PATHS = ("auto", "folded", "blend")

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-STRATEGIES = ("none", "zerosum", "positivesum", "expdiff", "inverted", "random", "global")
+from excitation_dist.config import STRATEGIES  # the names live with the config, which checks them without torch
 
 
 def utilization(counts: torch.Tensor) -> torch.Tensor:

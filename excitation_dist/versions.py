@@ -10,7 +10,10 @@ their own risk.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
+from dataclasses import dataclass
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -45,3 +48,45 @@ def require(package: str, version: str, specifier: str, *, checked: str, install
         f"Install a checked version: {install}. To try {version} at your own risk (then run the project's "
         f"tests for it), set {skip_env}=1."
     )
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The range of one framework an adapter was checked against."""
+
+    package: str  # as messages name it
+    distribution: str  # the pip distribution whose version is read
+    module: str  # the import name, whose ``__version__`` is the fallback without package metadata
+    specifier: str
+    checked: str  # the exact versions tested
+    install: str
+    skip_env: str
+
+
+GATES = {
+    "deepspeed": Gate("DeepSpeed", "deepspeed", "deepspeed", ">=0.19.0,<0.20", "0.19.8",
+                      "DS_BUILD_OPS=0 pip install deepspeed==0.19.8", "EXCITATION_DEEPSPEED_SKIP_VERSION_CHECK"),
+    "megatron-core": Gate("megatron-core", "megatron-core", "megatron.core", ">=0.16.1,<0.20", "0.16.1, 0.19.2",
+                          "pip install megatron-core==0.16.1 (Python 3.11) or megatron-core==0.19.2 (Python >= 3.12)",
+                          "EXCITATION_MEGATRON_SKIP_VERSION_CHECK"),
+    "torchtitan": Gate("torchtitan", "torchtitan", "torchtitan", ">=0.3.0,<0.4", "0.3.0",
+                       "pip install 'excitation-dist[torchtitan]'", "EXCITATION_TORCHTITAN_SKIP_VERSION_CHECK"),
+}
+"""Every framework gate, readable without importing the framework or torch (the command line
+checks a run's backend with them before it launches any rank)."""
+
+
+def installed(name: str) -> str:
+    """The installed version of gate ``name``'s framework (its package metadata, else its ``__version__``)."""
+    gate = GATES[name]
+    try:
+        return importlib.metadata.version(gate.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.import_module(gate.module).__version__
+
+
+def check(name: str, version: str | None = None) -> None:
+    """:func:`require` for gate ``name``; ``version`` defaults to :func:`installed`."""
+    gate = GATES[name]
+    require(gate.package, installed(name) if version is None else version, gate.specifier, checked=gate.checked,
+            install=gate.install, skip_env=gate.skip_env)

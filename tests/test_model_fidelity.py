@@ -228,13 +228,12 @@ def test_torch_and_deepspeed_models_are_the_published_architecture(name):
     """The GPT-MoE of backend torch (built on the meta device, counted) and the DeepSpeed one's config."""
     from excitation_dist.models import GPTMoE
     from excitation_dist.models.moe import TopKMoE
-    from excitation_dist.recipe.backends import deepspeed as ds_backend
-    from excitation_dist.recipe.backends import torch as torch_backend
+    from excitation_dist.recipe.backends import configs
 
     f = FACTS[name]
     model_yaml = CONFIGS / "models" / f"{name}.yaml"
     cfg = load_run_config(model_yaml, ["backend=torch", "precision=fp32"])
-    mc = torch_backend.model_config(cfg)
+    mc = configs.torch_model_config(cfg)
     hd = f.get("head_dim", f["hidden_size"] // f["num_attention_heads"])
     assert (mc.d_model, mc.n_layers, mc.n_heads, mc.kv_heads, mc.dim_per_head) == (
         f["hidden_size"], f["num_hidden_layers"], f["num_attention_heads"], f["num_key_value_heads"], hd)
@@ -259,7 +258,7 @@ def test_torch_and_deepspeed_models_are_the_published_architecture(name):
 
     ds_cfg = load_run_config(model_yaml, ["backend=deepspeed", "parallel.expert_parallel=2",
                                                    *(["model.moe.normalize_topk=true"] if not mc.normalize_topk else [])])
-    dmc = ds_backend.model_config(ds_cfg)
+    dmc = configs.deepspeed_model_config(ds_cfg)
     assert {k: v for k, v in vars(dmc).items() if k not in ("experts", "ep_size", "normalize_topk")} == {
         k: v for k, v in vars(mc).items() if k not in ("experts", "ep_size", "normalize_topk")}
 

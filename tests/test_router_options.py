@@ -59,7 +59,7 @@ class AssignmentSpy:
 
 @pytest.mark.parametrize("option", OPTIONS, ids=list(OPTIONS))
 def test_excitation_counts_are_the_actual_assignments(option):
-    from excitation_dist.recipe.backends.torch import model_config
+    from excitation_dist.recipe.backends.configs import torch_model_config as model_config
 
     cfg = _cfg("torch", OPTIONS[option])
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_megatron_router_agrees_with_the_torch_router(option):
 
     from excitation_dist.megatron import compat
     from excitation_dist.recipe.backends.megatron import router_kwargs
-    from excitation_dist.recipe.backends.torch import model_config
+    from excitation_dist.recipe.backends.configs import torch_model_config as model_config
 
     kw = router_kwargs(_cfg("megatron", OPTIONS[option]))
     mc = model_config(_cfg("torch", OPTIONS[option]))

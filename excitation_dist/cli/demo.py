@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from excitation_dist.config import ConfigError, ExcitationConfig
-from excitation_dist.strategies import STRATEGIES
+from excitation_dist.config import STRATEGIES, ConfigError, ExcitationConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -68,6 +68,7 @@ def _fail(config: str, problems: list[str]) -> SystemExit:
 def run(args: argparse.Namespace) -> int:
     from excitation_dist.config import ConfigError
     from excitation_dist.recipe import preflight
+    from excitation_dist.recipe.backends import configs
     from excitation_dist.recipe.config import load_run_config
     from excitation_dist.recipe.run_lock import HELD_BY_LAUNCHER_ENV, CheckpointLocked, RunLock, held_by_our_launcher
 
@@ -105,14 +106,16 @@ def run(args: argparse.Namespace) -> int:
     problems = preflight.check_run(cfg, launching_locally=not launched and cfg.parallel.nodes == 1,
                                    check_lock=not launched, notes=notes)
     try:
-        backend = importlib.import_module(BACKENDS[cfg.backend])
-        if hasattr(backend, "validate"):
-            backend.validate(cfg)
-    except ImportError as exc:
-        problems.append(f"backend: '{cfg.backend}' cannot be imported ({exc}); install it with: "
-                        f"pip install -e '.[{cfg.backend}]'")
+        configs.validate(cfg)  # without torch: the launching process checks and execs torchrun in well under a second
     except ConfigError as exc:
         problems.append(str(exc))
+    backend = None
+    if launched and not problems:
+        try:
+            backend = importlib.import_module(BACKENDS[cfg.backend])
+        except ImportError as exc:
+            problems.append(f"backend: '{cfg.backend}' cannot be imported ({exc}); install it with: "
+                            f"pip install -e '.[{cfg.backend}]'")
     if problems:
         if launched and rank != 0:
             raise SystemExit(1)

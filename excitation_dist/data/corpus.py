@@ -12,8 +12,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED_BYTES = 4_000_000
 
@@ -70,6 +74,8 @@ def byte_batches(
 ) -> torch.Tensor:
     """A deterministic batch [batch_size, seq_len + 1] of byte windows for
     (seed, step, rank): every rank draws distinct windows."""
+    import torch  # here, not at the top: the command line reads the corpus module without torch
+
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank)
     starts = torch.randint(0, corpus.numel() - seq_len - 1, (batch_size,), generator=g)
     return torch.stack([corpus[s : s + seq_len + 1] for s in starts.tolist()]).long()

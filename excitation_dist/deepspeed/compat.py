@@ -21,8 +21,7 @@ from excitation_dist import versions
 from excitation_dist.counting import tokens_per_expert
 from excitation_dist.segments import ExpertRange, stacked_expert_ranges
 
-CHECKED_RANGE = ">=0.19.0,<0.20"
-_SKIP_CHECK_ENV = "EXCITATION_DEEPSPEED_SKIP_VERSION_CHECK"
+CHECKED_RANGE = versions.GATES["deepspeed"].specifier
 
 
 def check_version(version: str | None = None) -> None:
@@ -31,8 +30,7 @@ def check_version(version: str | None = None) -> None:
         import deepspeed
 
         version = deepspeed.__version__
-    versions.require("DeepSpeed", version, CHECKED_RANGE, checked="0.19.8",
-                     install="DS_BUILD_OPS=0 pip install deepspeed==0.19.8", skip_env=_SKIP_CHECK_ENV)
+    versions.check("deepspeed", version)
 
 
 def init_distributed() -> bool:

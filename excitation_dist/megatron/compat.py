@@ -21,26 +21,16 @@ from excitation_dist import versions
 from excitation_dist.segments import ExpertRange, stacked_expert_ranges
 from excitation_dist.shards import SteppedPiece
 
-CHECKED_RANGE = ">=0.16.1,<0.20"
-_SKIP_CHECK_ENV = "EXCITATION_MEGATRON_SKIP_VERSION_CHECK"
+CHECKED_RANGE = versions.GATES["megatron-core"].specifier
 
 
 def installed_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("megatron-core")
-    except importlib.metadata.PackageNotFoundError:
-        import megatron.core
-
-        return megatron.core.__version__
+    return versions.installed("megatron-core")
 
 
 def check_version(version: str | None = None) -> None:
     """Refuse a megatron-core version outside the range this backend was checked against."""
-    versions.require("megatron-core", version or installed_version(), CHECKED_RANGE, checked="0.16.1, 0.19.2",
-                     install="pip install megatron-core==0.16.1 (Python 3.11) or megatron-core==0.19.2 (Python >= 3.12)",
-                     skip_env=_SKIP_CHECK_ENV)
+    versions.check("megatron-core", version)
 
 
 def has_training_loop() -> bool:

@@ -131,7 +131,7 @@ class DataConfig:
     cache_dir: str | None = None  # megatron-core's index files; shared by all nodes. None: <logging.dir>/data_cache
 
     def __post_init__(self) -> None:
-        from excitation_dist.data.datasets import parse_blend, parse_split
+        from excitation_dist.data.blends import parse_blend, parse_split
         from excitation_dist.data.errors import DataError
 
         for key, check in (("split", lambda: parse_split(self.split)), ("path", lambda: parse_blend(self.path))):

@@ -92,7 +92,7 @@ def order_inputs(cfg: RunConfig) -> dict[str, Any]:
     """What the training sample order depends on besides the epochs (keys named as in the config).
     ``data.path`` is recorded parsed (prefixes, weights normalized as megatron normalizes them), so
     ``"0.3 A 0.7 B"`` and ``"3 A 7 B"`` are one order."""
-    from excitation_dist.data.datasets import parse_blend
+    from excitation_dist.data.blends import parse_blend
 
     if cfg.data.embedded:
         path: Any = "embedded"
@@ -109,7 +109,7 @@ def _train_prefixes(cfg: RunConfig) -> list[str] | None:
     """The prefixes the training dataset reads; None when the embedded corpus is not written yet
     (preflight writes nothing: the ranks check again once it exists)."""
     from excitation_dist.data.corpus import EMBEDDED_BYTES
-    from excitation_dist.data.datasets import parse_blend
+    from excitation_dist.data.blends import parse_blend
 
     if not cfg.data.embedded:
         return list(parse_blend(cfg.data.path).prefixes)
@@ -127,7 +127,7 @@ def epoch_plan(cfg: RunConfig, num_samples: int) -> list[dict[str, Any]] | None:
     samples changes with these, not with ``num_samples`` itself; this mirrors
     ``GPTDataset._get_num_epochs`` and ``_get_size_per_split_per_dataset`` (a test compares it with the
     datasets megatron-core builds). Reads index headers only; None if the data is not there yet."""
-    from excitation_dist.data.datasets import parse_blend, split_ranges
+    from excitation_dist.data.blends import parse_blend, split_ranges
     from excitation_dist.data.indexed import inspect_index
 
     prefixes = _train_prefixes(cfg)

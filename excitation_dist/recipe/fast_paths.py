@@ -36,11 +36,13 @@ class Environment:
     apex_gradient_accumulation_fusion: bool = False  # apex's fused_weight_gradient_mlp_cuda extension
 
     @classmethod
-    def detect(cls) -> Environment:
-        import torch
+    def detect(cls, *, cuda: bool = True) -> Environment:
+        """``cuda=False``: do not look for a CUDA device (that imports torch); a CPU config never reads it."""
+        if cuda:
+            import torch
 
         return cls(
-            cuda=torch.cuda.is_available(),
+            cuda=cuda and torch.cuda.is_available(),
             transformer_engine=_importable("transformer_engine"),
             apex=_importable("apex.optimizers") and _importable("apex.normalization"),
             apex_gradient_accumulation_fusion=_importable("fused_weight_gradient_mlp_cuda"),
@@ -83,7 +85,7 @@ class FastPaths:
 
 def resolve(cfg: RunConfig, env: Environment | None = None) -> FastPaths:
     """The fast paths of ``cfg`` on a machine described by ``env`` (default: this one)."""
-    env = Environment.detect() if env is None else env
+    env = Environment.detect(cuda=cfg.device == "cuda") if env is None else env
     fallbacks: list[tuple[str, str]] = []
 
     def fall(setting: str, reason: str) -> bool:

@@ -19,15 +19,12 @@ import json
 import os
 import math
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from excitation_dist.core import Excitation
-from excitation_dist.strategies import utilization
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only where a record is made: the command line reads logs without it
+    from excitation_dist.core import Excitation
     from excitation_dist.recipe.config import RunConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,6 +32,11 @@ RUN_INFO_FILE = "run.json"  # what the run is (strategy, gamma, ...), for report
 WANDB_RUN_ID_FILE = "wandb-run-id"  # a restarted run continues the same W&B run
 MATRICES = ("utilization_LE", "multipliers_LE")
 _LAYER_KEY = re.compile(r"/layer_\d+/")
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")  # no tensor exists in a process that has not imported torch
+    return torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1
 
 
 def is_layer_detail(key: str) -> bool:
@@ -50,6 +52,8 @@ def layers_due(step: int, layer_interval: int | None) -> bool:
 def excitation_record(excitation: Excitation, per_layer: bool = True) -> dict[str, Any]:
     """Scalars of the last step summarized over layers; with ``per_layer`` also each
     layer's and the [L, E] utilization ratio (load / ideal) and multiplier matrices."""
+    from excitation_dist.strategies import utilization
+
     record: dict[str, Any] = dict(excitation.metrics(per_layer=per_layer))
     if per_layer:
         counts = excitation.last_counts_LE
@@ -172,7 +176,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         keep_layers = self.layers_due(step)
-        clean = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+        clean = {k: (v.item() if _is_scalar_tensor(v) else v)
                  for k, v in values.items() if keep_layers or not is_layer_detail(k)}
         scalars = {k: v for k, v in clean.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}

@@ -14,13 +14,13 @@ and the fix; all of them are reported together. Nothing is written.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 
+from excitation_dist import versions
 from excitation_dist.config import ConfigError
 from excitation_dist.recipe.checkpoint import CheckpointManager, holds_excitation_state, read_metadata, resume_metadata
 from excitation_dist.recipe.config import DataConfig, RunConfig
@@ -76,7 +76,7 @@ def check_data(cfg: RunConfig, vocab: int | None) -> None:
                           "and megatron-core is not installed; pip install -e '.[recipe]'")
     if cfg.data.embedded:
         return
-    from excitation_dist.data.datasets import SPLIT_NAMES, parse_blend, split_ranges
+    from excitation_dist.data.blends import SPLIT_NAMES, parse_blend, split_ranges
     from excitation_dist.data.errors import DataError
     from excitation_dist.data.indexed import inspect_index
 
@@ -275,9 +275,9 @@ def resume_check(cfg: RunConfig, checkpoint: Path | None = None) -> tuple[list[s
 def check_device_and_backend(cfg: RunConfig, *, launching_locally: bool) -> None:
     """The device exists (enough GPUs for a one-node launch) and the backend's
     framework is installed in a version the project was checked against."""
-    import torch
-
     if cfg.device == "cuda":
+        import torch  # only here: a CPU config is checked without importing torch
+
         if not torch.cuda.is_available():
             raise ConfigError("device: cuda, but this machine has no usable GPU (torch.cuda.is_available() is "
                               "False); set device=cpu, or run on a GPU node with a CUDA build of torch")
@@ -288,25 +288,22 @@ def check_device_and_backend(cfg: RunConfig, *, launching_locally: bool) -> None
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("backend: deepspeed is not installed; DS_BUILD_OPS=0 pip install -e '.[deepspeed]', "
                               "or set backend=torch")
-        from excitation_dist.deepspeed.compat import check_version
-
-        version = importlib.metadata.version("deepspeed")
         try:
-            check_version(version)
+            versions.check("deepspeed")
         except RuntimeError as exc:
             raise ConfigError(f"backend: {exc}") from None
     elif cfg.backend == "megatron":
         if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
             raise ConfigError("backend: megatron-core is not installed; pip install -e '.[megatron]', "
                               "or set backend=deepspeed")
-        from excitation_dist.megatron import compat, cpu_patches
+        from excitation_dist.megatron import cpu_patches
 
         try:
-            compat.check_version()
+            versions.check("megatron-core")
         except RuntimeError as exc:
             raise ConfigError(f"backend: {exc}") from None
         if cfg.device == "cpu":
-            version, checked = compat.installed_version().split("+")[0], cpu_patches.checked_versions()
+            version, checked = versions.installed("megatron-core").split("+")[0], cpu_patches.checked_versions()
             if version not in checked:
                 raise ConfigError(f"backend: megatron on CPU needs the CPU patches (patches/megatron_cpu/), which "
                                   f"support megatron-core {' and '.join(checked)}; found {version}: pip install "

@@ -28,8 +28,7 @@ from excitation_dist import versions
 from excitation_dist.config import ConfigError
 from excitation_dist.torch.backend import ExpertSlice
 
-CHECKED_RANGE = ">=0.3.0,<0.4"
-_SKIP_CHECK_ENV = "EXCITATION_TORCHTITAN_SKIP_VERSION_CHECK"
+CHECKED_RANGE = versions.GATES["torchtitan"].specifier
 
 # Mesh dimensions (torchtitan's names) whose ranks see the same tokens: the count all-reduce leaves them out.
 SAME_TOKEN_DIMS = ("tp",)
@@ -41,8 +40,7 @@ def check_version(version: str | None = None) -> None:
         import torchtitan
 
         version = torchtitan.__version__
-    versions.require("torchtitan", version, CHECKED_RANGE, checked="0.3.0",
-                     install="pip install 'excitation-dist[torchtitan]'", skip_env=_SKIP_CHECK_ENV)
+    versions.check("torchtitan", version)
 
 
 class MoELayer(NamedTuple):

@@ -20,109 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from excitation_dist.config import ConfigError
-from excitation_dist.models import GPTMoE, GPTMoEConfig
-from excitation_dist.recipe import fast_paths
+from excitation_dist.models import GPTMoE
+from excitation_dist.recipe.backends.configs import deepspeed_config, deepspeed_model_config, validate
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.fast_paths import FastPaths
-from excitation_dist.recipe.model_options import gpt_moe_options
 from excitation_dist.recipe.loop import init_process_group, run_training
 
 CHECKPOINT_TAG = "deepspeed"
-# The recipe owns these; a deepspeed_config JSON may repeat them only with the same value.
-_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "gradient_clipping")
-
-
-def model_config(cfg: RunConfig) -> GPTMoEConfig:
-    """The :class:`GPTMoEConfig` (deepspeed experts) for ``cfg.model``; refuses what it cannot build."""
-    m = cfg.model
-    if m.attention != "standard":
-        raise ConfigError("model.attention: multi-head latent attention (mla) is not built by backend deepspeed; "
-                          "use backend: megatron")
-    if m.moe.router_dtype != "fp32":
-        raise ConfigError("model.moe.router_dtype: DeepSpeed's TopKGate always routes in fp32; set fp32")
-    try:
-        return GPTMoEConfig(**gpt_moe_options(m), experts="deepspeed", ep_size=cfg.parallel.expert_parallel)
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
-
-
-def _fused_optimizer(cfg: RunConfig) -> dict[str, Any]:
-    """DeepSpeed's optimizer block for ``optimizer.*``: on CUDA DeepSpeed builds its FusedAdam from it.
-
-    ``adam_w_mode`` is always explicit: DeepSpeed's ``{"type": "Adam"}`` defaults to ``adam_w_mode: true``
-    (decoupled weight decay, i.e. AdamW), while ``optimizer.name: adam`` means coupled L2 decay on the CPU
-    path (``torch.optim.Adam``) and on the Megatron backend; without it a GPU and a CPU run of one config
-    would train different optimizers."""
-    o = cfg.optimizer
-    decoupled = o.name == "adamw"
-    return {"type": "AdamW" if decoupled else "Adam",
-            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-                       "adam_w_mode": decoupled}}
-
-
-def deepspeed_config(cfg: RunConfig, fast: FastPaths | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON config for ``cfg`` (``cfg.deepspeed_config`` merged under it). With the fast
-    paths on (CUDA, Adam/AdamW: :func:`excitation_dist.recipe.fast_paths.resolve`) it carries an
-    ``optimizer`` block, so DeepSpeed builds FusedAdam; on CPU the recipe passes a torch optimizer."""
-    fast = fast_paths.resolve(cfg) if fast is None else fast
-    s, o = cfg.schedule, cfg.optimizer
-    generated: dict[str, Any] = {
-        "train_batch_size": s.global_batch_size,
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_clipping": o.clip_grad,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
-    }
-    if fast.deepspeed_optimizer == "FusedAdam":
-        generated["optimizer"] = _fused_optimizer(cfg)
-    if not cfg.deepspeed_config:
-        return generated
-    path = Path(cfg.deepspeed_config)
-    try:
-        user = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"deepspeed_config: cannot read {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {exc}") from None
-    if not isinstance(user, dict):
-        raise ConfigError(f"deepspeed_config: {path} must hold a JSON object")
-    if "scheduler" in user:
-        raise ConfigError(f"deepspeed_config: {path} has a 'scheduler'; the recipe sets the learning rate every step "
-                          "from schedule.* and optimizer.lr/min_lr: remove it")
-    for key in _OWNED_KEYS:
-        if key in user and user[key] != generated[key]:
-            raise ConfigError(f"deepspeed_config: {path} sets {key}={user[key]!r} but the run config gives "
-                              f"{generated[key]!r} (from schedule.* / optimizer.clip_grad): remove it from the JSON")
-    stage = user.get("zero_optimization", {}).get("stage", cfg.parallel.zero_stage)
-    if stage != cfg.parallel.zero_stage:
-        raise ConfigError(f"deepspeed_config: {path} sets zero_optimization.stage={stage} but parallel.zero_stage is "
-                          f"{cfg.parallel.zero_stage}: set it in one place")
-    if "optimizer" in user:  # the JSON's optimizer block wins over the generated one
-        generated.pop("optimizer", None)
-    merged = dict(user)
-    for key, value in generated.items():
-        merged[key] = {**user[key], **value} if isinstance(value, dict) and isinstance(user.get(key), dict) else value
-    return merged
-
-
-def validate(cfg: RunConfig) -> None:
-    model_config(cfg)
-    deepspeed_config(cfg)
 
 
 def moe_param_groups(model: torch.nn.Module, weight_decay: float, max_group_size: int | None = None) -> list[dict]:
@@ -158,7 +69,7 @@ class DeepSpeedBackend:
 
         check_version()
         torch.manual_seed(cfg.seed)
-        self.model = GPTMoE(model_config(cfg))
+        self.model = GPTMoE(deepspeed_model_config(cfg))
         ds_config = deepspeed_config(cfg)
         # DeepSpeed print()s "No existing process group found, creating a new group named: ep_size_N" on every
         # rank for every expert group it creates (its normal path, not a problem): keep rank 0's other prints only.

@@ -18,33 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from excitation_dist.config import ConfigError
 from excitation_dist.recipe import fast_paths
+from excitation_dist.recipe.backends.configs import validate
 from excitation_dist.recipe.config import RunConfig
 from excitation_dist.recipe.fast_paths import FastPaths
 from excitation_dist.recipe.loop import init_process_group, run_training
-
-
-def validate(cfg: RunConfig) -> None:
-    m, p = cfg.model, cfg.parallel
-    unsupported = {
-        "parallel.context_parallel > 1": p.context_parallel != 1,
-    }
-    bad = [key for key, is_bad in unsupported.items() if is_bad]
-    if bad:
-        raise ConfigError(f"{', '.join(bad)}: not wired into the megatron recipe yet; "
-                          "use Megatron-LM (python -m excitation_dist.recipe.pretrain_gpt)")
-    if m.attention == "mla" and cfg.device == "cpu":
-        raise ConfigError("model.attention: mla needs Transformer Engine's attention (megatron-core's local "
-                          "DotProductAttention cannot run latent attention); use device: cuda with Transformer Engine")
-    if cfg.device == "cpu" and p.expert_tensor_parallel != 1:
-        raise ConfigError("parallel.expert_tensor_parallel: must be 1 on CPU (gloo cannot all-gather unevenly)")
-    if p.tensor_parallel > 1 and p.expert_parallel == 1 and p.expert_tensor_parallel != p.tensor_parallel:
-        raise ConfigError(
-            "parallel.expert_parallel: with tensor_parallel > 1 and expert_tensor_parallel != tensor_parallel, "
-            "megatron-core only synchronizes expert gradients when expert_parallel > 1; raise expert_parallel "
-            "or set expert_tensor_parallel = tensor_parallel"
-        )
 
 
 def router_kwargs(cfg: RunConfig) -> dict[str, Any]:

@@ -11,32 +11,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from excitation_dist.config import ConfigError
-from excitation_dist.models import GPTMoE, GPTMoEConfig
+from excitation_dist.models import GPTMoE
+from excitation_dist.recipe.backends.configs import torch_model_config, validate
 from excitation_dist.recipe.config import RunConfig
-from excitation_dist.recipe.model_options import gpt_moe_options
 from excitation_dist.recipe.loop import init_process_group, run_training
 from excitation_dist.torch.backend import attach
 
 STATE_FILE = "state.pt"
-
-
-def model_config(cfg: RunConfig) -> GPTMoEConfig:
-    """The :class:`GPTMoEConfig` (torch experts) for ``cfg.model``; refuses what it cannot build."""
-    m = cfg.model
-    if m.attention != "standard":
-        raise ConfigError(f"model.attention: multi-head latent attention (mla) is not built by backend {cfg.backend}; "
-                          "use backend: megatron")
-    try:
-        return GPTMoEConfig(**gpt_moe_options(m), experts="torch")
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
-
-
-def validate(cfg: RunConfig) -> None:
-    model_config(cfg)
-    if cfg.precision != "fp32":
-        raise ConfigError(f"precision: backend {cfg.backend} trains in fp32; use deepspeed or megatron for bf16/fp16")
 
 
 def scalar(value: torch.Tensor) -> float:
@@ -57,7 +38,7 @@ class TorchDDPBackend:
     def __init__(self, cfg: RunConfig, device: torch.device) -> None:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.model = GPTMoE(model_config(cfg)).to(device)
+        self.model = GPTMoE(torch_model_config(cfg)).to(device)
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model) if distributed else self.model
         self.optimizer = optimizer(cfg, self.wrapped.parameters())
