@@ -256,3 +256,35 @@ def test_hugging_face_tokenizer_refusals_name_the_file_and_the_fix(tmp_path):
         load_tokenizer(tmp_path / "broken.json")
     with pytest.raises(DataError, match=r"need at least \d+ tokens \(256 byte pieces"):
         prepare_data([text], tmp_path / "small", vocab_size=260, quiet=True)
+
+
+def test_dataset_stack_imports_without_megatron_core_init_and_the_package_completes_on_use(tmp_path):
+    """megatron_import.dataset_modules() loads megatron-core's dataset modules without the package __init__
+    (its model-parallel stack, Transformer Engine extension and inductor: most of a torch/DeepSpeed/FSDP2
+    rank's start-up); the samples are megatron's own (the recipe's data tests compare them), and megatron
+    code imported afterwards in the same process sees the complete package."""
+    probe = """
+import sys
+from excitation_dist.data.megatron_import import complete_megatron_core, dataset_modules
+from excitation_dist.data.indexed import IndexedDatasetWriter
+import numpy as np
+modules = dataset_modules()
+with IndexedDatasetWriter(sys.argv[1], np.uint16) as w:
+    w.add_document(np.arange(7))
+ds = modules["megatron.core.datasets.indexed_dataset"].IndexedDataset(sys.argv[1])
+assert ds[0].tolist() == list(range(7))
+heavy = [m for m in ("megatron.core.tensor_parallel", "megatron.core.transformer", "torch._inductor.compile_fx")
+         if m in sys.modules]
+print("BEFORE", heavy)
+from megatron.core import ModelParallelConfig, mpu, parallel_state   # names only the package __init__ defines
+import megatron.core
+assert mpu is parallel_state and megatron.core.tensor_parallel.layers.ColumnParallelLinear
+assert megatron.core.__version__ and megatron.core._excitation_init == "done"
+assert "megatron.core.tensor_parallel" in sys.modules
+complete_megatron_core()  # idempotent
+print("COMPLETE")
+"""
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "d")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "BEFORE []" in done.stdout and "COMPLETE" in done.stdout, done.stdout

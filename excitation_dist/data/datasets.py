@@ -64,15 +64,18 @@ def build_gpt_datasets(blend: Blend, *, split: str, seq_length: int, seed: int, 
     Call it on every rank of the default process group (or in a lone process):
     megatron-core builds the index files on global rank 0 first, then every other
     rank loads them, so ``cache_dir`` must be one directory all ranks see."""
-    from excitation_dist.data.indexed import inspect_index, quiet_megatron_import
+    from excitation_dist.data.indexed import inspect_index
+    from excitation_dist.data.megatron_import import dataset_modules
 
     try:
-        with quiet_megatron_import():
-            from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-            from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+        modules = dataset_modules()
     except ImportError as exc:
         raise DataError(f"megatron-core's dataset stack does not import ({exc}); the recipe reads its data through "
                         "it on every backend: pip install -e '.[recipe]'") from None
+    builder_module = modules["megatron.core.datasets.blended_megatron_dataset_builder"]
+    BlendedMegatronDatasetBuilder = builder_module.BlendedMegatronDatasetBuilder
+    gpt_dataset = modules["megatron.core.datasets.gpt_dataset"]
+    GPTDataset, GPTDatasetConfig = gpt_dataset.GPTDataset, gpt_dataset.GPTDatasetConfig
 
     prefixes, weights = blend.as_megatron()
     if weights is None and len(prefixes) > 1:

@@ -16,10 +16,8 @@ one sequence.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +33,6 @@ _CODE_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 
                 8: np.uint16}
 _TOKEN_DTYPES = (np.uint8, np.uint16, np.int32, np.int64)
 REWRITE = "write it again (excitation-dist prepare-data, or Megatron-LM's tools/preprocess_data.py)"
-
-
-@contextlib.contextmanager
-def quiet_megatron_import():
-    """Import megatron-core without its warnings that Transformer Engine and Apex
-    are missing: they concern its model code's fallbacks, not the dataset stack."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        yield
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -68,8 +57,9 @@ class IndexedDatasetWriter:
 
     def __enter__(self) -> "IndexedDatasetWriter":
         try:
-            with quiet_megatron_import():
-                from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+            from excitation_dist.data.megatron_import import dataset_modules
+
+            IndexedDatasetBuilder = dataset_modules()["megatron.core.datasets.indexed_dataset"].IndexedDatasetBuilder
         except ImportError as exc:
             raise DataError(f"megatron-core does not import ({exc}); the indexed dataset is written through its "
                             "IndexedDatasetBuilder: pip install -e '.[recipe]'") from None
