@@ -259,13 +259,13 @@ def test_hugging_face_tokenizer_refusals_name_the_file_and_the_fix(tmp_path):
 
 
 def test_dataset_stack_imports_without_megatron_core_init_and_the_package_completes_on_use(tmp_path):
-    """megatron_import.dataset_modules() loads megatron-core's dataset modules without the package __init__
+    """dataset_import.dataset_modules() loads megatron-core's dataset modules without the package __init__
     (its model-parallel stack, Transformer Engine extension and inductor: most of a torch/DeepSpeed/FSDP2
     rank's start-up); the samples are megatron's own (the recipe's data tests compare them), and megatron
     code imported afterwards in the same process sees the complete package."""
     probe = """
 import sys
-from excitation_dist.data.megatron_import import complete_megatron_core, dataset_modules
+from excitation_dist.megatron.dataset_import import complete_megatron_core, dataset_modules
 from excitation_dist.data.indexed import IndexedDatasetWriter
 import numpy as np
 modules = dataset_modules()

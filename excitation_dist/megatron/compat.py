@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from excitation_dist import versions
-from excitation_dist.data.megatron_import import complete_megatron_core
+from excitation_dist.megatron.dataset_import import complete_megatron_core
 from excitation_dist.segments import ExpertRange, stacked_expert_ranges
 from excitation_dist.shards import SteppedPiece
 
