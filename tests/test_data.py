@@ -258,16 +258,16 @@ def test_hugging_face_tokenizer_refusals_name_the_file_and_the_fix(tmp_path):
         prepare_data([text], tmp_path / "small", vocab_size=260, quiet=True)
 
 
-def test_dataset_stack_imports_without_megatron_core_init_and_the_package_completes_on_use(tmp_path):
-    """dataset_import.dataset_modules() loads megatron-core's dataset modules without the package __init__
+def test_dataset_stack_imports_without_megatron_core_init_and_megatron_imports_whole_afterwards(tmp_path):
+    """deferred_import.dataset_modules() loads megatron-core's dataset modules without the package __init__
     (its model-parallel stack, Transformer Engine extension and inductor: most of a torch/DeepSpeed/FSDP2
-    rank's start-up); the samples are megatron's own (the recipe's data tests compare them), and megatron
-    code imported afterwards in the same process sees the complete package."""
+    rank's start-up) and leaves nothing of it behind: megatron code imported afterwards in the same process
+    imports the whole package, in its own order (the recipe's data tests compare the samples themselves)."""
     probe = """
 import sys
-from excitation_dist.megatron.dataset_import import complete_megatron_core, dataset_modules
-from excitation_dist.data.indexed import IndexedDatasetWriter
 import numpy as np
+from excitation_dist.megatron.deferred_import import dataset_modules
+from excitation_dist.data.indexed import IndexedDatasetWriter
 modules = dataset_modules()
 with IndexedDatasetWriter(sys.argv[1], np.uint16) as w:
     w.add_document(np.arange(7))
@@ -275,16 +275,15 @@ ds = modules["megatron.core.datasets.indexed_dataset"].IndexedDataset(sys.argv[1
 assert ds[0].tolist() == list(range(7))
 heavy = [m for m in ("megatron.core.tensor_parallel", "megatron.core.transformer", "torch._inductor.compile_fx")
          if m in sys.modules]
-print("BEFORE", heavy)
-from megatron.core import ModelParallelConfig, mpu, parallel_state   # names only the package __init__ defines
+print("BEFORE", heavy, [m for m in sys.modules if m.startswith("megatron.core")])
+from megatron.core.tensor_parallel import random   # a submodule first: the circular-import order megatron's
+from megatron.core import ModelParallelConfig, mpu, parallel_state   # own __init__ avoids
 import megatron.core
-assert mpu is parallel_state and megatron.core.tensor_parallel.layers.ColumnParallelLinear
-assert megatron.core.__version__ and megatron.core._excitation_init == "done"
-assert "megatron.core.tensor_parallel" in sys.modules
-complete_megatron_core()  # idempotent
+assert mpu is parallel_state and megatron.core.tensor_parallel.layers.ColumnParallelLinear and megatron.core.__version__
+assert dataset_modules()["megatron.core.datasets.gpt_dataset"] is sys.modules["megatron.core.datasets.gpt_dataset"]
 print("COMPLETE")
 """
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "d")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "BEFORE []" in done.stdout and "COMPLETE" in done.stdout, done.stdout
+    assert "BEFORE [] []" in done.stdout and "COMPLETE" in done.stdout, done.stdout

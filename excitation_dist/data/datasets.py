@@ -65,7 +65,7 @@ def build_gpt_datasets(blend: Blend, *, split: str, seq_length: int, seed: int, 
     megatron-core builds the index files on global rank 0 first, then every other
     rank loads them, so ``cache_dir`` must be one directory all ranks see."""
     from excitation_dist.data.indexed import inspect_index
-    from excitation_dist.megatron.dataset_import import dataset_modules
+    from excitation_dist.megatron.deferred_import import dataset_modules
 
     try:
         modules = dataset_modules()

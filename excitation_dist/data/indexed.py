@@ -57,7 +57,7 @@ class IndexedDatasetWriter:
 
     def __enter__(self) -> "IndexedDatasetWriter":
         try:
-            from excitation_dist.megatron.dataset_import import dataset_modules
+            from excitation_dist.megatron.deferred_import import dataset_modules
 
             IndexedDatasetBuilder = dataset_modules()["megatron.core.datasets.indexed_dataset"].IndexedDatasetBuilder
         except ImportError as exc:

@@ -18,11 +18,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from excitation_dist import versions
-from excitation_dist.megatron.dataset_import import complete_megatron_core
 from excitation_dist.segments import ExpertRange, stacked_expert_ranges
 from excitation_dist.shards import SteppedPiece
-
-complete_megatron_core()  # megatron's models need the whole package, however its dataset modules were imported
 
 CHECKED_RANGE = versions.GATES["megatron-core"].specifier
 

@@ -8,15 +8,16 @@ which refuses to patch a process that sees a GPU.
 
 from __future__ import annotations
 
-from . import (_common, alltoall_splits, cuda_devices, expert_bias_inplace, rng, te_gemm, torch_norm, training_loop,
-               triton_stub)
+from . import (_common, alltoall_splits, cuda_devices, expert_bias_inplace, jit_eager, rng, te_gemm, torch_norm,
+               training_loop, triton_stub)
 
 training_loop_patch = training_loop
 PatchVersionError = _common.PatchVersionError
 APPLIED = _common.APPLIED
 
-# Order matters: triton_stub before megatron.core is imported (0.19.2 imports triton at import time).
-PATCHES = (triton_stub, cuda_devices, rng, te_gemm, alltoall_splits, torch_norm, expert_bias_inplace)
+# Order matters: triton_stub before megatron.core is imported (0.19.2 imports triton at import time), then
+# jit_eager before the fused modules are.
+PATCHES = (triton_stub, jit_eager, cuda_devices, rng, te_gemm, alltoall_splits, torch_norm, expert_bias_inplace)
 
 
 def apply_all(training_loop: bool = False) -> dict[str, str]:

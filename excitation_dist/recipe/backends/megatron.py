@@ -484,12 +484,9 @@ def train(cfg: RunConfig) -> int:
         quiet_known_cpu_warnings()  # before megatron-core's first import
     validate(cfg)
     if cfg.device == "cpu":
-        from torch import _dynamo
-
         from excitation_dist.megatron import cpu_patches
 
-        _dynamo.config.disable = True  # megatron's jit fusions would compile with inductor (TORCHDYNAMO_DISABLE=1)
-        cpu_patches.apply()
+        cpu_patches.apply()  # jit_eager among them: megatron's jit fusions run eagerly, nothing compiles
     device = init_process_group(cfg)
     try:
         run_training(cfg, MegatronBackend(cfg, device), device)
