@@ -8,6 +8,7 @@ Public API:
 - ``excitation_dist.torch.attach``: the plain PyTorch backend.
 """
 
+from excitation_dist._lazy import lazy_attributes
 from excitation_dist.config import STRATEGIES, ConfigError, ExcitationConfig
 
 __version__ = "0.1.0"
@@ -15,21 +16,8 @@ __version__ = "0.1.0"
 # Imported on first use (PEP 562): torch is not needed to read or check a config, and the
 # command line (``excitation-dist train``'s checks before it execs torchrun, ``--help``,
 # ``--dry-run``) should not pay its import.
-_LAZY = {"Excitation": "excitation_dist.core", "ExpertSegment": "excitation_dist.core",
-         "multipliers": "excitation_dist.strategies"}
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), {
+    "Excitation": "excitation_dist.core", "ExpertSegment": "excitation_dist.core",
+    "multipliers": "excitation_dist.strategies"})
 
 __all__ = ["ConfigError", "Excitation", "ExcitationConfig", "ExpertSegment", "STRATEGIES", "multipliers", "__version__"]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'excitation_dist' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))

@@ -17,19 +17,8 @@ recompute, allgather/alltoall/flex dispatchers. On CPU (tests, laptops) apply
 ``python -m excitation_dist.recipe.pretrain_gpt`` (megatron-core 0.19.x).
 """
 
+from excitation_dist._lazy import lazy_attributes
+
 __all__ = ["attach", "attached", "detach", "rebuild_segments"]
-
-
-def __getattr__(name: str):
-    # on first use (PEP 562): the command line reads cpu_patches' versions without torch or megatron-core
-    if name in __all__:
-        from excitation_dist.megatron import backend
-
-        value = getattr(backend, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'excitation_dist.megatron' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# on first use (PEP 562): the command line reads cpu_patches' versions without torch or megatron-core
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), dict.fromkeys(__all__, "excitation_dist.megatron.backend"))
