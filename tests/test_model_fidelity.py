@@ -233,7 +233,7 @@ def test_torch_and_deepspeed_models_are_the_published_architecture(name):
     f = FACTS[name]
     model_yaml = CONFIGS / "models" / f"{name}.yaml"
     cfg = load_run_config(model_yaml, ["backend=torch", "precision=fp32"])
-    mc = configs.torch_model_config(cfg)
+    mc = configs.gpt_moe_config(cfg, "torch")
     hd = f.get("head_dim", f["hidden_size"] // f["num_attention_heads"])
     assert (mc.d_model, mc.n_layers, mc.n_heads, mc.kv_heads, mc.dim_per_head) == (
         f["hidden_size"], f["num_hidden_layers"], f["num_attention_heads"], f["num_key_value_heads"], hd)
@@ -258,7 +258,7 @@ def test_torch_and_deepspeed_models_are_the_published_architecture(name):
 
     ds_cfg = load_run_config(model_yaml, ["backend=deepspeed", "parallel.expert_parallel=2",
                                                    *(["model.moe.normalize_topk=true"] if not mc.normalize_topk else [])])
-    dmc = configs.deepspeed_model_config(ds_cfg)
+    dmc = configs.gpt_moe_config(ds_cfg, "deepspeed")
     assert {k: v for k, v in vars(dmc).items() if k not in ("experts", "ep_size", "normalize_topk")} == {
         k: v for k, v in vars(mc).items() if k not in ("experts", "ep_size", "normalize_topk")}
 

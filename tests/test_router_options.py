@@ -59,11 +59,11 @@ class AssignmentSpy:
 
 @pytest.mark.parametrize("option", OPTIONS, ids=list(OPTIONS))
 def test_excitation_counts_are_the_actual_assignments(option):
-    from excitation_dist.recipe.backends.configs import torch_model_config as model_config
+    from excitation_dist.recipe.backends.configs import gpt_moe_config
 
     cfg = _cfg("torch", OPTIONS[option])
     torch.manual_seed(0)
-    model = GPTMoE(model_config(cfg))
+    model = GPTMoE(gpt_moe_config(cfg, "torch"))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ex = attach(model, opt, {"strategy": "zerosum"})
     tokens = torch.randint(0, 32, (4, 9))
@@ -113,10 +113,10 @@ def test_megatron_router_agrees_with_the_torch_router(option):
 
     from excitation_dist.megatron import compat
     from excitation_dist.recipe.backends.megatron import router_kwargs
-    from excitation_dist.recipe.backends.configs import torch_model_config as model_config
+    from excitation_dist.recipe.backends.configs import gpt_moe_config
 
     kw = router_kwargs(_cfg("megatron", OPTIONS[option]))
-    mc = model_config(_cfg("torch", OPTIONS[option]))
+    mc = gpt_moe_config(_cfg("torch", OPTIONS[option]), "torch")
     torch.manual_seed(1)
     layer = TopKMoE(16, 8, mc.num_experts, mc.top_k, score_function=mc.score_function,
                     normalize_topk=mc.normalize_topk, topk_scaling_factor=mc.topk_scaling_factor,

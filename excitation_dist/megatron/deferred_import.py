@@ -7,10 +7,9 @@ that imports the model-parallel stack (tensor_parallel, Transformer Engine's
 extension, the inference contexts and W&B when it is installed) and, through
 megatron's jit fusions, ``torch.compile``'s inductor: 3.7 CPU-seconds per
 process on top of torch, measured here, paid by every rank of the torch,
-FSDP2 and DeepSpeed backends that use none of it (a 2-step, 2-rank run of the
-tiny torch config spent 10.5 user CPU-seconds in all, 8.1 without it). The dataset modules themselves need
-only ``megatron.core.utils``, ``parallel_state`` and the tokenizer base
-classes: 0.9 CPU-seconds.
+FSDP2 and DeepSpeed backends that use none of it. The dataset modules
+themselves need only ``megatron.core.utils``, ``parallel_state`` and the
+tokenizer base classes: 0.9 CPU-seconds.
 
 Both doors below import modules under a placeholder ``megatron.core`` package
 (the real one's spec and ``__path__``, its ``__init__`` not run) and never

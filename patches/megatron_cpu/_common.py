@@ -3,8 +3,6 @@ record of what was applied (so that applying twice is a no-op)."""
 
 from __future__ import annotations
 
-import importlib.metadata
-
 APPLIED: dict[str, str] = {}  # patch name -> megatron-core version it was applied for
 
 
@@ -13,12 +11,9 @@ class PatchVersionError(RuntimeError):
 
 
 def megatron_version() -> str:
-    try:
-        return importlib.metadata.version("megatron-core")
-    except importlib.metadata.PackageNotFoundError:
-        import megatron.core
+    from excitation_dist import versions
 
-        return megatron.core.__version__
+    return versions.installed("megatron-core")
 
 
 def require(patch: str, checked: tuple[str, ...]) -> str:

@@ -4,14 +4,14 @@ checks a config (and ``--dry-run`` answers) before it launches any rank, in a fr
 
 :func:`validate` raises :class:`~excitation_dist.config.ConfigError` naming the key and the fix. The
 backend modules (:mod:`excitation_dist.recipe.backends`) build their models and DeepSpeed engines from
-:func:`torch_model_config`, :func:`deepspeed_model_config` and :func:`deepspeed_config`.
+:func:`gpt_moe_config` and :func:`deepspeed_config`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from excitation_dist.config import ConfigError
 from excitation_dist.models.config import GPTMoEConfig
@@ -25,28 +25,20 @@ _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "gradient_clipping")
 
 
-def torch_model_config(cfg: RunConfig) -> GPTMoEConfig:
-    """The :class:`GPTMoEConfig` (torch experts; backends torch and fsdp2) for ``cfg.model``; refuses what it cannot build."""
+def gpt_moe_config(cfg: RunConfig, experts: Literal["torch", "deepspeed"]) -> GPTMoEConfig:
+    """The :class:`GPTMoEConfig` for ``cfg.model`` with ``experts`` (torch: backends torch and fsdp2; deepspeed:
+    ``deepspeed.moe`` experts over ``parallel.expert_parallel`` ranks); refuses what it cannot build."""
     m = cfg.model
     if m.attention != "standard":
         raise ConfigError(f"model.attention: multi-head latent attention (mla) is not built by backend {cfg.backend}; "
                           "use backend: megatron")
+    parallel: dict[str, Any] = {}
+    if experts == "deepspeed":
+        if m.moe.router_dtype != "fp32":
+            raise ConfigError("model.moe.router_dtype: DeepSpeed's TopKGate always routes in fp32; set fp32")
+        parallel["ep_size"] = cfg.parallel.expert_parallel
     try:
-        return GPTMoEConfig(**gpt_moe_options(m), experts="torch")
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
-
-
-def deepspeed_model_config(cfg: RunConfig) -> GPTMoEConfig:
-    """The :class:`GPTMoEConfig` (deepspeed experts) for ``cfg.model``; refuses what it cannot build."""
-    m = cfg.model
-    if m.attention != "standard":
-        raise ConfigError("model.attention: multi-head latent attention (mla) is not built by backend deepspeed; "
-                          "use backend: megatron")
-    if m.moe.router_dtype != "fp32":
-        raise ConfigError("model.moe.router_dtype: DeepSpeed's TopKGate always routes in fp32; set fp32")
-    try:
-        return GPTMoEConfig(**gpt_moe_options(m), experts="deepspeed", ep_size=cfg.parallel.expert_parallel)
+        return GPTMoEConfig(**gpt_moe_options(m), experts=experts, **parallel)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -138,12 +130,12 @@ def _megatron(cfg: RunConfig) -> None:
 def validate(cfg: RunConfig) -> None:
     """Refuse, with :class:`ConfigError`, what ``cfg.backend`` cannot build."""
     if cfg.backend in ("torch", "fsdp2"):  # fsdp2: the same model (torch experts) and precision as backend torch
-        torch_model_config(cfg)
+        gpt_moe_config(cfg, "torch")
         if cfg.precision != "fp32":
             raise ConfigError(f"precision: backend {cfg.backend} trains in fp32; use deepspeed or megatron for "
                               "bf16/fp16")
     elif cfg.backend == "deepspeed":
-        deepspeed_model_config(cfg)
+        gpt_moe_config(cfg, "deepspeed")
         deepspeed_config(cfg)
     elif cfg.backend == "megatron":
         _megatron(cfg)

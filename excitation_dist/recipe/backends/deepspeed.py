@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.models import GPTMoE
-from excitation_dist.recipe.backends.configs import deepspeed_config, deepspeed_model_config, validate
+from excitation_dist.recipe.backends.configs import deepspeed_config, gpt_moe_config, validate
 from excitation_dist.recipe.config import RunConfig
 from excitation_dist.recipe.loop import init_process_group, run_training
 
@@ -69,7 +69,7 @@ class DeepSpeedBackend:
 
         check_version()
         torch.manual_seed(cfg.seed)
-        self.model = GPTMoE(deepspeed_model_config(cfg))
+        self.model = GPTMoE(gpt_moe_config(cfg, "deepspeed"))
         ds_config = deepspeed_config(cfg)
         # DeepSpeed print()s "No existing process group found, creating a new group named: ep_size_N" on every
         # rank for every expert group it creates (its normal path, not a problem): keep rank 0's other prints only.

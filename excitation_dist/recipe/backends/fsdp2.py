@@ -27,7 +27,7 @@ import torch.distributed as dist
 from excitation_dist.fsdp2 import dcp_state
 from excitation_dist.models import GPTMoE
 from excitation_dist.recipe.backends import torch as torch_backend
-from excitation_dist.recipe.backends.configs import torch_model_config, validate
+from excitation_dist.recipe.backends.configs import gpt_moe_config, validate
 from excitation_dist.recipe.config import RunConfig
 
 EXCITATION_KEY = "excitation"
@@ -45,7 +45,7 @@ class FSDP2Backend(torch_backend.TorchDDPBackend):
 
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.model = GPTMoE(torch_model_config(cfg)).to(device)  # the same weights on every rank, then sharded
+        self.model = GPTMoE(gpt_moe_config(cfg, "torch")).to(device)  # the same weights on every rank, then sharded
         ep = cfg.parallel.expert_parallel
         if ep > 1:
             from excitation_dist.models.expert_parallel import shard_expert_parallel

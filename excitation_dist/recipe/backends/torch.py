@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from excitation_dist.models import GPTMoE
-from excitation_dist.recipe.backends.configs import torch_model_config, validate
+from excitation_dist.recipe.backends.configs import gpt_moe_config, validate
 from excitation_dist.recipe.config import RunConfig
 from excitation_dist.recipe.loop import init_process_group, run_training
 from excitation_dist.torch.backend import attach
@@ -38,7 +38,7 @@ class TorchDDPBackend:
     def __init__(self, cfg: RunConfig, device: torch.device) -> None:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.model = GPTMoE(torch_model_config(cfg)).to(device)
+        self.model = GPTMoE(gpt_moe_config(cfg, "torch")).to(device)
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model) if distributed else self.model
         self.optimizer = optimizer(cfg, self.wrapped.parameters())
