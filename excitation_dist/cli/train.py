@@ -6,7 +6,8 @@ and backend), before any process starts; ``--dry-run`` stops there. Under a
 launcher (torchrun, the deepspeed launcher, srun + torchrun) each rank runs the
 configured backend's training loop, dies with its launcher
 (:mod:`~excitation_dist.recipe.parent_watch`) and rank 0 holds the checkpoint
-directory's lock (:mod:`~excitation_dist.recipe.run_lock`). Started by hand on
+directory's lock (:mod:`~excitation_dist.recipe.run_lock`); a rank whose training returned
+leaves without torch's C++ teardown (:mod:`~excitation_dist.recipe.rank_exit`). Started by hand on
 one node, it takes the lock and re-launches itself (exec) under torchrun with
 ``parallel.gpus_per_node`` processes.
 """
@@ -161,4 +162,8 @@ def run(args: argparse.Namespace) -> int:
             except CheckpointLocked as exc:
                 raise _fail(args.config, [str(exc)]) from None
         print(_layout(cfg), flush=True)
-    return int(backend.train(cfg) or 0)
+    code = int(backend.train(cfg) or 0)
+    from excitation_dist.recipe.rank_exit import leave
+
+    leave(code)  # past torch's C++ teardown, which can abort a finished gloo rank (recipe/rank_exit.py)
+    return code
