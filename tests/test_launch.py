@@ -4,6 +4,7 @@ torchrun's c10d rendezvous between two network-namespace "nodes"."""
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,26 @@ def test_deepspeed_sbatch_script_trains_the_default_config(tmp_path):
     assert not list(tmp_path.glob("hostfile-*"))
 
 
+def _outputs(procs, timeout: float) -> list[str]:
+    """Every process's output, read side by side; one still running after ``timeout`` seconds
+    is killed, so a hang shows what each node printed, not only the first one's."""
+    outs = [""] * len(procs)
+
+    def read(i: int) -> None:
+        try:
+            outs[i] = procs[i].communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            procs[i].kill()
+            outs[i] = procs[i].communicate()[0] + f"\n[killed after {timeout:.0f} s]"
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(len(procs))]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    return outs
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_two_node_torchrun_rendezvous_between_namespaces(tmp_path):
     """launch/torchrun_multinode.sh on two hosts with their own addresses: 2 nodes x 1 process."""
@@ -64,7 +85,7 @@ def test_two_node_torchrun_rendezvous_between_namespaces(tmp_path):
             procs.append(net.popen(i, [str(ROOT / "launch/torchrun_multinode.sh"),
                                        str(ROOT / "configs/tiny_cpu_torch.yaml"), *overrides],
                                    env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+        outs = _outputs(procs, timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], "\n=== next node ===\n".join(outs)
     both = "\n".join(outs)
     assert "2 node(s) x 1 = 2 ranks" in both and "step      6/6 | loss" in both
