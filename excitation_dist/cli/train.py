@@ -165,5 +165,4 @@ def run(args: argparse.Namespace) -> int:
     code = int(backend.train(cfg) or 0)
     from excitation_dist.recipe.rank_exit import leave
 
-    leave(code)  # past torch's C++ teardown, which can abort a finished gloo rank (recipe/rank_exit.py)
-    return code
+    leave(code)  # never returns: past torch's C++ teardown, which can abort a finished gloo rank (recipe/rank_exit.py)

@@ -24,9 +24,10 @@ import atexit
 import os
 import sys
 import threading
+from typing import NoReturn
 
 
-def leave(code: int) -> None:
+def leave(code: int) -> NoReturn:
     """Exit this process with ``code`` after the Python-level shutdown, skipping interpreter finalization."""
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:

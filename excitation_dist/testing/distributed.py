@@ -26,9 +26,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 _HOST = "127.0.0.1"
-
-
-_PRELOAD = ["torch", "torch.distributed"]
+_PRELOAD = ["torch", "torch.distributed"]  # what the forkserver imports before it forks a rank
 
 
 def _context() -> mp.context.BaseContext:
