@@ -127,6 +127,33 @@ def test_one_collective_per_step_in_the_optimizer_step():
     assert run_distributed(_one_collective_without_overlap, 2) == [2, 2]
 
 
+def _counter_against_the_profilers_events():
+    """The same collectives (and a backward pass between them) under ``count_collectives`` and under a
+    plain profiler whose ``events()`` list is filtered by name: the same calls, in the same order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def work():
+        x = torch.ones(3, 4)
+        dist.all_reduce(x)
+        dist.broadcast(torch.ones(5), 0)
+        torch.nn.Linear(4, 4)(x).sum().backward()
+        dist.all_gather([torch.zeros(2) for _ in range(2)], torch.ones(2))
+        dist.barrier()
+
+    with count_collectives() as log:
+        work()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        work()
+    reference = [(e.name, str(e.input_shapes)) for e in prof.events() if e.name.startswith(("gloo:", "nccl:"))]
+    assert log.calls == reference and len(reference) == 4, (log.calls, reference)
+    return log.calls
+
+
+def test_count_collectives_reads_what_the_profilers_event_list_holds():
+    calls = run_distributed(_counter_against_the_profilers_events, 2)
+    assert [name for name, _ in calls[0]] == ["gloo:all_reduce", "gloo:broadcast", "gloo:all_gather", "gloo:barrier"]
+
+
 def _stacked_experts_match_per_expert_lr(micro_batches):
     """A (DDP, AdamW, Excitation) against B (DDP, no Excitation, AdamW with a
     per-element learning rate): B's expert e of each stacked weight is located

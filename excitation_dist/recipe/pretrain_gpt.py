@@ -91,7 +91,7 @@ def check_excitation_flags(argv: list[str]) -> None:
                 if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                     values.append(argv[i + 1])
         try:
-            config = excitation_config_from_args(parser.parse_known_args(values)[0])
+            excitation_config_from_args(parser.parse_known_args(values)[0])
         except (argparse.ArgumentError, ValueError) as exc:  # ConfigError is a ValueError
             problem = str(exc)
     if problem is not None:
@@ -335,9 +335,11 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
     if cpu:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         if os.environ["TORCHDYNAMO_DISABLE"] == "1":
-            from torch import _dynamo
-
-            _dynamo.config.disable = True
+            # read by torch.compile and by TorchDynamo's config when imported; importing it here would cost
+            # 2 CPU-seconds per process (the CPU patches keep megatron-core from importing it at all)
+            os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+            if "torch._dynamo" in sys.modules:  # imported already: functions compiled before run eagerly
+                sys.modules["torch._dynamo"].config.disable = True
         if int(os.environ.get("RANK", "0")) == 0:
             fallbacks = cpu_fallbacks(sys.argv[1:])
             print(f"fast paths: {len(fallbacks)} setting(s) fall back (pretrain_gpt, cpu):\n"

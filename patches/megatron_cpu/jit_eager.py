@@ -12,12 +12,22 @@ ones. Where megatron-core's fusions were imported before the patch, they are alr
 wrapped by ``torch.compile``: then ``torch._dynamo.config.disable`` runs them eagerly
 (what ``TORCHDYNAMO_DISABLE=1`` does). Either way the same eager functions run.
 
+megatron-core 0.19.2 also decorates one method with a bare ``@torch.compile``
+(``InferenceTopKRouter``'s top-k, in ``transformer/moe/router.py``), outside the jit fuser; decorating
+imports TorchDynamo (2 CPU-seconds here). While the package ``__init__`` runs, ``torch.compile`` is
+therefore the identity (on CPU the project runs every compiled function eagerly, as above), and is
+restored right after.
+
 Checked against megatron-core 0.16.1 and 0.19.2 (``megatron/core/jit.py`` is the same file in both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from typing import Iterator
+
+import torch
 
 from . import _common
 
@@ -37,5 +47,20 @@ def apply() -> None:
         return
     from excitation_dist.megatron.deferred_import import before_package_init
 
-    with before_package_init(("megatron.core.jit",)) as modules:  # megatron.core's __init__ runs after the block
-        _common.target(modules["megatron.core.jit"], "disable_jit_fuser", NAME)()
+    with _compile_is_identity(), before_package_init(("megatron.core.jit",)) as modules:
+        _common.target(modules["megatron.core.jit"], "disable_jit_fuser", NAME)()  # megatron.core's __init__ next
+
+
+@contextlib.contextmanager
+def _compile_is_identity() -> Iterator[None]:
+    """``torch.compile(fn)``, ``@torch.compile`` and ``@torch.compile(...)`` return the function unchanged."""
+    compile_ = torch.compile
+
+    def identity(model=None, **_options):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = identity
+    try:
+        yield
+    finally:
+        torch.compile = compile_
