@@ -232,6 +232,23 @@ def test_cpu_patches_fail_loudly_on_an_unchecked_version(monkeypatch):
             common.require(module.NAME, module.CHECKED)
 
 
+def test_checked_versions_read_from_source_equal_the_imported_patches():
+    """The launcher reads the CPU patches' versions from their source (importing them imports torch): the
+    same answer as the imported modules, and in a process that then has not imported torch."""
+    import subprocess
+    import sys
+
+    from excitation_dist.megatron import cpu_patches
+
+    patches = cpu_patches._load().PATCHES
+    always = [set(p.CHECKED) for p in patches if not hasattr(p, "needed")]
+    assert cpu_patches.checked_versions() == sorted(set.intersection(*always)) != []
+    probe = ("import sys; from excitation_dist.megatron import cpu_patches; "
+             "print(cpu_patches.checked_versions(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"{cpu_patches.checked_versions()} False"
+
+
 def test_the_cpu_device_mode_raises_no_warning_of_its_own():
     """Reading ``.grad`` through patches/megatron_cpu's device mode (megatron reads main_grad views)
     warned from the mode's own frame: the one warning a CPU run printed from this project."""

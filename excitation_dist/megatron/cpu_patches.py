@@ -8,6 +8,7 @@ unpatched.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -92,10 +93,32 @@ def apply_if_requested() -> dict[str, str]:
 
 def checked_versions() -> list[str]:
     """The megatron-core versions every always-needed CPU patch was checked against
-    (what the recipe and pretrain_gpt can run on CPU; the latter needs 0.19.x)."""
-    patches = _load().PATCHES
-    always = [set(p.CHECKED) for p in patches if not hasattr(p, "needed")]
+    (what the recipe and pretrain_gpt can run on CPU; the latter needs 0.19.x).
+
+    Read from the patches' source (``PATCHES`` in the package ``__init__``; each module's
+    ``CHECKED`` and whether it defines ``needed``), not imported: ``excitation-dist train``
+    asks before it starts torchrun, and importing the patches imports torch (1.1 s)."""
+    always = []
+    for name in _names_in_tuple(_DIR / "__init__.py", "PATCHES"):
+        assigned, functions = _top_level(_DIR / f"{name}.py")
+        if "needed" not in functions:
+            always.append(set(ast.literal_eval(assigned["CHECKED"])))
     return sorted(set.intersection(*always)) if always else []
+
+
+def _top_level(path: Path) -> tuple[dict[str, ast.expr], set[str]]:
+    """A module's top-level assignments (name -> value expression) and function names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    assigned = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Name)}
+    return assigned, {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+def _names_in_tuple(path: Path, variable: str) -> list[str]:
+    value = _top_level(path)[0][variable]
+    if not isinstance(value, ast.Tuple) or not all(isinstance(e, ast.Name) for e in value.elts):
+        raise RuntimeError(f"{path}: {variable} must be a tuple of the patch modules' names")
+    return [e.id for e in value.elts]
 
 
 def applied() -> dict[str, str]:
