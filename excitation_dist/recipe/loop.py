@@ -11,6 +11,7 @@ progress, metrics, atomic checkpoints and resume.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import time
@@ -131,6 +132,11 @@ def resume_from(cfg: RunConfig, backend: TrainBackend, checkpoint, rank: int) ->
 
 def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) -> dict[str, float]:
     """Train ``backend`` as ``cfg`` says; returns the final metrics (rank 0 logs)."""
+    # What exists now (imported modules, the model, the optimizer, the data) lives for the whole run: out of the
+    # cyclic collector's reach, the full collections megatron-core runs in every save and load (two per save)
+    # scan only what training creates (measured on this CPU: 0.16-0.23 s each before, a 6-step run with 3 saves
+    # spent 2.2 s per rank in them)
+    gc.freeze()
     rank = dist.get_rank() if dist.is_initialized() else 0
     s = cfg.schedule
     accumulation = cfg.gradient_accumulation_steps
