@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import sys
 from functools import partial
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
     if args.mock_data:
         _skip_dataset_helper_build()
     container = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+    gc.freeze()  # the imported modules live for the run: megatron-core's full collections (two per save) skip them
     pretrain(container, datasets_provider, ModelType.encoder_or_decoder, forward_step)
 
 
