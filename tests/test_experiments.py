@@ -180,6 +180,62 @@ def test_plan_lists_commands_with_estimates():
 
     items = plan.plan(plan.ROOT / "results")
     assert any("--steps 6000" in it["cmd"] for it in items)
-    assert any("inverted,random" in it["cmd"] and "sgd:16" in it["cmd"] for it in items)
     assert all(it["cpu_h"] >= 0 and it["runs"] > 0 for it in items)
+    micro = [it for it in items if ".micro_moe " in it["cmd"]]
+    assert micro and all("--seed-list 5,6,7" in it["cmd"] if it["group"].startswith("3") else
+                         "--seed-list 0,1,2,3,4,5,6,7" in it["cmd"] for it in micro)
     assert plan.refine(0.1, 1.0) == [0.22, 0.46]
+
+
+def _synthetic_runs(select_lr=0.1, report_lr=0.01, skip=()):
+    """Two methods on a 2-point grid: the report seeds 0-4 prefer ``report_lr`` on validation, the selection
+    seeds 5-7 prefer ``select_lr``; test accuracy is 0.5 + seed / 100 (+0.1 for zerosum at 0.1)."""
+    rows = []
+    for m in ("none", "zerosum"):
+        for lr in (0.01, 0.1):
+            for seed in range(8):
+                if (m, lr, seed) in skip:
+                    continue
+                good = (select_lr if seed >= 5 else report_lr) == lr
+                rows.append({"experiment": "micro", "setting": "sgd batch 512", "optimizer": "sgd", "batch_size": 512,
+                             "depth": 4, "strategy": m, "lr": lr, "seed": seed, "epochs": 30,
+                             "hash": f"{m}{lr}{seed}", "diverged": 0, "val_accuracy": 0.9 if good else 0.5,
+                             "test_accuracy": 0.5 + seed / 100 + (0.1 if m == "zerosum" and lr == 0.1 else 0),
+                             "dead_units": 1.0, "overload": 2.0})
+    return rows
+
+
+def test_lr_chosen_on_the_selection_seeds_and_reported_on_seeds_0_to_4(tmp_path):
+    from excitation_dist.experiments import page
+
+    stats.write_csv(tmp_path / "runs.csv", _synthetic_runs())
+    e = page.load_micro("micro", tmp_path)
+    assert e.split["sgd batch 512"]
+    c, base = e.cells[("sgd batch 512", "zerosum")], e.cells[("sgd batch 512", "none")]
+    assert (c.lr, base.lr) == (0.1, 0.1) and c.chosen_on == "5-7"
+    assert sorted(c.report) == [0, 1, 2, 3, 4]  # the selection seeds are not reported
+    assert page.paired_full(c.report, base.report)["diff"] == pytest.approx(0.1)
+    same = e.same_cells[("sgd batch 512", "zerosum")]  # the sensitivity analysis: seeds 0-4 choose
+    assert same.lr == 0.01 and same.chosen_on == "0-4" and sorted(same.report) == [0, 1, 2, 3, 4]
+    # one selection run missing on the grid: the setting falls back to choosing on seeds 0-4, and says so
+    stats.write_csv(tmp_path / "runs.csv", _synthetic_runs(skip={("none", 0.01, 6)}))
+    e = page.load_micro("micro", tmp_path)
+    assert not e.split["sgd batch 512"] and e.cells[("sgd batch 512", "zerosum")].lr == 0.01
+    assert e.cells[("sgd batch 512", "zerosum")].chosen_on == "0-4"
+
+
+def test_split_choice_and_the_plan_of_missing_selection_runs(tmp_path):
+    from excitation_dist.experiments import plan
+
+    rows = _synthetic_runs(skip={("zerosum", 0.1, 7)})
+    by = {m: [r for r in rows if r["strategy"] == m] for m in ("none", "zerosum")}
+    assert not stats.selection_covers(by)
+    split, chosen = stats.split_choice(by, "val_accuracy")
+    assert not split and chosen["zerosum"] == (0.01, True)
+    by["zerosum"] = [r for r in _synthetic_runs() if r["strategy"] == "zerosum"]
+    assert stats.split_choice(by, "val_accuracy") == (True, {"none": (0.1, True), "zerosum": (0.1, True)})
+    assert stats.seeds_label((5, 6, 7)) == "5-7" and stats.seeds_label((0, 6, 7)) == "0,6,7"
+    (tmp_path / "micro_moe").mkdir()
+    stats.write_csv(tmp_path / "micro_moe" / "runs.csv", rows)
+    assert plan.selection_gaps(tmp_path) == [("micro_moe", "sgd batch 512", ["zerosum"], [0.1], 1)]
+    assert plan.missing_runs(tmp_path, "micro_moe", ["sgd batch 512"], 30, ["none", "zerosum"], [0.1], [7, 8]) == 3

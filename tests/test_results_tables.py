@@ -30,7 +30,9 @@ def test_the_page_has_no_table_block_without_a_generator(tables):
 def test_one_holm_family_over_every_comparison_and_one_rule_for_both_directions():
     exps = page.load_all(RESULTS)
     comps = page.comparisons(exps)
-    assert len(comps) == 43
+    same_lr = [c for c in comps if c["kind"] != "best-vs-best"]
+    assert len(comps) == len(same_lr) + sum(m != "none" and (s, "none") in e.cells
+                                            for e in exps.values() for s, m in e.cells)
     for c in comps:
         assert c["verdict"] in ("better", "worse", "no difference detected", "unconverged, no verdict")
         if c["verdict"] in ("better", "worse"):
@@ -46,3 +48,17 @@ def test_overhead_sync_table_shows_both_the_max_over_ranks_and_rank_0():
     assert (r["syncs"], r["rank0"]) == (122, 111)
     rows = {(r["size"], r["variant"]): r for r in page.parse_overhead(RESULTS / "overhead" / "megatron_overhead.txt")}
     assert (rows[("medium", "blend-positivesum")]["syncs"], rows[("medium", "blend-positivesum")]["rank0"]) == (62, 57)
+
+
+def test_micro_moe_lrs_are_chosen_on_seeds_5_to_7_where_they_ran_and_reported_on_seeds_0_to_4():
+    exps = page.load_all(RESULTS)
+    for key in ("micro", "long", "depth"):
+        e = exps[key]
+        for (s, m), c in e.cells.items():
+            assert set(c.report) <= {0, 1, 2, 3, 4}, (key, s, m)
+            assert c.chosen_on == ("5-7" if e.split[s] else "0-4"), (key, s, m)
+            assert e.same_cells[(s, m)].chosen_on == "0-4"
+    # the sensitivity analysis is the same family of comparisons, chosen the other way
+    comps, same = page.comparisons(exps), page.comparisons(exps, same_seeds=True)
+    assert [(c["exp"], c["setting"], c["method"]) for c in comps] == [(c["exp"], c["setting"], c["method"])
+                                                                       for c in same]

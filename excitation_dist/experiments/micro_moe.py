@@ -7,11 +7,13 @@ hidden unit is an expert (its incoming weights and bias are the expert's
 parameters), so ~90% sparsity means K = 13 of 128 units per sample.
 
 Every (setting, method) pair is swept over a log-spaced learning-rate grid and
-several seeds. Each method's learning rate is chosen on a validation split (mean
-validation accuracy over seeds); the test accuracy is read at that learning rate
-only afterwards, and compared with the baseline's, each at its own best learning
-rate, as paired differences over the same seeds (same initialization, same data
-order) with a 95% Student-t interval.
+several seeds. Each method's learning rate is chosen on the validation split:
+the highest mean validation accuracy over the selection seeds 5-7 where those
+ran over the setting's whole grid, else over the report seeds 0-4 themselves
+(``stats.split_choice``); the test accuracy of the report seeds 0-4 is read at
+that learning rate only afterwards, and compared with the baseline's, each at its
+own chosen learning rate, as paired differences over the same seeds (same
+initialization, same data order) with a 95% Student-t interval.
 
     python -m excitation_dist.experiments.micro_moe micro --out results/micro_moe
     python -m excitation_dist.experiments.micro_moe depth --out results/structural_confusion
@@ -36,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from excitation_dist.experiments import plots
-from excitation_dist.experiments.stats import (best_lr, config_hash, curves_at_best_lr, fmt_ci, fmt_diff, fmt_p, fnum,
-                                               mean_ci, paired_full, read_csv, write_csv)
+from excitation_dist.experiments.stats import (REPORT_SEEDS, SELECT_SEEDS, config_hash, curves_at_best_lr, fmt_ci,
+                                               fmt_diff, fmt_p, fnum, mean_ci, of_seeds, paired_full, read_csv,
+                                               seeds_label, split_choice, write_csv)
 from excitation_dist.torch import ExpertSlice, attach, report_expert_counts
 
 CODE_VERSION = 2  # bump when a change alters what a run computes (invalidates the cache)
@@ -234,8 +237,10 @@ def run_grid(args) -> None:
         f"grid of {len(cfgs)} runs: {len(cfgs) - len(todo)} reused from runs.csv by config hash, {len(todo)} run\n")
 
 
-def report(out: Path, title: str, chance: float = 0.10) -> None:
-    """Tables and plots from runs.csv / curves.csv alone."""
+def report(out: Path, title: str, chance: float = 0.10, select=SELECT_SEEDS, report_seeds=REPORT_SEEDS) -> None:
+    """Tables and plots from runs.csv / curves.csv alone: per setting, the lrs are chosen on the validation
+    accuracy of ``select`` where those seeds ran the setting's whole grid, else of ``report_seeds``; test
+    accuracy, differences and routing are read on ``report_seeds``."""
     runs = read_csv(out / "runs.csv")
     curves = read_csv(out / "curves.csv")
     first = {}
@@ -243,20 +248,28 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
         first.setdefault(r["setting"], (r["optimizer"] != "sgd", -int(r["batch_size"]), int(r["depth"])))
     settings = sorted(first, key=first.get)  # SGD before Adam, large batch first, shallow first
     methods = [m for m in METHODS if any(r["strategy"] == m for r in runs)]
-    sweep, best = [], []
+    sweep, best, chosen_on = [], [], {}
     for s in settings:
         base_seeds = None
+        by_method = {m: [r for r in runs if r["setting"] == s and r["strategy"] == m] for m in methods}
+        by_method = {m: rows for m, rows in by_method.items() if rows}
+        split, chosen = split_choice(by_method, "val_accuracy", select, report_seeds)
+        on = select if split else report_seeds
+        chosen_on[s] = seeds_label(on)
         for m in methods:
-            rows = [r for r in runs if r["setting"] == s and r["strategy"] == m]
-            if not rows:
+            if m not in chosen:
                 continue
+            rows = of_seeds(by_method[m], report_seeds)
             for lr in sorted({fnum(r["lr"]) for r in rows}):
+                sel = of_seeds([r for r in by_method[m] if fnum(r["lr"]) == lr], on)
                 at = [r for r in rows if fnum(r["lr"]) == lr]
-                vm, vlo, vhi = mean_ci([fnum(r["val_accuracy"]) for r in at])
+                vm, vlo, vhi = mean_ci([fnum(r["val_accuracy"]) for r in sel])
                 tm, _, _ = mean_ci([fnum(r["test_accuracy"]) for r in at])
-                sweep.append({"setting": s, "strategy": m, "lr": lr, "seeds": len(at), "val_mean": vm, "val_lo": vlo,
-                              "val_hi": vhi, "test_mean": tm, "diverged": sum(int(r["diverged"]) for r in at)})
-            lr, edge = best_lr(rows, "val_accuracy")
+                sweep.append({"setting": s, "strategy": m, "lr": lr, "val_seeds": chosen_on[s], "seeds": len(sel),
+                              "val_mean": vm, "val_lo": vlo, "val_hi": vhi, "test_seeds": seeds_label(report_seeds),
+                              "test_mean": tm, "diverged": sum(int(r["diverged"]) for r in sel)})
+            lr, edge = chosen[m]
+            sel = of_seeds([r for r in by_method[m] if fnum(r["lr"]) == lr], on)
             at = [r for r in rows if fnum(r["lr"]) == lr]
             acc = {int(r["seed"]): fnum(r["test_accuracy"]) for r in at}
             if m == "none":
@@ -265,8 +278,9 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
             dm, dlo, dhi = mean_ci([fnum(r["dead_units"]) for r in at])
             om, olo, ohi = mean_ci([fnum(r["overload"]) for r in at])
             p = paired_full(acc, base_seeds) if base_seeds is not None and m != "none" else None
-            best.append({"setting": s, "strategy": m, "best_lr": lr, "lr_at_grid_edge": int(edge), "seeds": len(at),
-                         "val_mean": statistics_mean([fnum(r["val_accuracy"]) for r in at]),
+            best.append({"setting": s, "strategy": m, "best_lr": lr, "lr_at_grid_edge": int(edge),
+                         "lr_chosen_on_seeds": chosen_on[s], "seeds": len(at),
+                         "val_mean": statistics_mean([fnum(r["val_accuracy"]) for r in sel]),
                          "test_mean": tm, "test_lo": tlo, "test_hi": thi,
                          "diff_vs_baseline": p["diff"] if p else float("nan"),
                          "diff_lo": p["lo"] if p else float("nan"), "diff_hi": p["hi"] if p else float("nan"),
@@ -280,30 +294,33 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
     inv = out / "last_invocation.txt"
     if inv.is_file():
         lines += [f"Last invocation: {inv.read_text().strip()}", ""]
-    lines += ["Best-vs-best: each method at its own best learning rate on the validation split; test accuracy "
-              "(%) read afterwards, mean over seeds [95% CI]; paired difference to the baseline over the same "
-              "seeds [95% CI] with its two-sided paired t-test p and exact sign-flip p, both unadjusted (the "
+    lines += [f"Best-vs-best: each method at its own best learning rate on the validation split, chosen on the "
+              f"selection seeds {seeds_label(select)} where they ran the setting's whole grid, else on the report "
+              f"seeds {seeds_label(report_seeds)} themselves (column \"lr chosen on seeds\"); test accuracy "
+              f"(%) of the report seeds {seeds_label(report_seeds)} read afterwards, mean over seeds [95% CI]; "
+              "paired difference to the baseline over the same seeds [95% CI] with its two-sided paired t-test p and exact sign-flip p, both unadjusted (the "
               "verdicts, Holm over every comparison of results/README.md, come from "
               "`python -m excitation_dist.experiments.page`); dead units (of all hidden units, summed over layers) and overload (max/mean "
               "samples per unit, averaged over layers) on the validation set at the end of training.", "",
-              "| setting | method | best lr | seeds | test acc % [95% CI] | minus baseline, pp [95% CI] | p (t) "
-              "| p (sign-flip) | dead units | overload |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| setting | method | best lr | lr chosen on seeds | seeds | test acc % [95% CI] | minus baseline, pp "
+              "[95% CI] | p (t) | p (sign-flip) | dead units | overload |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in best:
         p = {"n": 1 if b["strategy"] != "none" else 0, "diff": b["diff_vs_baseline"], "lo": b["diff_lo"],
              "hi": b["diff_hi"]}
         lr = f"{b['best_lr']:g}" + (" (edge)" if b["lr_at_grid_edge"] else "")
-        lines.append(f"| {b['setting']} | {b['strategy']} | {lr} | {b['seeds']} | "
+        lines.append(f"| {b['setting']} | {b['strategy']} | {lr} | {b['lr_chosen_on_seeds']} | {b['seeds']} | "
                      f"{fmt_ci(b['test_mean'], b['test_lo'], b['test_hi'], 100)} | "
                      f"{fmt_diff(p, 100) if b['strategy'] != 'none' else '-'} | "
                      f"{fmt_p(b['p_t']) if b['strategy'] != 'none' else '-'} | "
                      f"{fmt_p(b['p_sign_flip']) if b['strategy'] != 'none' else '-'} | "
                      f"{fmt_ci(b['dead_units'], b['dead_lo'], b['dead_hi'], 1, 1)} | "
                      f"{fmt_ci(b['overload'], b['overload_lo'], b['overload_hi'], 1, 2)} |")
-    lines += ["", "Learning-rate sweep: validation accuracy %, mean over seeds (runs that diverged count as "
-              "chance-level and are marked with *).", ""]
+    lines += ["", "Learning-rate sweep: validation accuracy %, mean over the seeds that choose the lr (runs that "
+              "diverged count as chance-level and are marked with *).", ""]
     for s in settings:
         lrs = sorted({r["lr"] for r in sweep if r["setting"] == s})
-        lines += [f"**{s}**", "", "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+        lines += [f"**{s}** (seeds {chosen_on[s]})", "", "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
                   "| --- |" + " --- |" * len(lrs)]
         for m in methods:
             cells = []
@@ -314,14 +331,18 @@ def report(out: Path, title: str, chance: float = 0.10) -> None:
         lines.append("")
     (out / "tables.md").write_text("\n".join(lines) + "\n")
 
+    on = ", ".join(f"{s}: {chosen_on[s]}" for s in settings) if len(set(chosen_on.values())) > 1 else \
+        next(iter(chosen_on.values()), "")
     plots.sweep_plot(out / "lr_sweep.png", sweep, settings, methods, "validation accuracy (%)", scale=100,
-                     chance=100 * chance, ylim=(0, 100), title=f"{title}: learning-rate sweep (mean, 95% CI)")
+                     chance=100 * chance, ylim=(0, 100),
+                     title=f"{title}: learning-rate sweep, seeds {on} (mean, 95% CI)")
     plots.best_plot(out / "best_vs_best.png", best, settings, methods, "test accuracy (%)", scale=100,
                     chance=100 * chance, ylim=(0, 100), diff_label="minus baseline (pp)",
-                    title=f"{title}: each method at its best validation lr (mean, 95% CI)")
+                    title=f"{title}: each method at its best validation lr (chosen on seeds {on}), test seeds "
+                          f"{seeds_label(report_seeds)} (mean, 95% CI)")
     curve_rows = [{"setting": r["setting"], "strategy": r["strategy"], "seed": r["seed"], "epoch": int(c["epoch"]),
                    "train_loss": fnum(c["train_loss"]), "val_accuracy": fnum(c["val_accuracy"])}
-                  for r, c in curves_at_best_lr(runs, curves, best)]
+                  for r, c in curves_at_best_lr(runs, curves, best, keep=lambda r: int(r["seed"]) in report_seeds)]
     plots.curves_plot(out / "training_curves.png", curve_rows, settings, methods, x_key="epoch",
                       panels=[("train_loss", "training loss (epoch mean)", 1, None, True),
                               ("val_accuracy", "validation accuracy (%)", 100, (0, 100), False)],
@@ -356,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment != "report":
         run_grid(args)
     title_file = args.out / "title.txt"
-    title = args.title or {"micro": "Micro-MoE on digits (4 x 128, top-13)",
-                           "depth": "Structural confusion (Top-13 MLP, no residuals, SGD batch 128)"}.get(
-        args.experiment) or (title_file.read_text().strip() if title_file.is_file() else args.out.name)
+    title = args.title or (title_file.read_text().strip() if title_file.is_file() else "") or {  # a rerun keeps it
+        "micro": "Micro-MoE on digits (4 x 128, top-13)",
+        "depth": "Structural confusion (Top-13 MLP, no residuals, SGD batch 128)"}.get(args.experiment) or args.out.name
     title_file.write_text(title + "\n")
     report(args.out, title)
     return 0

@@ -8,6 +8,13 @@ committed raw outputs alone (runs.csv, curves.csv, the overhead benchmarks' .txt
 
 A table sits in a page between ``<!-- page-table: NAME -->`` and ``<!-- /page-table -->``.
 
+Selection apart from the report (``stats.split_choice``): in the Micro-MoE and structural-confusion experiments
+each method's learning rate is the one with the highest mean validation accuracy over the selection seeds 5-7,
+wherever those seeds ran every learning rate the report seeds ran for every method of the setting; the test
+accuracy of the report seeds 0-4 is read there. A setting without them chooses on seeds 0-4 themselves, and the
+verdict tables say which seeds chose. The same-seed choice is kept as a sensitivity analysis (``table_same_seed``,
+``table_loso``). The GPT-MoE chooses on seed 0 and reports seeds 1-5.
+
 One rule for every verdict (``stats.py``): paired differences over the same seeds; two-sided paired t-test;
 Holm's correction over ALL the page's comparisons (one family, listed by ``comparisons``); "better"/"worse" iff
 the Holm-adjusted p < 0.05, for either sign alike; the exact sign-flip p beside it (it cannot go below 0.0625
@@ -31,8 +38,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from excitation_dist.experiments.stats import (ALPHA, best_lr, fmt_ci, fmt_p, fnum, holm, mean_ci, min_sign_flip_p,
-                                               paired_full, read_csv, rule_verdict)
+from excitation_dist.experiments.stats import (ALPHA, REPORT_SEEDS, SELECT_SEEDS, choose_lr, fmt_ci, fmt_p, fnum, holm,
+                                               mean_ci, min_sign_flip_p, of_seeds, paired_full, read_csv, rule_verdict,
+                                               seeds_label, split_choice)
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["none", "zerosum", "positivesum", "expdiff", "global", "inverted", "random"]
@@ -57,6 +65,7 @@ class Cell:
     higher_is_better: bool
     diverged: int = 0
     extra: dict = field(default_factory=dict)  # routing metrics: name -> list over seeds
+    chosen_on: str = ""  # the seeds whose validation metric chose ``lr`` (seeds_label)
 
 
 @dataclass
@@ -71,6 +80,14 @@ class Experiment:
     curves: dict[str, list[tuple[int, float]]]  # run hash -> [(step, val)]
     steps_per_eval_unit: dict[str, int]  # setting -> optimizer steps per curve x unit
     lm: bool = False
+    select: tuple = SELECT_SEEDS  # seeds that choose the lr where they were run (stats.split_choice)
+    report: tuple = REPORT_SEEDS  # seeds whose metric is reported
+    split: dict[str, bool] = field(default_factory=dict)  # setting -> lr chosen on ``select`` (not the report seeds)
+    same_cells: dict[tuple[str, str], Cell] = field(default_factory=dict)  # sensitivity: report seeds choose too
+
+    def choice_seeds(self, setting: str) -> tuple:
+        """The seeds whose validation metric chose the learning rates of ``setting``."""
+        return self.select if self.split.get(setting) else self.report
 
 
 def _curve_index(curves: list[dict], x_key: str, y_key: str, x_scale) -> dict[str, list[tuple[int, float]]]:
@@ -83,7 +100,10 @@ def _curve_index(curves: list[dict], x_key: str, y_key: str, x_scale) -> dict[st
     return {h: sorted(v) for h, v in out.items()}
 
 
-def load_micro(key: str, out: Path) -> Experiment:
+def load_micro(key: str, out: Path, select=SELECT_SEEDS, report=REPORT_SEEDS) -> Experiment:
+    """A Micro-MoE experiment: per setting, every method's lr is chosen on the validation accuracy of the
+    selection seeds where they ran over the whole setting's grid (``stats.split_choice``), else on the report
+    seeds; test accuracy is read on the report seeds. ``same_cells``: the choice on the report seeds, always."""
     runs = read_csv(out / "runs.csv")
     first = {}
     for r in runs:
@@ -101,19 +121,27 @@ def load_micro(key: str, out: Path) -> Experiment:
             k = spe[by_hash[h]["setting"]]
             curves[h] = [(e * k, v) for e, v in pts]
     title = (out / "title.txt").read_text().strip() if (out / "title.txt").is_file() else key
-    exp = Experiment(key, title, True, settings, methods, {}, runs, curves, spe)
+    exp = Experiment(key, title, True, settings, methods, {}, runs, curves, spe, select=tuple(select),
+                     report=tuple(report))
     for s in settings:
-        for m in methods:
-            rows = [r for r in runs if r["setting"] == s and r["strategy"] == m]
-            if not rows:
-                continue
-            lr, edge = best_lr(rows, "val_accuracy")
-            exp.cells[(s, m)] = micro_cell(exp, s, m, lr, edge)
+        by_method = {m: [r for r in runs if r["setting"] == s and r["strategy"] == m] for m in methods}
+        by_method = {m: rows for m, rows in by_method.items() if rows}
+        split, chosen = split_choice(by_method, "val_accuracy", exp.select, exp.report)
+        exp.split[s] = split
+        _, same = split_choice(by_method, "val_accuracy", exp.select, exp.report, same_seeds=True)
+        for cells, choice, on in ((exp.cells, chosen, exp.choice_seeds(s)), (exp.same_cells, same, exp.report)):
+            for m, (lr, edge) in choice.items():
+                c = micro_cell(exp, s, m, lr, edge)
+                if c is not None:
+                    c.chosen_on = seeds_label(on)
+                    cells[(s, m)] = c
     return exp
 
 
 def micro_cell(exp: Experiment, s: str, m: str, lr: float, edge: bool = False) -> Cell | None:
-    at = [r for r in exp.runs if r["setting"] == s and r["strategy"] == m and fnum(r["lr"]) == lr]
+    """(s, m) at ``lr`` on the report seeds."""
+    at = of_seeds([r for r in exp.runs if r["setting"] == s and r["strategy"] == m and fnum(r["lr"]) == lr],
+                  exp.report)
     if not at:
         return None
     total = int(at[0]["epochs"]) * exp.steps_per_eval_unit[s]
@@ -137,30 +165,31 @@ def load_lm(out: Path, select=(0,), report_seeds=(1, 2, 3, 4, 5)) -> Experiment:
     curves = _curve_index(read_csv(out / "curves.csv"), "step", "val_loss", None)
     settings = list(dict.fromkeys(r["setting"] for r in runs))
     methods = [m for m in METHODS if any(r["strategy"] == m for r in runs)]
-    exp = Experiment("lm", "GPT-MoE", False, settings, methods, {}, runs, curves, {s: 1 for s in settings}, lm=True)
-    exp.extra = {"select": set(select), "report": set(report_seeds)}
+    exp = Experiment("lm", "GPT-MoE", False, settings, methods, {}, runs, curves, {s: 1 for s in settings}, lm=True,
+                     select=tuple(select), report=tuple(report_seeds), split={s: True for s in settings})
     for s in settings:
         for m in methods:
-            sel = [r for r in runs if r["setting"] == s and r["strategy"] == m and int(r["seed"]) in exp.extra["select"]]
-            if not sel:
+            got = choose_lr([r for r in runs if r["setting"] == s and r["strategy"] == m], "val_loss", exp.select,
+                            higher_is_better=False)
+            if got is None:
                 continue
-            lr, edge = best_lr(sel, "val_loss", higher_is_better=False)
-            c = lm_cell(exp, s, m, lr, edge)
+            c = lm_cell(exp, s, m, *got)
             if c is not None:
                 exp.cells[(s, m)] = c
     return exp
 
 
 def lm_cell(exp: Experiment, s: str, m: str, lr: float, edge: bool = False) -> Cell | None:
-    at = [r for r in exp.runs if r["setting"] == s and r["strategy"] == m and fnum(r["lr"]) == lr
-          and int(r["seed"]) in exp.extra["report"]]
+    """(s, m) at ``lr`` on the report seeds."""
+    at = of_seeds([r for r in exp.runs if r["setting"] == s and r["strategy"] == m and fnum(r["lr"]) == lr],
+                  exp.report)
     if not at:
         return None
     loss = {int(r["seed"]): fnum(r["val_loss"]) for r in at}
     return Cell("lm", s, m, lr, edge, loss, dict(loss), {int(r["seed"]): exp.curves.get(r["hash"], []) for r in at},
                 int(at[0]["steps"]), False, 0,
                 {k: [fnum(r[k]) for r in at] for k in ("overload_last10pct", "dead_experts_last10pct",
-                                                       "entropy_last10pct")})
+                                                       "entropy_last10pct")}, seeds_label(exp.select))
 
 
 def load_all(results: Path) -> dict[str, Experiment]:
@@ -203,18 +232,20 @@ def convergence(cell: Cell) -> dict:
 SECTION = {"micro": "1", "long": "1b", "depth": "2", "lm": "3"}
 
 
-def comparisons(exps: dict[str, Experiment]) -> list[dict]:
+def comparisons(exps: dict[str, Experiment], same_seeds: bool = False) -> list[dict]:
     """Every method-vs-baseline comparison on the page, in page order, with the page-wide Holm correction
-    and the verdict of the one rule."""
+    and the verdict of the one rule. ``same_seeds``: the sensitivity analysis, the whole page again with the
+    Micro-MoE learning rates chosen on the report seeds themselves (the GPT-MoE as on the page)."""
     out = []
     for key in ("micro", "long", "depth", "lm"):
         e = exps[key]
+        cells = e.same_cells if same_seeds and not e.lm else e.cells
         for s in e.settings:
-            base = e.cells.get((s, "none"))
+            base = cells.get((s, "none"))
             if base is None:
                 continue
             for m in e.methods:
-                c = e.cells.get((s, m))
+                c = cells.get((s, m))
                 if m == "none" or c is None:
                     continue
                 out.append(_comparison(key, "best-vs-best", s, c, base))
@@ -275,16 +306,23 @@ def table_verdicts(exps, comps, key: str) -> str:
         if base is None:
             continue
         cb = convergence(base)
-        rows.append([s, "none", _lr(base), str(len(base.report)), fmt_ci(*mean_ci(list(base.report.values())), scale, dg),
+        rows.append([s, "none", _lr(base), _on(base), str(len(base.report)),
+                     fmt_ci(*mean_ci(list(base.report.values())), scale, dg),
                      "-", "-", "-", "-", "yes" if cb["converged"] else "no", "-"])
         for c in comps:
             if c["exp"] == key and c["kind"] == "best-vs-best" and c["setting"] == s:
                 cell = c["cell"]
-                rows.append([s, c["method"], _lr(cell), str(c["n"]),
+                rows.append([s, c["method"], _lr(cell), _on(cell), str(c["n"]),
                              fmt_ci(*mean_ci(list(cell.report.values())), scale, dg), _fmt_d(c, scale, dg),
                              fmt_p(c["p_t"]), fmt_p(c["p_holm"]), fmt_p(c["p_flip"]), c["conv"], c["verdict"]])
-    return _md(["setting", "method", "best lr", "seeds", value, diff, "p (t)", "p (Holm, page)",
-                "p (sign-flip, exact)", "converged", "verdict"], rows)
+    return _md(["setting", "method", "best lr", "lr chosen on seeds", "seeds reported", value, diff, "p (t)",
+                "p (Holm, page)", "p (sign-flip, exact)", "converged", "verdict"], rows)
+
+
+def _on(c: Cell) -> str:
+    """The seeds that chose the cell's lr; "(as reported)" where they are the reported seeds themselves."""
+    same = c.chosen_on == seeds_label(c.report)
+    return c.chosen_on + (" (as reported)" if same else "")
 
 
 def _fmt_d(c: dict, scale: float, dg: int) -> str:
@@ -341,14 +379,11 @@ def table_routing_same_lr(exps, setting="adam batch 512", lr=0.0022) -> str:
 
 
 def table_sweep(exps, key: str, settings: list[str] | None = None) -> str:
-    """Validation metric over the grid (mean over the selection seeds; * = some runs diverged)."""
+    """Validation metric over the grid (mean over the seeds that chose the lr; * = some runs diverged)."""
     e = exps[key]
     blocks = []
     for s in settings or e.settings:
-        if key == "lm":
-            sel = [r for r in e.runs if r["setting"] == s and int(r["seed"]) in e.extra["select"]]
-        else:
-            sel = [r for r in e.runs if r["setting"] == s]
+        sel = of_seeds([r for r in e.runs if r["setting"] == s], e.choice_seeds(s))
         lrs = sorted({fnum(r["lr"]) for r in sel})
         rows = []
         for m in e.methods:
@@ -444,11 +479,11 @@ def loso(e: Experiment, s: str, m: str) -> dict | None:
     """Leave-one-seed-out selection: for each seed, choose the lr on the other seeds' validation accuracy and
     read that seed's test accuracy there (method and baseline alike); paired over seeds."""
     def held_out(method: str) -> tuple[dict[int, float], list[float]]:
-        rows = [r for r in e.runs if r["setting"] == s and r["strategy"] == method]
+        rows = of_seeds([r for r in e.runs if r["setting"] == s and r["strategy"] == method], e.report)
         seeds = sorted({int(r["seed"]) for r in rows})
         acc, lrs = {}, []
         for k in seeds:
-            lr, _ = best_lr([r for r in rows if int(r["seed"]) != k], "val_accuracy")
+            lr, _ = choose_lr(rows, "val_accuracy", [j for j in seeds if j != k])
             lrs.append(lr)
             hit = [r for r in rows if int(r["seed"]) == k and fnum(r["lr"]) == lr]
             if hit:
@@ -460,9 +495,11 @@ def loso(e: Experiment, s: str, m: str) -> dict | None:
     return {**p, "lrs": mlrs, "base_lrs": blrs}
 
 
-def table_loso(exps, comps) -> str:
+def table_loso(exps, same) -> str:
+    """Leave-one-seed-out on the report seeds, beside the same-seed choice it perturbs (``same``: the
+    comparisons of ``comparisons(exps, same_seeds=True)``)."""
     rows = []
-    for c in comps:
+    for c in same:
         if c["kind"] != "best-vs-best" or c["exp"] == "lm":
             continue
         e = exps[c["exp"]]
@@ -471,19 +508,43 @@ def table_loso(exps, comps) -> str:
                      ",".join(f"{x:g}" for x in sorted(set(lo["lrs"]))),
                      ",".join(f"{x:g}" for x in sorted(set(lo["base_lrs"]))), _fmt_d(lo, 100, 1), fmt_p(lo["p_t"]),
                      c["verdict_if_converged"]])
-    return _md(["section", "setting", "method", "page: same seeds choose and report, pp [95% CI]",
+    return _md(["section", "setting", "method", f"seeds {seeds_label(REPORT_SEEDS)} choose and report, pp [95% CI]",
                 "lrs chosen, leave-one-out (method)", "(baseline)", "leave-one-seed-out, pp [95% CI]",
-                "p (t, unadjusted)", "page verdict if converged"], rows)
+                "p (t, unadjusted)", "same-seed verdict if converged"], rows)
+
+
+def table_same_seed(exps, comps, same) -> str:
+    """The sensitivity analysis beside the page: each Micro-MoE comparison whose lrs the page chose on the
+    selection seeds, again with the lrs chosen on the report seeds themselves (validation split for the choice,
+    test split for the report, the same seeds); its Holm correction and verdicts are those of the whole page
+    recomputed that way (``comparisons(exps, same_seeds=True)``)."""
+    alt = {(c["exp"], c["kind"], c["setting"], c["method"]): c for c in same}
+    rows = []
+    for c in comps:
+        if c["kind"] != "best-vs-best" or c["exp"] == "lm" or not exps[c["exp"]].split.get(c["setting"]):
+            continue
+        a = alt[(c["exp"], c["kind"], c["setting"], c["method"])]
+        rows.append([SECTION[c["exp"]], c["setting"], c["method"], f"{c['lr']:g} / {c['base_lr']:g}",
+                     _fmt_d(c, 100, 1), c["verdict"], f"{a['lr']:g} / {a['base_lr']:g}", _fmt_d(a, 100, 1),
+                     fmt_p(a["p_t"]), fmt_p(a["p_holm"]), a["conv"], a["verdict"]])
+    sel, rep = seeds_label(SELECT_SEEDS), seeds_label(REPORT_SEEDS)
+    return _md(["section", "setting", "method", f"page: lr (method / baseline), chosen on seeds {sel}",
+                "page: minus baseline, pp [95% CI]", "page verdict",
+                f"same seeds: lr (method / baseline), chosen on seeds {rep}", "same seeds: minus baseline, pp [95% CI]",
+                "p (t)", "p (Holm, same-seed page)", "converged", "same-seed verdict"], rows)
 
 
 def table_rule_summary(comps) -> str:
     n = len(comps)
+    apart = sum(c["cell"].chosen_on != seeds_label(c["cell"].report) and c["base"].chosen_on != seeds_label(
+        c["base"].report) for c in comps)
     ns = sorted({c["n"] for c in comps})
     counts: dict[str, int] = {}
     for c in comps:
         counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
     flips = min(c["p_flip"] for c in comps)
     rows = [["comparisons on this page (the Holm family)", str(n)],
+            ["of them with every lr chosen on seeds not reported", str(apart)],
             ["seeds per comparison", ", ".join(map(str, ns))],
             ["smallest possible exact sign-flip p at that n", ", ".join(f"{min_sign_flip_p(k):.4f}" for k in ns)],
             ["smallest sign-flip p observed", f"{flips:.4f}"],
@@ -537,6 +598,7 @@ def all_tables(results: Path) -> dict[str, tuple[Path, str]]:
     """name -> (page it belongs on, markdown)."""
     exps = load_all(results)
     comps = comparisons(exps)
+    same = comparisons(exps, same_seeds=True)
     page, over = results / "README.md", results / "overhead" / "README.md"
     return {
         "rule-summary": (page, table_rule_summary(comps)),
@@ -553,7 +615,8 @@ def all_tables(results: Path) -> dict[str, tuple[Path, str]]:
         "lm-sweep": (page, table_sweep(exps, "lm")),
         "convergence": (page, table_convergence(exps)),
         "speed": (page, table_speed(exps)),
-        "loso": (page, table_loso(exps, comps)),
+        "same-seed": (page, table_same_seed(exps, comps, same)),
+        "loso": (page, table_loso(exps, same)),
         "overhead-syncs": (over, table_overhead_syncs(results)),
     }
 

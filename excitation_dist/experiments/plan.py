@@ -4,10 +4,15 @@
     python -m excitation_dist.experiments.plan --shell    # only the commands, one per line, for a launcher
 
 Estimates: seconds per run from the committed runs.csv (median of the ``seconds`` column per setting, scaled
-linearly by steps), times the number of runs not yet in runs.csv; one process, one thread per run. The refined
-grids (deliverable 2) are computed from the committed sweeps: wherever the best lr's mean validation metric and a
-neighbour's differ by more than the seed spread (the larger SD over seeds of the two points), two log-spaced
-points are added between them.
+linearly by steps), times the number of runs not yet in runs.csv; one process, one thread per run. A Micro-MoE
+or structural-confusion item whose runs are all in its runs.csv is not listed. The refined grids (deliverable 2)
+are computed from the committed sweeps: wherever the lr the page chooses (``stats.split_choice``) and a
+neighbour differ, in mean validation metric over the seeds that chose it, by more than the seed spread (the
+larger SD over those seeds of the two points), two log-spaced points are added between them.
+
+Selection apart from the report (deliverable 3): the Micro-MoE experiments choose each lr on seeds 5-7 and report
+seeds 0-4 wherever seeds 5-7 ran a setting's whole grid, so every new Micro-MoE cell below runs seeds 0-7, and
+group 3 lists the selection-seed runs still missing from the committed grids.
 
 Nothing here trains; every command below reuses rows already in runs.csv (config hash), so a stopped batch can
 be relaunched as is.
@@ -20,22 +25,25 @@ import math
 import statistics
 from pathlib import Path
 
-from excitation_dist.experiments.stats import best_lr, fnum, read_csv
+from excitation_dist.experiments.micro_moe import METHODS
+from excitation_dist.experiments.stats import (REPORT_SEEDS, SELECT_SEEDS, fnum, of_seeds, read_csv, seeds_label,
+                                               split_choice)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = "OMP_NUM_THREADS=1 python -m excitation_dist.experiments"
-SEEDS = "0,1,2,3,4"
-SELECT_SEEDS = "5,6,7"  # new seeds for the choice of lr; 0-4 stay the report seeds (deliverable 3)
+SEEDS = ",".join(map(str, REPORT_SEEDS))  # the report seeds
+MICRO_SEEDS = ",".join(map(str, REPORT_SEEDS + SELECT_SEEDS))  # a new Micro-MoE cell: report and selection seeds
+MICRO_DIRS = ("micro_moe", "micro_moe_long", "structural_confusion")
+SPE = {"512": 3, "128": 9, "16": 72}  # optimizer steps per epoch on the 1,149 training digits
 
 
 def _sec_per_step(results: Path) -> dict[str, float]:
     """Median seconds per optimizer step per (experiment dir, setting), from the committed runs."""
     out = {}
-    spe = {"512": 3, "128": 9, "16": 72}
-    for d in ("micro_moe", "micro_moe_long", "structural_confusion"):
+    for d in MICRO_DIRS:
         by: dict[str, list[float]] = {}
         for r in read_csv(results / d / "runs.csv"):
-            by.setdefault(r["setting"], []).append(fnum(r["seconds"]) / (int(r["epochs"]) * spe[r["batch_size"]]))
+            by.setdefault(r["setting"], []).append(fnum(r["seconds"]) / (int(r["epochs"]) * SPE[r["batch_size"]]))
         for s, v in by.items():
             out.setdefault(s, statistics.median(v))
     lm = [fnum(r["seconds"]) / int(r["steps"]) for r in read_csv(results / "lm_sweep" / "runs.csv")]
@@ -50,16 +58,18 @@ def refine(lo: float, hi: float) -> list[float]:
 
 
 def refined_grids(results: Path) -> list[tuple[str, str, str, list[float]]]:
-    """(experiment dir, setting, method, new lrs) wherever neighbouring grid points around the optimum differ by
-    more than the seed spread."""
+    """(experiment dir, setting, method, new lrs) wherever neighbouring grid points around the chosen lr differ by
+    more than the seed spread (over the seeds that chose it)."""
     out = []
-    for d in ("micro_moe", "micro_moe_long", "structural_confusion"):
+    for d in MICRO_DIRS:
         runs = read_csv(results / d / "runs.csv")
         for s in dict.fromkeys(r["setting"] for r in runs):
-            for m in dict.fromkeys(r["strategy"] for r in runs if r["setting"] == s):
-                rows = [r for r in runs if r["setting"] == s and r["strategy"] == m]
-                lr, _ = best_lr(rows, "val_accuracy")
-                grid = sorted({fnum(r["lr"]) for r in rows})
+            by_method = {m: [r for r in runs if r["setting"] == s and r["strategy"] == m]
+                         for m in dict.fromkeys(r["strategy"] for r in runs if r["setting"] == s)}
+            split, chosen = split_choice(by_method, "val_accuracy")
+            for m, (lr, _) in chosen.items():
+                grid = sorted({fnum(r["lr"]) for r in of_seeds(by_method[m], REPORT_SEEDS)})
+                rows = of_seeds(by_method[m], SELECT_SEEDS if split else REPORT_SEEDS)
                 vals = {g: [fnum(r["val_accuracy"]) for r in rows if fnum(r["lr"]) == g] for g in grid}
                 i = grid.index(lr)
                 new = []
@@ -84,32 +94,83 @@ def _setting_flag(setting: str) -> tuple[str, str]:
     return "micro", f"--settings {opt}:{batch}"
 
 
+def _flags(settings: list[str]) -> tuple[str, str]:
+    """Several settings of one experiment as one command's flags."""
+    exp = _setting_flag(settings[0])[0]
+    vals = [_setting_flag(s)[1].split()[1] for s in settings]
+    return exp, ("--depths " if exp == "depth" else "--settings ") + ",".join(vals)
+
+
+def _steps(setting: str, epochs: int) -> int:
+    return epochs * (9 if setting.startswith("depth") else SPE[setting.split()[-1]])
+
+
+def missing_runs(results: Path, d: str, settings: list[str], epochs: int, strategies: list[str], lrs: list[float],
+                 seeds: list[int]) -> int:
+    """How many (setting, method, lr, seed) runs of the grid are not yet in results/d/runs.csv."""
+    have = {(r["setting"], r["strategy"], fnum(r["lr"]), int(r["seed"]))
+            for r in read_csv(results / d / "runs.csv") if int(r["epochs"]) == epochs}
+    return sum((s, m, float(lr), int(k)) not in have
+               for s in settings for m in strategies for lr in lrs for k in seeds)
+
+
+def selection_gaps(results: Path) -> list[tuple[str, str, list[str], list[float], int]]:
+    """(dir, setting, methods, lrs, missing runs): the learning rates the report seeds ran at which some
+    selection seed has no run yet, grouped by method sharing the same missing lrs."""
+    out = []
+    for d in MICRO_DIRS:
+        runs = read_csv(results / d / "runs.csv")
+        for s in dict.fromkeys(r["setting"] for r in runs):
+            groups: dict[tuple[float, ...], list[str]] = {}
+            for m in dict.fromkeys(r["strategy"] for r in runs if r["setting"] == s):
+                rows = [r for r in runs if r["setting"] == s and r["strategy"] == m]
+                have = {(fnum(r["lr"]), int(r["seed"])) for r in rows}
+                grid = sorted({fnum(r["lr"]) for r in of_seeds(rows, REPORT_SEEDS)})
+                gap = tuple(lr for lr in grid if any((lr, k) not in have for k in SELECT_SEEDS))
+                if gap:
+                    groups.setdefault(gap, []).append(m)
+            for lrs, ms in groups.items():
+                epochs = int(next(r["epochs"] for r in runs if r["setting"] == s))
+                n = missing_runs(results, d, [s], epochs, ms, list(lrs), list(SELECT_SEEDS))
+                out.append((d, s, ms, list(lrs), n))
+    return out
+
+
 def plan(results: Path) -> list[dict]:
     sps = _sec_per_step(results)
     items = []
+    every = list(REPORT_SEEDS + SELECT_SEEDS)
 
     def add(group: str, why: str, cmd: str, runs: int, steps: int, setting_key: str) -> None:
         hours = runs * steps * sps.get(setting_key, sps.get("lm", 0.07)) / 3600
         items.append({"group": group, "why": why, "cmd": cmd, "runs": runs, "steps": steps, "cpu_h": hours})
 
+    def add_micro(group: str, why: str, d: str, settings: list[str], epochs: int, strategies: list[str],
+                  lrs: list[float], seeds: list[int] = every, extra: str = "") -> None:
+        """A Micro-MoE / structural-confusion grid, listed with the runs of it not yet in results/d/runs.csv."""
+        n = missing_runs(results, d, settings, epochs, strategies, lrs, seeds)
+        if n == 0:
+            return
+        exp, flag = _flags(settings)
+        add(group, why, f"{PY}.micro_moe {exp} --out results/{d} {flag} --epochs {epochs} "
+            f"--seed-list {','.join(map(str, seeds))} --strategies {','.join(strategies)} "
+            f"--lrs {','.join(f'{x:g}' for x in lrs)}{extra}", n, _steps(settings[0], epochs), settings[0])
+
+    controls = ["inverted", "random"]
     # 1. convergence: every cell still improving in its last 20% of steps, trained 5x longer (deliverable 1)
-    add("1 convergence", "SGD batch 512, 150 epochs: ExpDiff and the inverted/random controls (1b has the others)",
-        f"{PY}.micro_moe micro --out results/micro_moe_long --settings sgd:512 --epochs 150 --seed-list {SEEDS} "
-        "--strategies expdiff --lrs 0.0032,0.0057,0.01,0.018,0.032,0.057", 30, 450, "sgd batch 512")
-    add("1 convergence", "SGD batch 512, 150 epochs: inverted and random",
-        f"{PY}.micro_moe micro --out results/micro_moe_long --settings sgd:512 --epochs 150 --seed-list {SEEDS} "
-        "--strategies inverted,random --lrs 0.1,0.18,0.32,0.57,1,1.8,3.2", 70, 450, "sgd batch 512")
-    add("1 convergence", "SGD batch 16 ExpDiff: still improving and at the top edge of its grid: 90 epochs, grid up",
-        f"{PY}.micro_moe micro --out results/micro_moe_b16_long --settings sgd:16 --epochs 90 --seed-list {SEEDS} "
-        "--strategies none,zerosum,positivesum,expdiff,global,inverted,random "
-        "--lrs 0.0022,0.0047,0.01,0.022,0.047,0.1,0.22,0.47", 7 * 8 * 5, 6480, "sgd batch 16")
-    add("1 convergence", "structural confusion depth 4 and 6, 150 epochs (1,350 steps), every method and control",
-        f"{PY}.micro_moe depth --out results/structural_confusion_long --depths 4,6 --epochs 150 --seed-list {SEEDS} "
-        "--strategies none,zerosum,positivesum,global,inverted,random --lrs 0.1,0.22,0.46,1.0,2.2", 2 * 6 * 5 * 5,
-        1350, "depth 6")
-    add("1 convergence", "structural confusion depth 4 and 6, 150 epochs: ExpDiff on its lower grid",
-        f"{PY}.micro_moe depth --out results/structural_confusion_long --depths 4,6 --epochs 150 --seed-list {SEEDS} "
-        "--strategies expdiff --lrs 0.00046,0.001,0.0022,0.0046,0.01,0.022", 2 * 6 * 5, 1350, "depth 6")
+    add_micro("1 convergence", "SGD batch 512, 150 epochs: ExpDiff (1b has the others)", "micro_moe_long",
+              ["sgd batch 512"], 150, ["expdiff"], [0.0032, 0.0057, 0.01, 0.018, 0.032, 0.057])
+    add_micro("1 convergence", "SGD batch 512, 150 epochs: inverted and random", "micro_moe_long",
+              ["sgd batch 512"], 150, controls, [0.1, 0.18, 0.32, 0.57, 1, 1.8, 3.2])
+    add_micro("1 convergence", "SGD batch 16 ExpDiff: still improving and at the top edge of its grid: 90 epochs, "
+              "grid up", "micro_moe_b16_long", ["sgd batch 16"], 90, METHODS,
+              [0.0022, 0.0047, 0.01, 0.022, 0.047, 0.1, 0.22, 0.47])
+    add_micro("1 convergence", "structural confusion depth 4 and 6, 150 epochs (1,350 steps), every method and "
+              "control", "structural_confusion_long", ["depth 4", "depth 6"], 150,
+              ["none", "zerosum", "positivesum", "global", "inverted", "random"], [0.1, 0.22, 0.46, 1.0, 2.2])
+    add_micro("1 convergence", "structural confusion depth 4 and 6, 150 epochs: ExpDiff on its lower grid",
+              "structural_confusion_long", ["depth 4", "depth 6"], 150, ["expdiff"],
+              [0.00046, 0.001, 0.0022, 0.0046, 0.01, 0.022])
     add("1 convergence", "GPT-MoE, 6,000 steps (4x), 12 evaluations, every balancing setting and method at the "
         "chosen lrs and their neighbours (selection seeds 0,6,7; report seeds 1-5)",
         f"{PY}.lm_sweep --out results/lm_sweep_long --jobs 2 --steps 6000 --evals 12 "
@@ -118,33 +179,25 @@ def plan(results: Path) -> list[dict]:
 
     # 2. refined grids (deliverable 2), from the committed sweeps
     for d, s, m, lrs in refined_grids(results):
-        exp, flag = _setting_flag(s)
         epochs = 150 if d == "micro_moe_long" else 30
-        spe = {"512": 3, "16": 72}.get(s.split()[-1], 9) if exp == "micro" else 9
-        add("2 refined grid", f"{d}: {s} {m}",
-            f"{PY}.micro_moe {exp} --out results/{d} {flag} --epochs {epochs} --seed-list {SEEDS} --strategies {m} "
-            f"--lrs {','.join(f'{x:g}' for x in lrs)}", len(lrs) * 5, epochs * spe, s)
+        add_micro("2 refined grid", f"{d}: {s} {m}", d, [s], epochs, [m], lrs)
 
-    # 3. selection apart from the report (deliverable 3): new selection seeds on every grid; seeds 0-4 report
-    add("3 selection seeds", "Micro-MoE: the whole grid on selection seeds 5,6,7 (choose on them; report seeds 0-4)",
-        f"{PY}.micro_moe micro --out results/micro_moe --settings sgd:512,sgd:16,adam:512 --seed-list {SELECT_SEEDS}",
-        3 * 7 * 12, 90, "adam batch 512")
-    add("3 selection seeds", "structural confusion: the same, depths 4,6,8",
-        f"{PY}.micro_moe depth --out results/structural_confusion --depths 4,6,8 --seed-list {SELECT_SEEDS} "
-        "--strategies none,zerosum,positivesum,global --lrs 0.046,0.1,0.22,0.46,1.0,2.2", 3 * 4 * 6 * 3, 270,
-        "depth 6")
+    # 3. selection apart from the report (deliverable 3): the selection seeds on every committed grid
+    for d, s, ms, lrs, n in selection_gaps(results):
+        epochs = 150 if d == "micro_moe_long" else 30
+        add_micro("3 selection seeds", f"{d}: {s}, selection seeds {seeds_label(SELECT_SEEDS)} on the grid "
+                  f"seeds {seeds_label(REPORT_SEEDS)} ran ({', '.join(ms)})", d, [s], epochs, ms, lrs,
+                  list(SELECT_SEEDS))
     add("3 selection seeds", "GPT-MoE: selection seeds 6,7 on the 1,500-step grid (seed 0 exists)",
         f"{PY}.lm_sweep --out results/lm_sweep --jobs 2 --steps 1500 --lrs 0.001,0.0022,0.0046,0.01,0.022 "
         "--strategies none,zerosum,positivesum,global --balancing aux:0.01,aux:0,bias --select-seeds 0,6,7 "
         "--report-seeds 1,2,3,4,5", 3 * 4 * 5 * 2, 1500, "lm")
 
-    # 6. controls where verdicts are drawn (deliverable 6)
-    add("6 controls", "inverted and random at SGD batch 16 (30 epochs, the batch-16 grid)",
-        f"{PY}.micro_moe micro --out results/micro_moe --settings sgd:16 --seed-list {SEEDS} "
-        "--strategies inverted,random --lrs 0.0047,0.01,0.022,0.047,0.1,0.22,0.47", 2 * 7 * 5, 2160, "sgd batch 16")
-    add("6 controls", "inverted and random at depth 4, 6, 8 (270 steps)",
-        f"{PY}.micro_moe depth --out results/structural_confusion --depths 4,6,8 --seed-list {SEEDS} "
-        "--strategies inverted,random --lrs 0.046,0.1,0.22,0.46,1.0,2.2", 3 * 2 * 6 * 5, 270, "depth 6")
+    # 6. controls where verdicts are drawn (deliverable 6), on the report and the selection seeds
+    add_micro("6 controls", "inverted and random at SGD batch 16 (30 epochs, the batch-16 grid)", "micro_moe",
+              ["sgd batch 16"], 30, controls, [0.0047, 0.01, 0.022, 0.047, 0.1, 0.22, 0.47])
+    add_micro("6 controls", "inverted and random at depth 4, 6, 8 (270 steps)", "structural_confusion",
+              ["depth 4", "depth 6", "depth 8"], 30, controls, [0.046, 0.1, 0.22, 0.46, 1.0, 2.2])
     return items
 
 
@@ -165,9 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTotal: {total:.0f} CPU hours (one thread per run; {math.ceil(total / 2)} wall hours on 2 free cores).\n")
     for it in items:
         print(f"    # {it['group']}: {it['why']}\n    {it['cmd']}\n")
-    print("Still code, not compute: choosing each method's lr on the selection seeds and reporting on seeds 0-4 "
-          "(micro_moe report and page.py take the choice from all seeds today); a test split for the GPT-MoE "
-          "(the recipe's data module has only a validation split).")
+    print("Still code, not compute: a test split for the GPT-MoE (the recipe's data module has only a validation "
+          "split).")
     return 0
 
 

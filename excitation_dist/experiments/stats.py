@@ -88,6 +88,82 @@ def best_lr(rows: list[dict], select_key: str, higher_is_better: bool = True) ->
     return pick, pick in (grid[0], grid[-1]) and len(grid) > 1
 
 
+# --- selection kept apart from the report (issue 25) -------------------------------------------------------------
+#
+# The learning rate of a (setting, method) is chosen on one set of seeds (the selection seeds: mean validation
+# metric over them) and the reported metric is read at that learning rate on another set (the report seeds),
+# which took no part in the choice. The Micro-MoE experiments report seeds 0-4 and choose on seeds 5-7 wherever
+# those runs exist for the whole setting; otherwise (and in the same-seed sensitivity analysis) seeds 0-4 both
+# choose and report. The GPT-MoE chooses on its --select-seeds and reports its --report-seeds.
+
+SELECT_SEEDS = (5, 6, 7)
+REPORT_SEEDS = (0, 1, 2, 3, 4)
+
+
+def of_seeds(rows: list[dict], seeds) -> list[dict]:
+    """The rows whose seed is in ``seeds`` (all rows when ``seeds`` is None)."""
+    if seeds is None:
+        return list(rows)
+    keep = {int(s) for s in seeds}
+    return [r for r in rows if int(r["seed"]) in keep]
+
+
+def complete_grid(rows: list[dict], seeds) -> set[float]:
+    """The learning rates at which every seed of ``seeds`` has a run."""
+    want = {int(s) for s in seeds}
+    have: dict[float, set[int]] = {}
+    for r in rows:
+        have.setdefault(fnum(r["lr"]), set()).add(int(r["seed"]))
+    return {lr for lr, got in have.items() if want <= got}
+
+
+def selection_covers(rows_by_method: dict[str, list[dict]], select=SELECT_SEEDS, report=REPORT_SEEDS) -> bool:
+    """True when, for every method, each learning rate run on the report seeds also has a run on every
+    selection seed: only then is the choice on the selection seeds made over the same grid the report seeds
+    were run on (a grid partly run on the selection seeds falls back to choosing on the report seeds)."""
+    if not rows_by_method:
+        return False
+    for rows in rows_by_method.values():
+        grid = {fnum(r["lr"]) for r in of_seeds(rows, report)}
+        if not grid or not grid <= complete_grid(rows, select):
+            return False
+    return True
+
+
+def choose_lr(rows: list[dict], select_key: str, select_seeds, higher_is_better: bool = True,
+              among=None) -> tuple[float, bool] | None:
+    """``best_lr`` over the runs of ``select_seeds`` only (None: all rows), restricted to the learning rates
+    ``among`` when given; None when no run qualifies."""
+    sel = of_seeds(rows, select_seeds)
+    if among is not None:
+        sel = [r for r in sel if fnum(r["lr"]) in among]
+    return best_lr(sel, select_key, higher_is_better) if sel else None
+
+
+def split_choice(rows_by_method: dict[str, list[dict]], select_key: str, select=SELECT_SEEDS,
+                 report=REPORT_SEEDS, higher_is_better: bool = True, same_seeds: bool = False
+                 ) -> tuple[bool, dict[str, tuple[float, bool]]]:
+    """The learning rate of every method of one setting: chosen on the selection seeds (over the grid the
+    report seeds ran) when ``selection_covers``, else (or with ``same_seeds``) on the report seeds themselves.
+    Returns (chosen on the selection seeds?, method -> (lr, at the grid's edge))."""
+    split = not same_seeds and selection_covers(rows_by_method, select, report)
+    out = {}
+    for m, rows in rows_by_method.items():
+        grid = {fnum(r["lr"]) for r in of_seeds(rows, report)}
+        got = choose_lr(rows, select_key, select if split else report, higher_is_better, among=grid)
+        if got is not None:
+            out[m] = got
+    return split, out
+
+
+def seeds_label(seeds) -> str:
+    """(5, 6, 7) -> '5-7'; (0, 6, 7) -> '0,6,7'."""
+    s = sorted(int(x) for x in seeds)
+    if len(s) > 2 and s == list(range(s[0], s[-1] + 1)):
+        return f"{s[0]}-{s[-1]}"
+    return ",".join(map(str, s))
+
+
 def curves_at_best_lr(runs: list[dict], curves: list[dict], best: list[dict], setting_of=lambda r: r["setting"],
                       keep=lambda r: True) -> list[tuple[dict, dict]]:
     """(run, curve point) for every curve point of a kept run trained at its
