@@ -336,11 +336,9 @@ def main(argv: list[str] | None = None, *, cpu: bool | None = None) -> None:
     if cpu:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         if os.environ["TORCHDYNAMO_DISABLE"] == "1":
-            # read by torch.compile and by TorchDynamo's config when imported; importing it here would cost
-            # 2 CPU-seconds per process (the CPU patches keep megatron-core from importing it at all)
-            os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
-            if "torch._dynamo" in sys.modules:  # imported already: functions compiled before run eagerly
-                sys.modules["torch._dynamo"].config.disable = True
+            from torch import _dynamo
+
+            _dynamo.config.disable = True
         if int(os.environ.get("RANK", "0")) == 0:
             fallbacks = cpu_fallbacks(sys.argv[1:])
             print(f"fast paths: {len(fallbacks)} setting(s) fall back (pretrain_gpt, cpu):\n"

@@ -18,6 +18,8 @@ from typing import Iterator
 
 from torch.profiler import ProfilerActivity, profile
 
+_COLLECTIVE_PREFIXES = ("gloo:", "nccl:")  # the c10d collectives, by the profiler event's name
+
 
 @dataclass
 class CollectiveLog:
@@ -50,5 +52,3 @@ def count_collectives() -> Iterator[CollectiveLog]:
     for event in sorted(events, key=lambda e: (e.start_ns(), -e.end_ns())):  # issue order, as prof.events()
         log.calls.append((event.name(), str(event.shapes())))
 
-
-_COLLECTIVE_PREFIXES = ("gloo:", "nccl:")
