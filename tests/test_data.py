@@ -276,6 +276,22 @@ assert ds[0].tolist() == list(range(7))
 heavy = [m for m in ("megatron.core.tensor_parallel", "megatron.core.transformer", "torch._inductor.compile_fx")
          if m in sys.modules]
 print("BEFORE", heavy, [m for m in sys.modules if m.startswith("megatron.core")])
+# building GPT datasets of a weighted blend (index files built here: megatron imports its C++ helpers inside
+# the functions that build them) loads nothing more of megatron-core either
+from excitation_dist.data.blends import Blend
+from excitation_dist.data.datasets import build_gpt_datasets
+from excitation_dist.data.tokenizers import ByteTokenizer
+for name in "ab":
+    with IndexedDatasetWriter(sys.argv[1] + name, np.uint16) as w:
+        for i in range(40):
+            w.add_document(np.arange(5 + i % 7))
+train, valid, test = build_gpt_datasets(Blend([sys.argv[1] + "a", sys.argv[1] + "b"], [0.3, 0.7]), split="90,10,0",
+                                        seq_length=4, seed=1, num_samples=[20, 4, 0], cache_dir=sys.argv[1] + "c",
+                                        tokenizer=ByteTokenizer())
+assert len(train) >= 20 and len(valid) >= 4 and test is None and len(train[0]["tokens"]) == 4
+heavy = [m for m in ("megatron.core.tensor_parallel", "megatron.core.transformer", "torch._inductor.compile_fx",
+                     "wandb") if m in sys.modules]
+print("BUILT", heavy, [m for m in sys.modules if m.startswith("megatron.core")])
 from megatron.core.tensor_parallel import random   # a submodule first: the circular-import order megatron's
 from megatron.core import ModelParallelConfig, mpu, parallel_state   # own __init__ avoids
 import megatron.core
@@ -286,4 +302,4 @@ print("COMPLETE")
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "d")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "BEFORE [] []" in done.stdout and "COMPLETE" in done.stdout, done.stdout
+    assert "BEFORE [] []" in done.stdout and "BUILT [] []" in done.stdout and "COMPLETE" in done.stdout, done.stdout

@@ -7,8 +7,9 @@ import textwrap
 
 
 RANK_SCRIPT = """
-import glob, gc, sys, torch, torch.distributed as dist
+import glob, gc, os, sys, torch, torch.distributed as dist
 dist.init_process_group("gloo")
+rank = dist.get_rank()
 if sys.argv[1] == "ddp":
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
     model(torch.ones(2, 3)).sum().backward()
@@ -16,17 +17,20 @@ if sys.argv[1] == "ddp":
 dist.destroy_process_group()
 gc.collect()
 names = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
-print("gloo worker threads left:", names.count("pt_gloo_runloop"), flush=True)
+# a file per rank: two ranks printing to one pipe can interleave their lines
+with open(os.path.join(sys.argv[2], f"rank{rank}"), "w") as f:
+    f.write(str(names.count("pt_gloo_runloop")))
 """
 
 
 def _worker_threads_left(tmp_path, mode: str) -> list[int]:
-    script = tmp_path / "rank.py"
+    script, counts = tmp_path / "rank.py", tmp_path / mode
     script.write_text(RANK_SCRIPT)
+    counts.mkdir()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), mode], capture_output=True, text=True, timeout=120)
+                          str(script), mode, str(counts)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    return [int(line.rsplit(":", 1)[1]) for line in out.stdout.splitlines() if "threads left" in line]
+    return [int((counts / f"rank{rank}").read_text()) for rank in (0, 1)]
 
 
 def test_a_ddp_wrapped_gloo_group_outlives_its_destroy(tmp_path):

@@ -65,7 +65,7 @@ def build_gpt_datasets(blend: Blend, *, split: str, seq_length: int, seed: int, 
     megatron-core builds the index files on global rank 0 first, then every other
     rank loads them, so ``cache_dir`` must be one directory all ranks see."""
     from excitation_dist.data.indexed import inspect_index
-    from excitation_dist.megatron.deferred_import import dataset_modules
+    from excitation_dist.megatron.deferred_import import dataset_modules, dataset_scope
 
     try:
         modules = dataset_modules()
@@ -91,7 +91,7 @@ def build_gpt_datasets(blend: Blend, *, split: str, seq_length: int, seed: int, 
     def build() -> list:
         return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank, config).build()
 
-    with _process_group_for_builder():
+    with _process_group_for_builder(), dataset_scope():
         build()
         # The rank that built the index files keeps them in memory (8 bytes per sample of every epoch, for
         # the sample index alone), where a rank that found them cached maps them from disk. Every rank opens

@@ -45,7 +45,11 @@ _PACKAGE = "megatron.core"
 # megatron.core.utils imports parallel_state, which imports names from utils: the package __init__ resolves the
 # cycle by importing parallel_state first, and so does the placeholder.
 _FIRST = "megatron.core.parallel_state"
+# Imported inside megatron's dataset functions (``from megatron.core.datasets import helpers`` when an index is built):
+# imported under the placeholder too, and put back in reach while the datasets are built (dataset_scope).
+_LAZY = ("megatron.core.datasets.helpers",)
 _DATASETS: dict[str, types.ModuleType] = {}
+_SCOPE: dict[str, types.ModuleType] = {}  # every megatron.core module imported under the placeholder, itself included
 
 
 @contextlib.contextmanager
@@ -100,8 +104,29 @@ def dataset_modules() -> dict[str, types.ModuleType]:
         if not _DATASETS:
             with _placeholder():
                 _DATASETS.update({name: importlib.import_module(name) for name in DATASET_MODULES})
+                for name in _LAZY:
+                    importlib.import_module(name)
+                _SCOPE.update({name: module for name, module in sys.modules.items() if _ours(name)})
             _forget()  # the recipe holds its copies; megatron code imported later gets the whole package
         return dict(_DATASETS)
+
+
+@contextlib.contextmanager
+def dataset_scope() -> Iterator[None]:
+    """Run the dataset modules of :func:`dataset_modules` with the modules they were imported with
+    back in ``sys.modules`` for the block, and out again after it: megatron's dataset code imports
+    ``helpers`` inside its functions (building an index), which would otherwise import the whole
+    package (its ``__init__``, the model-parallel stack and W&B: about 2 CPU-seconds, on the rank
+    that builds the index). A plain block where megatron-core is imported whole."""
+    if _PACKAGE in sys.modules or not _SCOPE:
+        yield
+        return
+    sys.modules.update(_SCOPE)
+    importlib.import_module("megatron").core = _SCOPE[_PACKAGE]
+    try:
+        yield
+    finally:
+        _forget()
 
 
 @contextlib.contextmanager
