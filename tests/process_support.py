@@ -18,17 +18,24 @@ from pathlib import Path
 TAG = "EXCITATION_TEST_RUN_TAG"
 
 
+def _parent(stat: str) -> int:
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def tagged(tag: str) -> list[int]:
-    """Pids of the processes whose environment holds ``TAG=tag`` (this process excluded)."""
+    """Pids of the processes whose environment holds ``TAG=tag``, this process and its own children
+    excluded: a run the test started is killed by the test, and what this process starts for itself
+    during the test (run_distributed's forkserver and resource tracker) serves later tests too."""
     marker = f"{TAG}={tag}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
+            if (marker in (entry / "environ").read_bytes().split(b"\0")
+                    and _parent((entry / "stat").read_text()) != os.getpid()):
                 found.append(int(entry.name))
-        except OSError:  # gone, or not ours
+        except (OSError, ValueError, IndexError):  # gone, or not ours
             pass
     return found
 

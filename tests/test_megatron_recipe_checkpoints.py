@@ -1,15 +1,18 @@
-"""``excitation-dist train`` with ``backend: megatron`` saves megatron-core
-``dist_checkpointing`` (torch_dist) checkpoints: written on 2 ranks (EP 2,
-DistributedOptimizer), resumed on 1 rank (EP 1) and on 4 ranks (EP 4); a layout
-that cannot load is refused; a run killed inside a save resumes bit-exactly; with
-megatron-core's overlapped parameter all-gather a checkpoint holds the weights of
-the step it was written after, and resumes bit-exactly."""
+"""``excitation-dist train`` with ``backend: megatron`` (megatron-core 0.16.1, 2 CPU
+processes, EP 2, DistributedOptimizer): progress, validation, and megatron-core
+``dist_checkpointing`` (torch_dist) checkpoints. A run killed inside a save, then
+killed again after a later save, resumes to the uninterrupted run's losses and
+exactly its weights and optimizer state; a checkpoint written on 2 ranks resumes
+on 1 rank (EP 1) and on 4 ranks (EP 4); a layout that cannot load is refused;
+with megatron-core's overlapped parameter all-gather a checkpoint holds the
+weights of the step it was written after, and resumes bit-exactly."""
 
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from excitation_dist.testing import run_distributed  # noqa: E402
 from excitation_dist.recipe.metrics_log import read_metrics  # noqa: E402
 from excitation_dist.recipe.run_lock import LOCK_FILE  # noqa: E402
 from tests.megatron_support import ENV  # noqa: E402
+from tests.process_support import tag_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -27,6 +31,12 @@ COMMON = ["backend=megatron", "schedule.train_steps=6", "schedule.warmup_steps=1
           "logging.interval=1", "checkpoint.interval=2", "checkpoint.keep_last=3", "model.hidden_size=32",
           "model.moe.ffn_hidden_size=32", "model.seq_length=32", "parallel.expert_parallel=2",
           "parallel.distributed_optimizer=true", "excitation.utilization_ema=0.5"]
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(monkeypatch):
+    """A SIGKILLed rank's checkpoint-writer process dies with the test (tests/process_support.py)."""
+    yield from tag_runs(monkeypatch)
+
 
 KILL_IN_PUBLISH = """
 import os, signal
@@ -72,21 +82,31 @@ megatron.MegatronBackend.__init__ = init
 """
 
 
-def _train(tmp: Path, name: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _train(tmp: Path, name: str, *extra: str, env: dict | None = None,
+           kill_once_saved: str | None = None) -> subprocess.CompletedProcess:
+    """Run the recipe to its end, or SIGKILL its whole process group once it says it saved
+    the checkpoint ``kill_once_saved`` (a directory name such as ``step_00000004``)."""
     args = [sys.executable, "-m", "excitation_dist.cli", "train", CONFIG, *COMMON,
             f"checkpoint.dir={tmp / name / 'ckpt'}", f"logging.dir={tmp / name / 'log'}", *extra]
     log = tmp / f"{name}.log"
+    start = log.stat().st_size if log.exists() else 0
     with open(log, "a") as out:  # a file, not a pipe: a killed rank's checkpoint writer may outlive it
         proc = subprocess.Popen(args, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **ENV, **(env or {})})
         try:
-            proc.wait(timeout=300)
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if kill_once_saved and any("saved" in line and kill_once_saved in line
+                                           for line in log.read_text()[start:].splitlines()):
+                    break
+                time.sleep(0.1)
         finally:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left behind, or the kill asked for
             except ProcessLookupError:
                 pass
-    return subprocess.CompletedProcess(args, proc.returncode, log.read_text(), "")
+            proc.wait()
+    return subprocess.CompletedProcess(args, proc.returncode, log.read_text()[start:], "")
 
 
 def _hooked(tmp: Path, sitecustomize: str, **env: str) -> dict:
@@ -145,12 +165,31 @@ def _stale(directory: str) -> tuple[list[str], list[str]]:
     return model, [k for k in model if not torch.equal(tensors[k], main[k].to(tensors[k].dtype))]
 
 
+VALIDATION = ("schedule.eval_interval=3",)  # the uninterrupted run and the killed-twice run that resumes to it
+
+
+def _tensors(directory: str) -> dict:
+    """Every plain tensor (model weights, the optimizer's main parameters and Adam moments) of a checkpoint."""
+    from excitation_dist.megatron import cpu_patches
+
+    cpu_patches.apply()
+    from megatron.core import dist_checkpointing
+
+    return {k: v.tolist() for k, v in dist_checkpointing.load_plain_tensors(directory).items() if hasattr(v, "tolist")}
+
+
+def _read_state_and_tensors(directories: list[str]) -> list:
+    return [(_read(d), _tensors(d)) for d in directories]
+
+
 @pytest.fixture(scope="module")
 def full(tmp_path_factory) -> Path:
     """The directory of the uninterrupted 6-step run (trained once for the tests that compare with it)."""
     tmp = tmp_path_factory.mktemp("megatron_full")
-    run = _train(tmp, "full")
+    run = _train(tmp, "full", *VALIDATION)
     assert run.returncode == 0, run.stdout[-5000:]
+    assert "backend megatron" in run.stdout and "step      6/6 | loss" in run.stdout, run.stdout[-5000:]
+    assert "step      3 | validation loss" in run.stdout and "step      6 | validation loss" in run.stdout
     return tmp / "full"
 
 
@@ -199,20 +238,36 @@ def test_megatron_checkpoint_resumes_on_1_and_4_ranks(full, tmp_path):
     assert written == ["latest", "step_00000004"]  # the launcher's lock file aside
 
 
-def test_megatron_killed_inside_save_resumes_exactly(full, tmp_path):
-    broken = _train(tmp_path, "resumed", env=_hooked(tmp_path, KILL_IN_PUBLISH, KILL_IN_PUBLISH_AT="4"))
+def test_megatron_killed_inside_a_save_then_after_a_save_resumes_exactly(full, tmp_path):
+    # killed inside the step-4 save: every rank wrote its shards, nothing is published
+    broken = _train(tmp_path, "resumed", *VALIDATION, env=_hooked(tmp_path, KILL_IN_PUBLISH, KILL_IN_PUBLISH_AT="4"))
     assert broken.returncode != 0
     root = tmp_path / "resumed" / "ckpt"
     assert (root / ".staging-step_00000004" / "metadata.json").is_file()  # written, never published
     assert (root / "latest").read_text().strip() == "step_00000002"
 
-    again = _train(tmp_path, "resumed")
+    # resumed from step 2, killed (SIGKILL, whole process group) once it saved step 4
+    killed = _train(tmp_path, "resumed", *VALIDATION, kill_once_saved="step_00000004")
+    assert killed.returncode != 0 and "step_00000002 (step 2)" in killed.stdout, killed.stdout[-5000:]
+    assert "not restored" not in killed.stdout  # same layout: every rank's RNG state restored
+    assert (root / "latest").read_text().strip() == "step_00000004"
+
+    again = _train(tmp_path, "resumed", *VALIDATION)
     assert again.returncode == 0, again.stdout[-5000:]
-    assert "resumed from" in again.stdout and "step_00000002 (step 2)" in again.stdout
-    assert "not restored" not in again.stdout  # same layout: every rank's RNG state restored
+    assert "resumed from" in again.stdout and "step_00000004 (step 4)" in again.stdout
     a, b = _losses(full), _losses(tmp_path / "resumed")
     assert sorted(a) == list(range(1, 7)) and set(b) == set(a)
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]  # bit-exact
+
+    # the last checkpoints hold the same Excitation state, weights and optimizer state, bit for bit
+    (state_a, tensors_a), (state_b, tensors_b) = run_distributed(
+        _read_state_and_tensors, 1, [str(run / "ckpt" / "step_00000006") for run in (full, tmp_path / "resumed")],
+        env=ENV, timeout=300)[0]
+    assert state_a == state_b and state_a["step"] == 6
+    assert tensors_a.keys() == tensors_b.keys() and any(k.startswith("decoder.") for k in tensors_a)
+    assert any(k.startswith("optimizer.state.exp_avg.") for k in tensors_a), sorted(tensors_a)
+    for key, value in tensors_a.items():
+        assert value == tensors_b[key], key
 
 
 def test_megatron_resumes_a_checkpoint_without_excitation_state_with_excitation_fresh(tmp_path):

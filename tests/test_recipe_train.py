@@ -142,37 +142,14 @@ def _assert_same_run(full: Path, resumed: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_killed_run_resumes_exactly(tmp_path, tmp_path_factory, backend):
-    if backend == "deepspeed":
-        pytest.importorskip("deepspeed")
-    config = CONFIG if backend == "torch" else DEEPSPEED_CONFIG
-    full = uninterrupted(tmp_path_factory, backend)
-
-    # the same run, killed (SIGKILL, whole process group) once its step-10 checkpoint exists
-    broken = _train(tmp_path, "resumed", config=config)
-    seen = []
-    for line in broken.stdout:
-        seen.append(line)
-        if "saved" in line and "step_00000010" in line:
-            os.killpg(broken.pid, signal.SIGKILL)
-            break
-    broken.wait(timeout=60)
-    assert broken.returncode != 0, "".join(seen)
-    again = _train(tmp_path, "resumed", config=config)
-    out2, _ = again.communicate(timeout=600)
-    assert again.returncode == 0, out2
-    assert "resumed from" in out2
-    _assert_same_run(full, tmp_path / "resumed")
-
-
-@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_killed_mid_save_resumes_exactly(tmp_path, tmp_path_factory, backend):
+def test_killed_mid_save_then_after_a_save_resumes_exactly(tmp_path, tmp_path_factory, backend):
     """SIGKILL of every process while the step-20 checkpoint is being saved (all ranks wrote their files, the
     COMPLETE marker and the latest pointer not yet): the step-20 staging directory is never loaded, the run
-    resumes from step 10 and matches the uninterrupted run bit for bit."""
+    resumes from step 10. That run is SIGKILLed (whole process group) once its step-20 checkpoint exists,
+    resumes from step 20, and ends bit for bit on the uninterrupted run's losses and final weights."""
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
-    config = CONFIG if backend == "torch" else DEEPSPEED_CONFIG
+    config = CONFIGS[backend]
     full = uninterrupted(tmp_path_factory, backend)
     ckpt = tmp_path / "resumed" / "ckpt"
 
@@ -187,12 +164,24 @@ def test_killed_mid_save_resumes_exactly(tmp_path, tmp_path_factory, backend):
     assert sorted(str(p.relative_to(staging)) for p in staging.rglob("*")) == sorted(written)
     assert (ckpt / "latest").read_text().strip() == "step_00000010" and not (ckpt / "step_00000020").exists()
 
-    again = _train(tmp_path, "resumed", config=config)
-    out2, _ = again.communicate(timeout=600)
-    assert again.returncode == 0, out2
+    killed = _train(tmp_path, "resumed", config=config)
+    seen = []
+    for line in killed.stdout:
+        seen.append(line)
+        if "saved" in line and "step_00000020" in line:
+            os.killpg(killed.pid, signal.SIGKILL)
+            break
+    killed.wait(timeout=60)
+    out2 = "".join(seen)
+    assert killed.returncode != 0, out2
     assert f"resumed from {ckpt / 'step_00000010'} (step 10)" in out2 and ".staging" not in out2
     assert "step     11/30 | loss" in out2 and "step     10/30" not in out2
     assert not staging.exists() and (ckpt / "step_00000020" / "COMPLETE").is_file()  # cleared by the next save
+
+    again = _train(tmp_path, "resumed", config=config)
+    out3, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out3
+    assert f"resumed from {ckpt / 'step_00000020'} (step 20)" in out3
     _assert_same_run(full, tmp_path / "resumed")
 
 
