@@ -239,3 +239,20 @@ def test_split_choice_and_the_plan_of_missing_selection_runs(tmp_path):
     stats.write_csv(tmp_path / "micro_moe" / "runs.csv", rows)
     assert plan.selection_gaps(tmp_path) == [("micro_moe", "sgd batch 512", ["zerosum"], [0.1], 1)]
     assert plan.missing_runs(tmp_path, "micro_moe", ["sgd batch 512"], 30, ["none", "zerosum"], [0.1], [7, 8]) == 3
+
+
+def test_training_curves_leave_diverged_seeds_out_of_the_mean_and_mark_where_they_stopped(tmp_path, monkeypatch):
+    from excitation_dist.experiments import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_finish", lambda fig, *a, **k: drawn.update(fig=fig))
+    runs = {0: [2.0, 1.0, 0.5], 1: [2.0, 1.0, 0.7], 2: [2.0, 1e14]}  # seed 2 diverged in its second epoch
+    rows = [{"setting": "sgd:512", "strategy": "none", "seed": seed, "epoch": epoch, "loss": loss,
+             "diverged": int(seed == 2)} for seed, losses in runs.items() for epoch, loss in enumerate(losses, 1)]
+    plots.curves_plot(tmp_path / "curves.png", rows, ["sgd:512"], ["none"], x_key="epoch",
+                      panels=[("loss", "loss", 1, None, True)])
+    ax = drawn["fig"].axes[0]
+    mean, mark = ax.get_lines()
+    assert mean.get_xdata().tolist() == [1, 2, 3] and mean.get_ydata().tolist() == pytest.approx([2.0, 1.0, 0.6])
+    assert mark.get_xdata().tolist() == [2] and mark.get_ydata().tolist() == [1.0] and mark.get_marker() == "x"
+    assert any("1 of 3 seeds diverged" in t.get_text() for t in ax.texts)

@@ -341,13 +341,14 @@ def report(out: Path, title: str, chance: float = 0.10, select=SELECT_SEEDS, rep
                     title=f"{title}: each method at its best validation lr (chosen on seeds {on}), test seeds "
                           f"{seeds_label(report_seeds)} (mean, 95% CI)")
     curve_rows = [{"setting": r["setting"], "strategy": r["strategy"], "seed": r["seed"], "epoch": int(c["epoch"]),
+                   "diverged": int(r["diverged"]),
                    "train_loss": fnum(c["train_loss"]), "val_accuracy": fnum(c["val_accuracy"])}
                   for r, c in curves_at_best_lr(runs, curves, best, keep=lambda r: int(r["seed"]) in report_seeds)]
     plots.curves_plot(out / "training_curves.png", curve_rows, settings, methods, x_key="epoch",
                       panels=[("train_loss", "training loss (epoch mean)", 1, None, True),
                               ("val_accuracy", "validation accuracy (%)", 100, (0, 100), False)],
                       chance={"val_accuracy": 100 * chance},
-                      title=f"{title}: training curves at each method's best lr (mean over seeds)")
+                      title=f"{title}: training curves at each method's best lr (mean over the seeds that converged)")
     print((out / "tables.md").read_text())
 
 

@@ -128,7 +128,11 @@ def curves_plot(path: Path, rows: list[dict], settings: list[str], methods: list
                 own_y: tuple = ()) -> None:
     """Rows of panels (one per metric), one column per setting, one line per
     method (mean over seeds). panels: (key, ylabel, scale, ylim, logy). Rows whose key is in ``own_y``
-    (e.g. "minus baseline" rows) get a y-range per panel; the others one per row."""
+    (e.g. "minus baseline" rows) get a y-range per panel; the others one per row.
+
+    Rows of a diverged run (``diverged`` true; ``seed`` names the run) stay out of the mean, whose
+    scale one exploding loss would set: the line is the mean over the seeds that converged, an
+    ``x`` on it marks the last point of each diverged seed, and the setting's top panel says how many diverged."""
     plt = _plt()
     fig, axes = plt.subplots(len(panels), len(settings), figsize=(3.6 * len(settings) + 0.5, 3.1 * len(panels)),
                              squeeze=False, sharex="col")
@@ -139,15 +143,32 @@ def curves_plot(path: Path, rows: list[dict], settings: list[str], methods: list
     for j, s in enumerate(settings):
         for i, (key, ylabel, scale, ylim, logy) in enumerate(panels):
             ax = axes[i][j]
+            notes = []
             for m in methods:
                 pts: dict[float, list[float]] = {}
+                gone: dict = {}  # diverged seed -> its last x
+                seeds = set()
                 for r in rows:
-                    if r["setting"] == s and r["strategy"] == m and not math.isnan(r[key]):
+                    if r["setting"] != s or r["strategy"] != m:
+                        continue
+                    seeds.add(r.get("seed"))
+                    if r.get("diverged"):
+                        gone[r.get("seed")] = max(gone.get(r.get("seed"), r[x_key]), r[x_key])
+                    elif not math.isnan(r[key]):
                         pts.setdefault(r[x_key], []).append(r[key])
+                if gone:
+                    notes.append(f"{_label(m)}: {len(gone)} of {len(seeds)} seeds diverged")
                 if not pts:
                     continue
                 xs = sorted(pts)
-                ax.plot(xs, [scale * statistics.mean(pts[x]) for x in xs], label=_label(m), **_style(m))
+                ys = [scale * statistics.mean(pts[x]) for x in xs]
+                line, = ax.plot(xs, ys, label=_label(m), **_style(m))
+                marks = [(x, ys[xs.index(x)]) for x in gone.values() if x in pts]
+                if marks:
+                    ax.plot(*zip(*marks), ls="none", marker="x", ms=7, mew=1.6, color=line.get_color())
+            if notes and i == 0:  # said once per setting, in its top panel
+                ax.text(0.02, 0.02, "\n".join(notes) + " (left out of the mean)", transform=ax.transAxes,
+                        fontsize=6.5, va="bottom", ha="left", color="0.25")
             if chance and key in chance:
                 ax.axhline(chance[key], color="grey", ls=":", lw=1.2, label="chance")
             if logy:
