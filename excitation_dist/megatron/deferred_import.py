@@ -11,7 +11,7 @@ FSDP2 and DeepSpeed backends that use none of it. The dataset modules
 themselves need only ``megatron.core.utils``, ``parallel_state`` and the
 tokenizer base classes: 0.9 CPU-seconds.
 
-Both doors below import modules under a placeholder ``megatron.core`` package
+The doors below import modules under a placeholder ``megatron.core`` package
 (the real one's spec and ``__path__``, its ``__init__`` not run) and never
 leave it behind:
 
@@ -21,11 +21,15 @@ leave it behind:
   modules (they use ``torch.distributed`` directly, no megatron state), and a
   later ``import megatron.core`` in the same process imports the whole
   package afresh, in its own order.
+- :func:`dataset_scope` puts those modules back in ``sys.modules`` while the
+  datasets are built: megatron imports its C++ ``helpers`` inside the
+  functions that build an index, which would otherwise import the whole
+  package on the rank that builds it.
 - :func:`before_package_init` yields modules imported under the placeholder,
   then runs the real ``__init__`` in it: the CPU patch ``jit_eager`` switches
   megatron's jit fuser off there, before the fused modules are imported.
 
-Where ``megatron.core`` is already imported, both are plain imports.
+Where ``megatron.core`` is already imported, all three are plain imports.
 """
 
 from __future__ import annotations
