@@ -25,7 +25,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints/frameworks.txt $(CONSTR
 # megatron-core 0.19.2 (the one with Megatron-LM's training loop) ships only a cp312 wheel; the
 # 0.19.2 tests put this unpacked copy first on their workers' sys.path (tests/test_megatron_0192.py).
 # Byte-compiled once here, as pip compiles what it installs: where PYTHONDONTWRITEBYTECODE is set, every
-# process would otherwise compile the ~250 megatron modules it imports (1.2 CPU-s per process, measured).
+# process would otherwise compile every megatron module it imports (1.2 CPU-s per process, measured).
 MEGATRON_0192 := .megatron-0.19.2
 $(MEGATRON_0192)/.unpacked: | $(VENV)/.installed-$(EXTRAS)
 	rm -rf $(MEGATRON_0192) && mkdir -p $(MEGATRON_0192)/.wheel
