@@ -15,11 +15,9 @@ import signal
 import uuid
 from pathlib import Path
 
+from excitation_dist.recipe.parent_watch import _ppid_of
+
 TAG = "EXCITATION_TEST_RUN_TAG"
-
-
-def _parent(stat: str) -> int:
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def tagged(tag: str) -> list[int]:
@@ -32,10 +30,10 @@ def tagged(tag: str) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if (marker in (entry / "environ").read_bytes().split(b"\0")
-                    and _parent((entry / "stat").read_text()) != os.getpid()):
+            if marker in (entry / "environ").read_bytes().split(b"\0") and _ppid_of(int(entry.name)) not in (
+                    None, os.getpid()):
                 found.append(int(entry.name))
-        except (OSError, ValueError, IndexError):  # gone, or not ours
+        except OSError:  # gone, or not ours
             pass
     return found
 

@@ -32,6 +32,7 @@ COMMON = ["backend=megatron", "schedule.train_steps=6", "schedule.warmup_steps=1
           "model.moe.ffn_hidden_size=32", "model.seq_length=32", "parallel.expert_parallel=2",
           "parallel.distributed_optimizer=true", "excitation.utilization_ema=0.5"]
 
+
 @pytest.fixture(autouse=True)
 def _no_leftovers(monkeypatch):
     """A SIGKILLed rank's checkpoint-writer process dies with the test (tests/process_support.py)."""
@@ -149,17 +150,22 @@ def _excitation(*directories: Path) -> list[dict]:
     return run_distributed(_read_all, 1, [str(d) for d in directories], env=ENV, timeout=300)[0]
 
 
-def _stale(directory: str) -> tuple[list[str], list[str]]:
-    """(every model tensor, those that differ from the optimizer's main parameter
-    cast to the model's dtype) in a checkpoint of the megatron backend."""
-    import torch
-
+def _plain_tensors(directory: str) -> dict:
+    """Every plain tensor of a torch_dist checkpoint (megatron-core's reader, in a worker process)."""
     from excitation_dist.megatron import cpu_patches
 
     cpu_patches.apply()
     from megatron.core import dist_checkpointing
 
-    tensors = dist_checkpointing.load_plain_tensors(directory)
+    return dist_checkpointing.load_plain_tensors(directory)
+
+
+def _stale(directory: str) -> tuple[list[str], list[str]]:
+    """(every model tensor, those that differ from the optimizer's main parameter
+    cast to the model's dtype) in a checkpoint of the megatron backend."""
+    import torch
+
+    tensors = _plain_tensors(directory)
     model = sorted(k for k, v in tensors.items() if torch.is_tensor(v) and not k.startswith("optimizer."))
     main = {k: tensors[f"optimizer.state.param.{k}"] for k in model}  # fully_reshardable: keyed like the model
     return model, [k for k in model if not torch.equal(tensors[k], main[k].to(tensors[k].dtype))]
@@ -168,18 +174,10 @@ def _stale(directory: str) -> tuple[list[str], list[str]]:
 VALIDATION = ("schedule.eval_interval=3",)  # the uninterrupted run and the killed-twice run that resumes to it
 
 
-def _tensors(directory: str) -> dict:
-    """Every plain tensor (model weights, the optimizer's main parameters and Adam moments) of a checkpoint."""
-    from excitation_dist.megatron import cpu_patches
-
-    cpu_patches.apply()
-    from megatron.core import dist_checkpointing
-
-    return {k: v.tolist() for k, v in dist_checkpointing.load_plain_tensors(directory).items() if hasattr(v, "tolist")}
-
-
 def _read_state_and_tensors(directories: list[str]) -> list:
-    return [(_read(d), _tensors(d)) for d in directories]
+    """(Excitation state, every plain tensor as lists: weights, the optimizer's main parameters and Adam moments)."""
+    return [(_read(d), {k: v.tolist() for k, v in _plain_tensors(d).items() if hasattr(v, "tolist")})
+            for d in directories]
 
 
 @pytest.fixture(scope="module")
