@@ -45,9 +45,14 @@ demo: setup
 # The project's own modules byte-compiled first (every rank and launcher process imports them; see megatron-0.19.2)
 COMPILE := $(PY) -m compileall -q -j 0 excitation_dist patches tests >/dev/null
 
+# Two pytest-xdist workers by default (TEST_WORKERS=0: one process): most tests launch multi-process runs, and a
+# second worker fills the cores while the other's runs import or wait (tests/conftest.py says how files are split).
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+
 test: setup
 	$(COMPILE)
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 # The inner loop (a few minutes): the unit tests, and one 2-rank case per backend. `make test` stays the whole suite.
 FAST_TESTS := tests/test_strategies.py tests/test_config.py tests/test_segments.py tests/test_blend.py tests/test_rows.py \
@@ -60,7 +65,7 @@ FAST_TESTS := tests/test_strategies.py tests/test_config.py tests/test_segments.
 
 test-fast: setup
 	$(COMPILE)
-	$(PY) -m pytest -q $(FAST_TESTS)
+	$(PY) -m pytest -q $(XDIST) $(FAST_TESTS)
 
 # On a CUDA machine: no host syncs in Excitation's step path (sync debug mode "error"), step-time ratio and
 # max_memory_allocated with/without (torch backend, DeepSpeed if importable); writes results/gpu_check.md.

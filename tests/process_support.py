@@ -55,3 +55,13 @@ def tag_runs(monkeypatch):
     monkeypatch.setenv(TAG, tag)
     yield tag
     kill_tagged(tag)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a launcher that needs one named (``--master_port``,
+    ``MASTER_PORT``): a fixed port would collide with another test's run under ``pytest -n``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

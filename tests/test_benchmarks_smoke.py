@@ -4,7 +4,6 @@ in one process (a few seconds)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest

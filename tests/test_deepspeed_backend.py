@@ -326,9 +326,11 @@ def test_deepspeed_launcher_runs_the_recipe_with_a_json_config(tmp_path):
     import sys
     from pathlib import Path
 
+    from tests.process_support import free_port
+
     root = Path(__file__).resolve().parents[1]
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", "29617", "--module", "excitation_dist.cli", "train",
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "excitation_dist.cli", "train",
            str(root / "configs/tiny_cpu.yaml"), f"deepspeed_config={root / 'configs/deepspeed/tiny_cpu.json'}",
            "parallel.zero_stage=2", "schedule.train_steps=3", "schedule.warmup_steps=1", "schedule.eval_interval=0",
            "logging.interval=1", f"logging.dir={tmp_path / 'log'}", "model.seq_length=32"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_support import LocalSlurm, NetnsPair, slurm_missing
+from tests.process_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["schedule.train_steps=6", "schedule.warmup_steps=2", "schedule.eval_interval=0", "logging.interval=2", "model.hidden_size=32",
@@ -18,7 +19,8 @@ TINY = ["schedule.train_steps=6", "schedule.warmup_steps=2", "schedule.eval_inte
 
 def _env():
     venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+            "MASTER_PORT": str(free_port())}
 
 
 @pytest.mark.skipif(slurm_missing() is not None, reason=str(slurm_missing()))

@@ -12,7 +12,8 @@ Megatron-LM 0.19.2's loop over gloo on CPU, 2 ranks, EP 2, mock data:
   parameters), see :mod:`excitation_dist.megatron.optimizer_state`;
 - resuming with another Excitation strategy is refused before training;
 - a checkpoint written without Excitation: ``--excitation-require-state`` refuses,
-  without it Excitation starts fresh and says so.
+  without it Excitation starts fresh and says so; on a pipeline whose first stage holds
+  only a dense layer (PP 2, EP 1), saved and resumed.
 """
 
 from __future__ import annotations
@@ -203,27 +204,18 @@ def test_megatron_lm_checkpoint_killed_in_save_resumes_excitation_exactly(megatr
     assert (tmp_path / "b" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"  # nothing written
 
 
-def test_megatron_lm_checkpoint_without_excitation_state(megatron_0192, tmp_path):  # noqa: F811
-    base = _torchrun(tmp_path, megatron_0192,
-                     _args(tmp_path, iters=4, save="base", excitation=None, extra=("--exit-interval", "2")))
-    assert base.returncode == 0, base.stdout[-3000:] + base.stderr[-5000:]
-    refused = _torchrun(tmp_path, megatron_0192,
-                        _args(tmp_path, iters=4, load="base", extra=("--excitation-require-state",)))
-    assert refused.returncode != 0
-    assert "holds no Excitation state and --excitation-require-state is set" in refused.stdout + refused.stderr
-    fresh = _torchrun(tmp_path, megatron_0192, _args(tmp_path, iters=4, load="base", save="fresh"))
-    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-5000:]
-    assert "holds no Excitation state: Excitation starts fresh" in fresh.stdout
-    [(state, _, _)] = _checkpoints(megatron_0192, tmp_path / "fresh" / "iter_0000004")
-    assert state["common"]["step"] == 2  # iterations 3 and 4 only
+def test_megatron_lm_checkpoints_without_excitation_state_and_with_a_dense_first_pipeline_stage(
+        megatron_0192, tmp_path):  # noqa: F811
+    """PP 2 on 2 ranks (EP 1), stage 0 holds one dense layer, stage 1 two MoE layers: global rank 0 has no
+    Excitation controller, so rank 1 (the first rank with MoE layers) writes Excitation's common state. When only
+    global rank 0 wrote it, ``--save`` failed with ``CheckpointingException: Invalid access pattern:
+    1 ShardedObject are missing``. One chain of a 6-iteration run (the LR schedule must match for each resume),
+    each part stopped by ``--exit-interval``:
 
-
-def test_megatron_lm_save_and_resume_with_a_dense_first_pipeline_stage(megatron_0192, tmp_path):  # noqa: F811
-    """PP 2 on 2 ranks (EP 1), stage 0 holds one dense layer, stage 1 two MoE layers: global rank 0
-    has no Excitation controller, so rank 1 (the first rank with MoE layers) writes Excitation's
-    common state. When only global rank 0 wrote it, ``--save`` failed with ``CheckpointingException:
-    Invalid access pattern: 1 ShardedObject are missing``. Save at iteration 2 (a 4-iteration run
-    stopped by ``--exit-interval``: the LR schedule must match for the resume), resume to 4."""
+    1. iterations 1-2 without Excitation, saved at 2;
+    2. resumed with Excitation and ``--excitation-require-state``: refused, nothing written;
+    3. resumed with Excitation: it starts fresh and says so; saved at 4 (Excitation's step 2);
+    4. resumed from 4 to 6: Excitation resumed (said by stage 1's first rank), saved at 6 (its step 4)."""
 
     def dense_first(argv: list[str]) -> list[str]:
         for flag, value in (("--num-layers", "3"), ("--expert-model-parallel-size", "1"),
@@ -232,21 +224,37 @@ def test_megatron_lm_save_and_resume_with_a_dense_first_pipeline_stage(megatron_
             argv = _set(argv, flag, value)
         return argv
 
-    stopped = dense_first(_args(tmp_path, iters=4, save="ckpt", extra=("--exit-interval", "2")))
-    first = _torchrun(tmp_path, megatron_0192, stopped)
-    assert first.returncode == 0, first.stdout[-5000:]
-    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    def run(*extra: str, excitation: str | None = "positivesum", load: str | None = "ckpt"):
+        argv = dense_first(_args(tmp_path, iters=6, save="ckpt", load=load, excitation=excitation, extra=extra))
+        return _torchrun(tmp_path, megatron_0192, argv)
 
-    resumed = _torchrun(tmp_path, megatron_0192, dense_first(_args(tmp_path, iters=4, save="ckpt", load="ckpt")))
-    # both checkpoints read in one process, after the resumed run (which leaves iteration 2's in place)
-    iterations = ("iter_0000002", "iter_0000004") if resumed.returncode == 0 else ("iter_0000002",)
+    latest = tmp_path / "ckpt" / "latest_checkpointed_iteration.txt"
+    base = run("--exit-interval", "2", excitation=None, load=None)
+    assert base.returncode == 0, base.stdout[-5000:]
+    assert latest.read_text().strip() == "2"
+
+    refused = run("--excitation-require-state")
+    assert refused.returncode != 0
+    assert "holds no Excitation state and --excitation-require-state is set" in refused.stdout + refused.stderr
+    assert latest.read_text().strip() == "2" and sorted(p.name for p in latest.parent.glob("iter_*")) == \
+        ["iter_0000002"]
+
+    fresh = run("--exit-interval", "4")
+    assert fresh.returncode == 0, fresh.stdout[-5000:]
+    assert "holds no Excitation state: Excitation starts fresh" in fresh.stdout
+    assert latest.read_text().strip() == "4"
+
+    resumed = run()
+    # both checkpoints read in one process, after the resumed run (which leaves iteration 4's in place)
+    iterations = ("iter_0000004", "iter_0000006") if resumed.returncode == 0 else ("iter_0000004",)
     (state, _, _), *after = _checkpoints(megatron_0192, *(tmp_path / "ckpt" / i for i in iterations))
-    assert state["common"]["step"] == 2 and state["common"]["config"]["strategy"] == "positivesum", state["common"]
+    assert state["common"]["step"] == 2, state["common"]  # iterations 3 and 4 only
+    assert state["common"]["config"]["strategy"] == "positivesum", state["common"]
     assert list(state["layers"]) == [2, 3] and all(row is not None for row in state["layers"].values()), state
 
     assert resumed.returncode == 0, resumed.stdout[-5000:]
     assert "Excitation resumed from" in resumed.stdout  # said by stage 1's first rank (global rank 0 has no MoE layer)
-    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert latest.read_text().strip() == "6"
     [(state, _, _)] = after
     assert state["common"]["step"] == 4, state["common"]  # resumed at step 2 (starting fresh would save 2)
     assert list(state["layers"]) == [2, 3] and all(row is not None for row in state["layers"].values()), state

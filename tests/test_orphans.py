@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from excitation_dist.recipe.run_lock import locked_by
+from tests.process_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu_torch.yaml")
@@ -114,7 +115,7 @@ def test_ranks_and_the_deepspeed_launch_process_exit_when_the_deepspeed_command_
     pytest.importorskip("deepspeed")
     deepspeed = Path(sys.executable).parent / "deepspeed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    command = [str(deepspeed), "--num_gpus", "2", "--module", "excitation_dist.cli", "train",
+    command = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "excitation_dist.cli", "train",
                str(ROOT / "configs" / "tiny_cpu.yaml"), *LONG, f"checkpoint.dir={tmp_path / 'ckpt'}",
                f"logging.dir={tmp_path / 'log'}"]
     runner = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

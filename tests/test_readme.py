@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.process_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -128,11 +129,8 @@ def test_deepspeed_snippet_runs(tmp_path):
     (snippet,) = blocks(section("Use it from DeepSpeed"), "python")
     script = tmp_path / "snippet.py"
     script.write_text(DEEPSPEED_SETUP + snippet + DEEPSPEED_CHECK)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+           "MASTER_PORT": str(free_port())}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "README DeepSpeed snippet: OK" in proc.stdout, proc.stdout + proc.stderr[-4000:]
@@ -174,7 +172,7 @@ def test_slurm_block_names_scripts_and_configs_that_exist_and_agree():
         script, config, *overrides = words[words.index("--nodes") + 2:]
         scripts.add(script)
         assert (ROOT / script).is_file() and script.startswith("launch/slurm/"), script
-        assert f"sbatch --nodes" in (ROOT / script).read_text()  # its usage line
+        assert "sbatch --nodes" in (ROOT / script).read_text()  # its usage line
         cfg = load_run_config(ROOT / config, overrides)
         assert cfg.parallel.nodes == nodes, f"{config}: parallel.nodes={cfg.parallel.nodes}, sbatch --nodes {nodes}"
     assert scripts == {"launch/slurm/train.sbatch", "launch/slurm/deepspeed.sbatch"}

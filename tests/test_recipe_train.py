@@ -185,32 +185,6 @@ def test_killed_mid_save_then_after_a_save_resumes_exactly(tmp_path, tmp_path_fa
     _assert_same_run(full, tmp_path / "resumed")
 
 
-def test_checkpoint_without_excitation_state_resumes_with_excitation_fresh(tmp_path):
-    """Written with Excitation off, resumed with it on: said once, trains, Excitation counts from step 0;
-    refused before launch with checkpoint.require_excitation_state=true, the checkpoint untouched."""
-    common = [*COMMON, "schedule.train_steps=10"]
-    off = _train(tmp_path, "run", "excitation.strategy=none", common=common)
-    out, _ = off.communicate(timeout=600)
-    assert off.returncode == 0, out
-    ckpt = tmp_path / "run" / "ckpt"
-    snapshot = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"}
-
-    refused = _train(tmp_path, "run", "checkpoint.require_excitation_state=true", common=common)
-    out, _ = refused.communicate(timeout=120)
-    assert refused.returncode == 1 and "launching" not in out, out
-    assert (f"checkpoint.require_excitation_state: {ckpt / 'step_00000010' / 'COMPLETE'} was written with "
-            "Excitation off") in out
-    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"} == snapshot
-
-    on = _train(tmp_path, "run", "schedule.train_steps=12", common=common)
-    out, _ = on.communicate(timeout=600)
-    assert on.returncode == 0, out
-    assert f"checkpoint {ckpt / 'step_00000010'} was written with Excitation off" in out
-    assert "Excitation starts fresh (step 0, no EMA)" in out and "resumed from" in out
-    state = torch.load(ckpt / "step_00000012" / "state.pt", weights_only=False)
-    assert state["excitation"]["step"] == 2 and state["excitation"]["config"]["strategy"] == "zerosum"
-
-
 def test_bad_config_fails_before_any_process_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "excitation_dist.cli", "train", CONFIG, "model.moe.top_k=99"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -260,23 +234,41 @@ def _samples_read(tmp) -> list[int]:
     return sorted(int(i) for f in (tmp / "samples").glob("rank*.txt") for i in f.read_text().split())
 
 
-def test_resume_with_a_larger_global_batch_continues_at_the_consumed_samples(tmp_path):
-    """4 steps of 16 samples, then resumed with global batch 32 for steps 5-6: the resumed run reads
-    samples 64..191, exactly the ones an uninterrupted reader had not read yet (no sample skipped, none
-    twice), as Megatron-LM's consumed_samples does; the checkpoint records the samples consumed."""
+def test_resume_with_excitation_turned_on_and_a_larger_global_batch(tmp_path):
+    """4 steps of 16 samples with Excitation off, then resumed with it on and global batch 32 for steps 5-6.
+
+    - Excitation: refused before launch with checkpoint.require_excitation_state=true (the checkpoint untouched);
+      without it, said once, trains, and Excitation counts from step 0 (its state saved at step 6 says 2).
+    - Data: the resumed run reads samples 64..191, exactly the ones an uninterrupted reader had not read yet
+      (no sample skipped, none twice), as Megatron-LM's consumed_samples does; the checkpoint records the
+      samples consumed."""
     import json
 
     env = _record_samples_env(tmp_path)
     common = [*COMMON, "schedule.warmup_steps=1", "checkpoint.interval=2"]
-    first = _train(tmp_path, "run", "schedule.train_steps=4", common=common, env=env)
-    out, _ = first.communicate(timeout=600)
-    assert first.returncode == 0, out
+    off = _train(tmp_path, "run", "schedule.train_steps=4", "excitation.strategy=none", common=common, env=env)
+    out, _ = off.communicate(timeout=600)
+    assert off.returncode == 0, out
     assert _samples_read(tmp_path) == list(range(64))
+    ckpt = tmp_path / "run" / "ckpt"
+    snapshot = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"}
 
-    again = _train(tmp_path, "run", "schedule.train_steps=6", "schedule.global_batch_size=32", common=common, env=env)
-    out, _ = again.communicate(timeout=600)
-    assert again.returncode == 0, out
-    assert "resumed from" in out and "step      6/6 | loss" in out
+    larger = ("schedule.train_steps=6", "schedule.global_batch_size=32")
+    refused = _train(tmp_path, "run", *larger, "checkpoint.require_excitation_state=true", common=common, env=env)
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 1 and "launching" not in out, out
+    assert (f"checkpoint.require_excitation_state: {ckpt / 'step_00000004' / 'COMPLETE'} was written with "
+            "Excitation off") in out
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file() and p.name != ".lock"} == snapshot
+
+    on = _train(tmp_path, "run", *larger, common=common, env=env)
+    out, _ = on.communicate(timeout=600)
+    assert on.returncode == 0, out
+    assert f"checkpoint {ckpt / 'step_00000004'} was written with Excitation off" in out
+    assert "Excitation starts fresh (step 0, no EMA)" in out and "resumed from" in out
+    assert "step      6/6 | loss" in out
+    state = torch.load(ckpt / "step_00000006" / "state.pt", weights_only=False)
+    assert state["excitation"]["step"] == 2 and state["excitation"]["config"]["strategy"] == "zerosum"
     assert _samples_read(tmp_path) == list(range(64 + 2 * 32))  # every sample once, none skipped
-    record = json.loads((tmp_path / "run" / "ckpt" / "step_00000006" / "COMPLETE").read_text())
+    record = json.loads((ckpt / "step_00000006" / "COMPLETE").read_text())
     assert record["data"]["consumed_samples"] == 4 * 16 + 2 * 32 and record["data"]["global_batch_size"] == 32

@@ -9,7 +9,6 @@ with phi from tokens counted independently from the router's logits.
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from excitation_dist import Excitation, ExpertSegment, multipliers
 from excitation_dist.config import ConfigError

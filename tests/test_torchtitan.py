@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from excitation_dist.testing import count_collectives, run_distributed  # noqa: E402
+from tests.process_support import free_port  # noqa: E402
 
 E, TOP_K, N_LAYERS, DIM, VOCAB, SEQ = 4, 2, 2, 32, 64, 8
 LR, WD, BETAS, EPS = 1e-2, 0.1, (0.9, 0.95), 1e-8
@@ -385,7 +386,7 @@ def _train(tmp_path, nproc: int, steps: int, dump: str) -> str:
            "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
     if nproc == 1:  # torchrun's environment of one process, without torchrun's start-up
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()))
+                   MASTER_PORT=str(free_port()))
         launcher = [sys.executable]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
@@ -401,14 +402,6 @@ def _train(tmp_path, nproc: int, steps: int, dump: str) -> str:
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-6000:]
     return log
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(log: str) -> dict[int, list[float]]:

@@ -1,0 +1,33 @@
+"""How the suite is split between ``pytest -n`` workers (pytest-xdist; ``make test`` runs two).
+
+Each test file is one unit of work (``--dist loadgroup``): its module fixtures (the distributed matrices'
+shared process groups, the Megatron recipe's uninterrupted run) run once, on one worker.
+tests/test_restarts.py joins tests/test_recipe_train.py, whose uninterrupted runs it compares with.
+Files are handed out longest first (measured: each launches several multi-process training runs), so that
+the short ones fill in at the end; without ``-n`` the same order applies, tests within a file unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+SAME_WORKER = {"test_restarts.py": "test_recipe_train.py"}
+
+LONGEST_FIRST = [
+    "test_megatron_recipe_checkpoints.py", "test_megatron_lm_checkpoints.py", "test_recipe_train.py",
+    "test_deepspeed_backend.py", "test_recipe_fsdp2.py", "test_megatron_0192.py", "test_megatron_backend.py",
+    "test_torchtitan.py", "test_readme.py", "test_launch.py", "test_preflight.py", "test_deepspeed_autoep.py",
+    "test_data.py", "test_fsdp2.py", "test_logging.py", "test_orphans.py", "test_experiments.py",
+    "test_torch_distributed.py", "test_rank_exit.py", "test_cli.py",
+]
+
+
+def _group(item: pytest.Item) -> str:
+    return SAME_WORKER.get(item.path.name, item.path.name)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's own order is kept
