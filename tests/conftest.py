@@ -5,9 +5,15 @@ shared process groups, the Megatron recipe's uninterrupted run) run once, on one
 tests/test_restarts.py joins tests/test_recipe_train.py, whose uninterrupted runs it compares with.
 Files are handed out longest first (measured: each launches several multi-process training runs), so that
 the short ones fill in at the end; without ``-n`` the same order applies, tests within a file unchanged.
+
+Which tests share a process depends on that split, so each test leaves ``os.environ`` as it found it: an
+in-process ``excitation-dist train`` sets variables for the ranks it would launch (the note that the
+fast-path fallbacks were said, DeepSpeed's CPU accelerator), which a later test's launches must not inherit.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -31,3 +37,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))
     items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's own order is kept
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -19,6 +19,7 @@ TINY = ["schedule.train_steps=6", "schedule.warmup_steps=2", "schedule.eval_inte
 
 def _env():
     venv_bin = str(Path(sys.executable).parent)
+    # one rendezvous port per call, free now: another test's run may hold the default 29500 (pytest -n)
     return {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
             "MASTER_PORT": str(free_port())}
 
@@ -80,9 +81,9 @@ def test_two_node_torchrun_rendezvous_between_namespaces(tmp_path):
     overrides = [*TINY, "parallel.nodes=2", "parallel.gpus_per_node=1", "schedule.global_batch_size=16",
                  f"logging.dir={tmp_path / 'log'}"]
     with NetnsPair() as net:
-        procs = []
+        procs, common = [], _env()  # one MASTER_PORT for both nodes
         for i in range(2):
-            env = {**_env(), "MASTER_ADDR": net.addrs[0], "NNODES": "2", "RUN_ID": "netns-test",
+            env = {**common, "MASTER_ADDR": net.addrs[0], "NNODES": "2", "RUN_ID": "netns-test",
                    "GLOO_SOCKET_IFNAME": f"{net.names[i]}0", "LOCAL_ADDR": net.addrs[i]}
             procs.append(net.popen(i, [str(ROOT / "launch/torchrun_multinode.sh"),
                                        str(ROOT / "configs/tiny_cpu_torch.yaml"), *overrides],
