@@ -32,11 +32,22 @@ def _group(item: pytest.Item) -> str:
     return SAME_WORKER.get(item.path.name, item.path.name)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))
     items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's own order is kept
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup`` every test must carry its file's group, or xdist schedules it alone: a
+    module fixture would then run on both workers, and again after each test (measured: a 46 s matrix
+    set up twice)."""
+    if session.config.getoption("dist", "no") == "loadgroup":
+        alone = [item.nodeid for item in session.items if "@" not in item.nodeid]
+        if alone:
+            raise pytest.UsageError(f"tests/conftest.py: {len(alone)} test(s) without an xdist group, e.g. {alone[0]}")
 
 
 @pytest.fixture(autouse=True)

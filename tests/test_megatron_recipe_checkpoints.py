@@ -270,10 +270,13 @@ def test_megatron_killed_inside_a_save_then_after_a_save_resumes_exactly(full, t
 
 def test_megatron_resumes_a_checkpoint_without_excitation_state_with_excitation_fresh(tmp_path):
     """A checkpoint written with Excitation off loads into a run with Excitation on:
-    model and optimizer resume, Excitation starts at step 0 (the loop's note says so)."""
-    off = _train(tmp_path, "run", "excitation.strategy=none", "schedule.train_steps=2")
+    model and optimizer resume, Excitation starts at step 0 (the loop's note says so).
+    One rank (EP 1): whether the checkpoint holds Excitation's sharded state is decided
+    the same way on every rank."""
+    one = ("parallel.gpus_per_node=1", "parallel.expert_parallel=1")
+    off = _train(tmp_path, "run", *one, "excitation.strategy=none", "schedule.train_steps=2")
     assert off.returncode == 0, off.stdout[-5000:]
-    on = _train(tmp_path, "run", "schedule.train_steps=4")
+    on = _train(tmp_path, "run", *one, "schedule.train_steps=4")
     assert on.returncode == 0, on.stdout[-5000:]
     assert "resumed from" in on.stdout and "step_00000002 (step 2)" in on.stdout
     assert "Excitation starts fresh" in on.stdout
