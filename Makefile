@@ -48,7 +48,7 @@ COMPILE := $(PY) -m compileall -q -j 0 excitation_dist patches tests >/dev/null
 # Two pytest-xdist workers by default (TEST_WORKERS=0: one process): most tests launch multi-process runs, and a
 # second worker fills the cores while the other's runs import or wait (tests/conftest.py says how files are split).
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+XDIST = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: setup
 	$(COMPILE)

@@ -1,10 +1,10 @@
 """How the suite is split between ``pytest -n`` workers (pytest-xdist; ``make test`` runs two).
 
-Each test file is one unit of work (``--dist loadgroup``): its module fixtures (the distributed matrices'
-shared process groups, the Megatron recipe's uninterrupted run) run once, on one worker.
-tests/test_restarts.py joins tests/test_recipe_train.py, whose uninterrupted runs it compares with.
-Files are handed out longest first (measured: each launches several multi-process training runs), so that
-the short ones fill in at the end; without ``-n`` the same order applies, tests within a file unchanged.
+Each test file is one unit of work (``--dist loadfile``): its module fixtures (the distributed matrices'
+shared process groups, the Megatron recipe's uninterrupted run) run once, on one worker. Tests that compare
+with one shared run live in its file (tests/test_recipe_train.py's restarts). Files are handed out longest
+first (measured: each launches several multi-process training runs), so that the short ones fill in at the
+end; without ``-n`` the same order applies, tests within a file unchanged.
 
 Which tests share a process depends on that split, so each test leaves ``os.environ`` as it found it: an
 in-process ``excitation-dist train`` sets variables for the ranks it would launch (the note that the
@@ -17,8 +17,6 @@ import os
 
 import pytest
 
-SAME_WORKER = {"test_restarts.py": "test_recipe_train.py"}
-
 LONGEST_FIRST = [
     "test_megatron_recipe_checkpoints.py", "test_megatron_lm_checkpoints.py", "test_recipe_train.py",
     "test_deepspeed_backend.py", "test_recipe_fsdp2.py", "test_megatron_0192.py", "test_megatron_backend.py",
@@ -28,26 +26,9 @@ LONGEST_FIRST = [
 ]
 
 
-def _group(item: pytest.Item) -> str:
-    return SAME_WORKER.get(item.path.name, item.path.name)
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's own order is kept
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Under ``--dist loadgroup`` every test must carry its file's group, or xdist schedules it alone: a
-    module fixture would then run on both workers, and again after each test (measured: a 46 s matrix
-    set up twice)."""
-    if session.config.getoption("dist", "no") == "loadgroup":
-        alone = [item.nodeid for item in session.items if "@" not in item.nodeid]
-        if alone:
-            raise pytest.UsageError(f"tests/conftest.py: {len(alone)} test(s) without an xdist group, e.g. {alone[0]}")
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
 
 @pytest.fixture(autouse=True)

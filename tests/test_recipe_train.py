@@ -1,6 +1,8 @@
 """excitation-dist train end to end (backends torch and deepspeed, 2 CPU
-processes): progress, metrics, checkpoints, and a killed run that resumes exactly."""
+processes): progress, metrics, checkpoints, a killed run that resumes exactly, and a
+rank killed under ``--max-restarts`` whose restarted run finishes exactly."""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +17,8 @@ from excitation_dist.recipe.metrics_log import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu_torch.yaml")
 DEEPSPEED_CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")  # backend deepspeed, EP 2, ZeRO-1
-# parallel.timeout_minutes: a rank killed under torchrun --max-restarts (tests/test_restarts.py, which compares
-# with this module's uninterrupted runs) leaves its peer in a collective for at most 2 minutes
+# parallel.timeout_minutes: a rank killed under torchrun --max-restarts (below) leaves its peer in a collective for
+# at most 2 minutes
 COMMON = ["schedule.train_steps=30", "schedule.warmup_steps=5", "schedule.eval_interval=0", "logging.interval=1",
           "checkpoint.interval=10", "model.num_layers=2", "model.hidden_size=32", "model.moe.ffn_hidden_size=32",
           "model.seq_length=32", "parallel.timeout_minutes=2"]
@@ -118,7 +120,7 @@ _UNINTERRUPTED: dict[str, Path] = {}
 
 def uninterrupted(tmp_path_factory, backend: str) -> Path:
     """The run directory of the uninterrupted 30-step run of ``backend`` (trained once per session: this
-    module's resume tests and tests/test_restarts.py compare with it)."""
+    module's resume and restart tests compare with it)."""
     if backend not in _UNINTERRUPTED:
         tmp = tmp_path_factory.mktemp(f"full_{backend}")
         full = _train(tmp, "full", config=CONFIGS[backend])
@@ -242,8 +244,6 @@ def test_resume_with_excitation_turned_on_and_a_larger_global_batch(tmp_path):
     - Data: the resumed run reads samples 64..191, exactly the ones an uninterrupted reader had not read yet
       (no sample skipped, none twice), as Megatron-LM's consumed_samples does; the checkpoint records the
       samples consumed."""
-    import json
-
     env = _record_samples_env(tmp_path)
     common = [*COMMON, "schedule.warmup_steps=1", "checkpoint.interval=2"]
     off = _train(tmp_path, "run", "schedule.train_steps=4", "excitation.strategy=none", common=common, env=env)
@@ -272,3 +272,77 @@ def test_resume_with_excitation_turned_on_and_a_larger_global_batch(tmp_path):
     assert _samples_read(tmp_path) == list(range(64 + 2 * 32))  # every sample once, none skipped
     record = json.loads((ckpt / "step_00000006" / "COMPLETE").read_text())
     assert record["data"]["consumed_samples"] == 4 * 16 + 2 * 32 and record["data"]["global_batch_size"] == 32
+
+
+# ------------------------------------------------------------- a rank killed under --max-restarts
+# ``torchrun --max-restarts 1`` with a rank SIGKILLed mid-run: the agent restarts
+# every rank, they rendezvous afresh (a per-attempt namespace in torchrun's shared
+# store, see ``recipe.loop.restart_safe_store``), resume from the latest complete
+# checkpoint and finish; every logged loss equals the uninterrupted run's, bit for bit.
+# Backends torch (under torchrun) and deepspeed (under ``excitation-dist train
+# --max-restarts``), 2 CPU ranks, a tiny model; the uninterrupted runs are
+# this module's (the same settings, trained once per session).
+
+
+def _command(config: str, run: Path, restarts: int, launcher: str) -> list[str]:
+    """torchrun itself (rank 0 holds the checkpoint lock), or ``excitation-dist train
+    --max-restarts`` (which execs torchrun and holds the lock across restarts)."""
+    train = [str(config), *COMMON, f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'log'}"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--max-restarts", str(restarts), "-m", "excitation_dist.cli", "train", *train]
+    return [sys.executable, "-m", "excitation_dist.cli", "train", "--max-restarts", str(restarts), *train]
+
+
+def _every_loss(run: Path) -> dict[int, list[float]]:
+    """Every logged loss per step (a restarted run logs the steps after its checkpoint twice)."""
+    out: dict[int, list[float]] = {}
+    for line in (run / "log" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out.setdefault(record["step"], []).append(record["loss"])
+    return out
+
+
+def _rank_pid(agent: int, rank: int) -> int | None:
+    for task in Path(f"/proc/{agent}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(child)
+    return None
+
+
+@pytest.mark.parametrize("backend, launcher", [("torch", "torchrun"), ("deepspeed", "excitation-dist")])
+def test_killed_rank_is_restarted_and_the_run_finishes_exactly(tmp_path, tmp_path_factory, backend, launcher):
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = uninterrupted(tmp_path_factory, backend)  # `excitation-dist train`, which runs torchrun --max-restarts 0
+
+    agent = subprocess.Popen(_command(CONFIGS[backend], tmp_path / "restarted", 1, launcher), cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen, killed = [], None
+    try:
+        for line in agent.stdout:
+            seen.append(line)
+            if killed is None and line.startswith("saved") and "step_00000010" in line:
+                killed = _rank_pid(agent.pid, 1)
+                assert killed is not None, "".join(seen)
+                os.kill(killed, signal.SIGKILL)
+        assert agent.wait(timeout=600) == 0, "".join(seen)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    out = "".join(seen)
+    assert killed is not None and "resumed from" in out, out
+    resumed_at = int(out.split("resumed from", 1)[1].split("(step ", 1)[1].split(")", 1)[0])
+    assert resumed_at >= 10
+
+    reference, restarted = _every_loss(full), _every_loss(tmp_path / "restarted")
+    assert sorted(restarted) == sorted(reference) == list(range(1, 31))  # COMMON's schedule.train_steps
+    mismatches = [(s, reference[s], v) for s, values in restarted.items() for v in values if v != reference[s][0]]
+    assert not mismatches, mismatches
