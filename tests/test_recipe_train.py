@@ -295,7 +295,9 @@ def _command(config: str, run: Path, restarts: int, launcher: str) -> list[str]:
 
 
 def _every_loss(run: Path) -> dict[int, list[float]]:
-    """Every logged loss per step (a restarted run logs the steps after its checkpoint twice)."""
+    """Every loss line of metrics.jsonl as written, per step (not read_metrics, which keeps the latest record
+    of a step: the restarted attempt drops the killed attempt's records of the steps it redoes, and any it
+    left would be compared with the reference too)."""
     out: dict[int, list[float]] = {}
     for line in (run / "log" / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
