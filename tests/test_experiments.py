@@ -105,6 +105,17 @@ def test_lm_sweep_report_chooses_lr_on_selection_seeds_and_pairs_report_seeds(tm
     assert float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.1)
     assert float(best["zerosum"]["p_t"]) == 0.0 and float(best["zerosum"]["p_sign_flip"]) == pytest.approx(2 / 8)
     assert (tmp_path / "best_vs_best.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| validation loss, nats/byte" in (tmp_path / "tables.md").read_text()  # no test split: validation
+
+    for r in rows:  # every run with a test split: the report quotes the test loss, the choice still the validation's
+        r["test_loss"] = r["val_loss"] + (0.5 if r["strategy"] == "none" else 0.2)
+    stats.write_csv(tmp_path / "runs.csv", rows)
+    assert lm_sweep.main(["--out", str(tmp_path), "--report-only", "--select-seeds", "0", "--report-seeds", "1,2,3",
+                          "--strategies", "none,zerosum", "--aux-coefs", "0.01", "--lrs", "0.001,0.003,0.01"]) == 0
+    best = {b["strategy"]: b for b in _rows(tmp_path / "best.csv")}
+    assert float(best["none"]["best_lr"]) == 0.003 and float(best["zerosum"]["best_lr"]) == 0.01
+    assert float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.4)
+    assert "| test loss, nats/byte" in (tmp_path / "tables.md").read_text()
 
 
 def test_lm_sweep_balancing_settings_parse_and_name():
@@ -120,11 +131,15 @@ def test_lm_sweep_balancing_settings_parse_and_name():
 
 def test_lm_sweep_trains_through_the_recipe_and_reuses_runs_by_config_hash(tmp_path):
     argv = ["--out", str(tmp_path), "--steps", "24", "--eval-steps", "2", "--lrs", "0.003", "--strategies", "zerosum",
-            "--balancing", "bias", "--select-seeds", "0", "--report-seeds", "1", "--jobs", "2"]
+            "--balancing", "bias", "--select-seeds", "0", "--report-seeds", "1", "--jobs", "2", "--split", "90,5,5"]
     assert lm_sweep.main(argv) == 0
     runs = _rows(tmp_path / "runs.csv")
     assert sorted((r["stage"], r["seed"], r["expert_bias"]) for r in runs) == [("confirm", "1", "1"), ("sweep", "0", "1")]
     assert all(math.isfinite(float(r["val_loss"])) and float(r["overload_last10pct"]) >= 1 for r in runs)
+    # the split's test share: every run's loss on the test tokens after the last step, beside the validation loss
+    assert all(r["split"] == "90,5,5" and math.isfinite(float(r["test_loss"])) and r["test_loss"] != r["val_loss"]
+               for r in runs)
+    assert "| test loss, nats/byte" in (tmp_path / "tables.md").read_text()
     assert (tmp_path / "last_invocation.txt").read_text().startswith("2 runs trained, 0 reused")
     assert lm_sweep.main(argv) == 0  # the same cells again: nothing retrains
     assert (tmp_path / "last_invocation.txt").read_text().startswith("0 runs trained, 2 reused")

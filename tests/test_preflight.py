@@ -99,6 +99,13 @@ def test_truncated_or_foreign_dataset_is_refused(prepared, tmp_path):
     code, err = _dry_run(*_data(prepared, path=str(tmp_path / "short")), "model.vocab_size=auto")
     assert code != 0 and "holds 3 tokens; its training and validation splits" in err, err
 
+    with IndexedDatasetWriter(tmp_path / "ten", np.uint16) as writer:  # a test share that rounds to no document
+        for _ in range(10):
+            writer.add_document(np.arange(50) % 100)
+    code, err = _dry_run(*_data(prepared, path=str(tmp_path / "ten")), "model.vocab_size=auto", "data.split=80,20,1")
+    assert code != 0 and ("its training, validation and test splits (data.split=80,20,1) each need at least one "
+                          "non-empty document, and the test split gets none") in err, err
+
 
 @pytest.mark.parametrize("damage, message", [
     ("no_idx", "data.path: TMP/d_text_document.idx does not exist; give the prefix prepare-data printed"),

@@ -100,6 +100,35 @@ def test_project_corpus_samples_are_document_aware_windows(corpora, tmp_path):
     assert torch.equal(source.train_batch(step=3, micro=0, rank=1), batch)
 
 
+def test_a_test_share_gives_held_out_samples_from_the_last_documents_only(corpora, tmp_path):
+    """data.split's test share (Megatron's --split): test samples are windows of the last documents, none of
+    which the training or validation split reads; without a share there is no test split, and asking for its
+    batches names data.split."""
+    from excitation_dist.config import ConfigError
+    from excitation_dist.data.blends import split_ranges
+
+    source = _source(corpora, tmp_path, corpora[0], "data.split=80,10,10")
+    _keep, docs = _documents(corpora[0])
+    eod = load_tokenizer(corpora[2]).eod
+    (t0, t1), (v0, v1), (s0, s1) = split_ranges("80,10,10", len(docs))
+    assert 0 < t1 == v0 < v1 == s0 < s1 == len(docs)
+    test = source.test_batch(1, 0)
+    assert test.shape == (8, SEQ + 1)
+    assert all(_is_window_of_documents(s, docs[s0:s1], eod) for s in test.tolist())
+    # megatron-core's own record of the documents behind each split (one prefix: no blend around it)
+    assert sorted(source.test.dataset.indices) == list(range(s0, s1))
+    assert sorted(source.validation.dataset.indices) == list(range(v0, v1))
+    assert sorted(source.train.dataset.indices) == list(range(t0, t1))
+    validation = source.validation_batch(1, 0).tolist()
+    assert all(_is_window_of_documents(s, docs[v0:v1], eod) for s in validation)
+    assert not torch.equal(test, source.validation_batch(1, 0))
+
+    without = _source(corpora, tmp_path, corpora[0])  # the config's 98,2,0
+    assert without.test is None
+    with pytest.raises(ConfigError, match="data.split: the test split is empty; give it a share"):
+        without.test_batch(0, 0)
+
+
 def test_megatron_written_corpus_and_a_weighted_blend(corpora, tmp_path):
     alone = _source(corpora, tmp_path, corpora[1])
     assert bool((alone.train_batch(1, 0, 0) == FILLER).all())  # int32 tokens, as preprocess_data writes them

@@ -11,6 +11,13 @@ Two stages, one command:
    (default 1..5) that took no part in choosing it. Best-vs-best and the paired
    differences to the baseline (same report seeds) come from stage 2 only.
 
+With ``--split`` giving the test split a share (e.g. ``96,2,2``: Megatron's
+``--split``, the recipe's ``data.split``) every run also reports its loss on the
+test split after the last step, and the report quotes that test loss: the
+validation loss chooses the learning rate, the test tokens never took part in
+the choice. Without it the report quotes the validation loss (the default split
+``98,2,0`` has no test split).
+
     python -m excitation_dist.experiments.lm_sweep --out results/lm_sweep
 
 Every run is a separate ``train`` process (one process, ``parallel.gpus_per_node=1``
@@ -84,6 +91,8 @@ def _cfg(args, balancing: tuple[float, bool], strategy: str, lr: float, seed: in
            "overrides": " ".join(args.overrides), "code_version": CODE_VERSION}
     if args.evals != 6:  # evaluations per run (the default, 6, is left out of the hash: earlier rows stay valid)
         cfg["evals"] = args.evals
+    if args.split:  # data.split (the config's when not given, left out of the hash: earlier rows stay valid)
+        cfg["split"] = args.split
     cfg["hash"] = config_hash(cfg)
     cfg["stage"] = stage
     return cfg
@@ -98,7 +107,8 @@ def _train(args, cfg: dict) -> tuple[dict, list[dict]]:
                      f"parallel.gpus_per_node={cfg['procs']}",
                      f"schedule.train_steps={cfg['steps']}", f"schedule.eval_interval={max(1, cfg['steps'] // int(cfg.get('evals', 6)))}",
                      f"schedule.eval_steps={cfg['eval_steps']}", "logging.interval=1", f"logging.dir={tmp}",
-                     "checkpoint.dir=null", *args.overrides]
+                     "checkpoint.dir=null", *([f"data.split={cfg['split']}"] if cfg.get("split") else []),
+                     *args.overrides]
         t0 = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if cfg["procs"] == 1:  # one rank: skip the torchrun relaunch (same training path, one process less)
@@ -119,7 +129,9 @@ def _train(args, cfg: dict) -> tuple[dict, list[dict]]:
         records = read_metrics(Path(tmp))
     vals = [r for r in records if isinstance(r.get("val_loss"), (int, float))]
     n = max(1, cfg["steps"] // 10)  # expert metrics: mean over the last 10% of steps
+    tests = [r["test_loss"] for r in records if isinstance(r.get("test_loss"), (int, float))]
     row = {**cfg, "val_loss": vals[-1]["val_loss"] if vals else float("nan"),
+           "test_loss": tests[-1] if tests else float("nan"),
            "train_loss_last10pct": _mean_over_last(records, "loss", n),
            "overload_last10pct": _mean_over_last(records, "excitation/overload_factor", n),
            "dead_experts_last10pct": _mean_over_last(records, "excitation/dead_experts", n),
@@ -152,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 3, 4, 5])
     p.add_argument("--procs", type=int, default=1, help="training processes per run (parallel.gpus_per_node)")
     p.add_argument("--eval-steps", type=int, default=32)
+    p.add_argument("--split", default=None, help="data.split for every run (Megatron's --split: training, validation, "
+                   "test shares); a test share makes the report quote test loss (default: the config's, 98,2,0)")
     p.add_argument("--evals", type=int, default=6, help="validation evaluations per run (every steps/evals steps); "
                    "the convergence criterion needs several in the last 20%% of steps")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (each a separate process)")
@@ -210,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def report_metric(runs: list[dict], report_seeds) -> str:
+    """What the report quotes: ``test_loss`` where every run of the report seeds has one (a split with a test
+    share), else ``val_loss``."""
+    rows = [r for r in runs if int(r["seed"]) in set(report_seeds)]
+    return "test_loss" if rows and all(fnum(r.get("test_loss")) == fnum(r.get("test_loss")) for r in rows) \
+        else "val_loss"
+
+
 def report(args) -> None:
     runs = [r for r in read_csv(args.out / "runs.csv")]
     for r in runs:
@@ -217,6 +239,8 @@ def report(args) -> None:
     curves = read_csv(args.out / "curves.csv")
     select = set(args.select_seeds)
     report_seeds = set(args.report_seeds) & {int(r["seed"]) for r in runs}  # the report seeds actually run
+    metric = report_metric(runs, report_seeds)
+    quoted = "test" if metric == "test_loss" else "validation"
     methods = [m for m in STRATEGIES if any(r["strategy"] == m for r in runs)]
     settings = list(dict.fromkeys(r["setting"] for r in runs))
     sweep, best = [], []
@@ -236,7 +260,7 @@ def report(args) -> None:
             at = [r for r in rows if fnum(r["lr"]) == lr and int(r["seed"]) in report_seeds]
             if not at:
                 continue
-            loss = {int(r["seed"]): fnum(r["val_loss"]) for r in at}
+            loss = {int(r["seed"]): fnum(r[metric]) for r in at}
             if m == "none":
                 base = loss
             vm, vlo, vhi = mean_ci(list(loss.values()))
@@ -259,13 +283,15 @@ def report(args) -> None:
         lines += [f"Last invocation: {inv.read_text().strip()}", ""]
     lines += [f"Learning rate chosen on seed(s) {sorted(select)} (lowest final validation loss); the numbers below "
               f"are from seeds {sorted(report_seeds)} at that learning rate, which took no part in the choice. "
-              "Validation loss (nats/byte), mean [95% CI]; paired difference to the baseline (negative = lower "
+              + ("Test loss (nats/byte; the test split, which no choice read), " if quoted == "test"
+                 else "Validation loss (nats/byte), ")
+              + "mean [95% CI]; paired difference to the baseline (negative = lower "
               "loss = better) with its two-sided paired t-test p and exact sign-flip p, both unadjusted: the "
               "verdicts (Holm over every comparison of results/README.md) are made by "
               "`python -m excitation_dist.experiments.page`; overload = max over layers of (max tokens of one expert / mean tokens per expert) "
               "in a step; dead = experts with no token in a step, summed over layers; both averaged over the last "
               "10% of steps.", "",
-              "| balancing | method | best lr | seeds | val loss, nats/byte [95% CI] | minus baseline [95% CI] | "
+              f"| balancing | method | best lr | seeds | {quoted} loss, nats/byte [95% CI] | minus baseline [95% CI] | "
               "p (t) | p (sign-flip) | overload | dead experts / step | entropy |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in best:
@@ -300,7 +326,7 @@ def report(args) -> None:
     lo_b = min(b["test_lo"] if b["test_lo"] == b["test_lo"] else b["test_mean"] for b in best)
     hi_b = max(b["test_hi"] if b["test_hi"] == b["test_hi"] else b["test_mean"] for b in best)
     pad = 0.1 * (hi_b - lo_b + 1e-3)
-    plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, "validation loss (nats/byte)",
+    plots.best_plot(args.out / "best_vs_best.png", best, settings, methods, f"{quoted} loss (nats/byte)",
                     ylim=(lo_b - pad, hi_b + pad), diff_label="minus baseline, nats/byte (negative = better)",
                     title=f"GPT-MoE: each method at its best lr, seeds {sorted(report_seeds)} (mean, 95% CI)")
     rows = [{"setting": r["setting"], "strategy": r["strategy"], "step": int(c["step"]),

@@ -1,4 +1,4 @@
-"""Training and validation batches for the recipe, on every backend.
+"""Training, validation and test batches for the recipe, on every backend.
 
 Samples come from megatron-core's dataset stack over ``data.path`` (one prefix,
 a weighted blend, or the embedded corpus written once as an indexed dataset):
@@ -82,10 +82,14 @@ class TrainPosition:
 def sample_counts(cfg: RunConfig, position: TrainPosition | None = None) -> list[int]:
     """Samples the run reads from each split: the training samples of ``position``
     (default: a fresh run's), one fixed set of ``eval_steps`` validation micro-batches
-    per rank, no test."""
+    per rank, and as many test micro-batches where ``data.split`` gives the test split
+    a share (read once, after the last step, as Megatron-LM's ``do_test``)."""
+    from excitation_dist.data.blends import parse_split
+
     s = cfg.schedule
     train = (position or TrainPosition.fresh(cfg)).num_samples
-    return [train, max(1, s.eval_steps) * s.micro_batch_size * cfg.parallel.data_parallel, 0]
+    held_out = max(1, s.eval_steps) * s.micro_batch_size * cfg.parallel.data_parallel
+    return [train, held_out, held_out if parse_split(cfg.data.split)[2] > 0 else 0]
 
 
 def order_inputs(cfg: RunConfig) -> dict[str, Any]:
@@ -251,13 +255,14 @@ def _spelled(value: Any) -> str:
 
 
 class TokenSource:
-    """The run's samples: ``train_batch(step, micro, rank)`` and
-    ``validation_batch(index, rank)``, each ``[micro_batch_size, seq_length + 1]`` int64."""
+    """The run's samples: ``train_batch(step, micro, rank)``, ``validation_batch(index, rank)``
+    and ``test_batch(index, rank)``, each ``[micro_batch_size, seq_length + 1]`` int64."""
 
     def __init__(self, train: SampleReader, validation: SampleReader | None, vocab_size: int, *,
                  micro_batch_size: int, data_parallel: int, global_batch_size: int,
-                 position: TrainPosition | None = None, plan: list[dict[str, Any]] | None = None) -> None:
-        self.train, self.validation, self.vocab_size = train, validation, vocab_size
+                 position: TrainPosition | None = None, plan: list[dict[str, Any]] | None = None,
+                 test: SampleReader | None = None) -> None:
+        self.train, self.validation, self.test, self.vocab_size = train, validation, test, vocab_size
         self.micro_batch_size, self.data_parallel, self.global_batch_size = (
             micro_batch_size, data_parallel, global_batch_size)
         self.position = position or TrainPosition(0, 0, len(train))
@@ -287,11 +292,10 @@ class TokenSource:
             raise ConfigError(f"data.split: {cfg.data.split} gives the validation split no share; give it one "
                               "(e.g. 98,2,0) or set schedule.eval_interval=0")
         s = cfg.schedule
-        return cls(SampleReader(datasets[0], SPLIT_NAMES[0]),
-                   None if datasets[1] is None else SampleReader(datasets[1], SPLIT_NAMES[1]),
-                   tokenizer.vocab_size, micro_batch_size=s.micro_batch_size,
+        readers = [None if d is None else SampleReader(d, name) for d, name in zip(datasets, SPLIT_NAMES)]
+        return cls(readers[0], readers[1], tokenizer.vocab_size, micro_batch_size=s.micro_batch_size,
                    data_parallel=cfg.parallel.data_parallel, global_batch_size=s.global_batch_size,
-                   position=position, plan=epoch_plan(cfg, position.num_samples))
+                   position=position, plan=epoch_plan(cfg, position.num_samples), test=readers[2])
 
     def train_indices(self, step: int, micro: int, rank: int) -> range:
         """Global sample indices of (step (1-based, after the position's step), micro-batch, data-parallel
@@ -315,9 +319,18 @@ class TokenSource:
         if self.validation is None:
             raise ConfigError("data.split: the validation split is empty; give it a share or set "
                               "schedule.eval_interval=0")
+        return self._held_out(self.validation, index, rank)
+
+    def test_batch(self, index: int, rank: int) -> torch.Tensor:
+        """Test micro-batch ``index`` of ``rank`` (read once, after the last step)."""
+        if self.test is None:
+            raise ConfigError("data.split: the test split is empty; give it a share (e.g. 96,2,2)")
+        return self._held_out(self.test, index, rank)
+
+    def _held_out(self, reader: SampleReader, index: int, rank: int) -> torch.Tensor:
         b = self.micro_batch_size
         start = (index * self.data_parallel + rank) * b
-        return self.validation.samples(range(start, start + b))
+        return reader.samples(range(start, start + b))
 
 
 def _embedded_prefix(cache: Path) -> str:

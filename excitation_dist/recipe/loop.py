@@ -109,6 +109,13 @@ def _mean_over_ranks(value: torch.Tensor, device: torch.device) -> float:
     return value.item()
 
 
+def _held_out_loss(backend: TrainBackend, batch, steps: int, device: torch.device) -> float:
+    """Mean LM loss over ``steps`` held-out micro-batches ``batch(index, rank)``, averaged over ranks."""
+    loss = torch.stack([backend.eval_loss(batch(i, backend.data_parallel_rank).to(device))
+                        for i in range(steps)]).mean()
+    return _mean_over_ranks(loss, device)
+
+
 def resume_from(cfg: RunConfig, backend: TrainBackend, checkpoint, rank: int) -> None:
     """Load ``checkpoint`` into ``backend`` after the checks ``excitation-dist
     train`` ran before launch (:func:`~excitation_dist.recipe.preflight.resume_check`,
@@ -192,14 +199,17 @@ def run_training(cfg: RunConfig, backend: TrainBackend, device: torch.device) ->
                       flush=True)
 
         if s.eval_interval and (step % s.eval_interval == 0 or step == s.train_steps):
-            val = torch.stack([
-                backend.eval_loss(source.validation_batch(i, backend.data_parallel_rank).to(device))
-                for i in range(s.eval_steps)
-            ]).mean()
-            last["val_loss"] = _mean_over_ranks(val, device)
+            last["val_loss"] = _held_out_loss(backend, source.validation_batch, s.eval_steps, device)
             logger.log(step, {"val_loss": last["val_loss"]})
             if rank == 0:
                 print(f"step {step:>6} | validation loss {last['val_loss']:.4f}", flush=True)
+        if step == s.train_steps and source.test is not None and s.eval_steps:
+            # the test split, once, after the last step (Megatron-LM's do_test): the figure a report quotes
+            # when the validation loss chose among runs
+            last["test_loss"] = _held_out_loss(backend, source.test_batch, s.eval_steps, device)
+            logger.log(step, {"test_loss": last["test_loss"]})
+            if rank == 0:
+                print(f"step {step:>6} | test loss {last['test_loss']:.4f}", flush=True)
 
         if manager and (step % cfg.checkpoint.interval == 0 or step == s.train_steps):
             if rank == 0:

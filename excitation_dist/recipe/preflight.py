@@ -86,7 +86,11 @@ def check_data(cfg: RunConfig, vocab: int | None) -> None:
         blend = parse_blend(cfg.data.path)
     except DataError as exc:
         raise ConfigError(f"data.path: {exc}") from None
+    from excitation_dist.data.blends import parse_split
+
     needed = [0, 1] if cfg.schedule.eval_interval else [0]
+    if parse_split(cfg.data.split)[2] > 0:  # a test share: evaluated after the last step
+        needed.append(2)
     for prefix in blend.prefixes:
         if not Path(f"{prefix}.idx").is_file() or not Path(f"{prefix}.bin").is_file():
             missing = f"{prefix}.idx" if not Path(f"{prefix}.idx").is_file() else f"{prefix}.bin"
@@ -105,11 +109,14 @@ def check_data(cfg: RunConfig, vocab: int | None) -> None:
         for i in needed:
             begin, end = ranges[i]
             if index.tokens_of_sequences(begin, end) == 0:
+                names = [SPLIT_NAMES[j] for j in needed]
+                names = names[0] + " split" if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]} splits"
                 raise ConfigError(
-                    f"data.path: {prefix} holds {index.tokens} tokens; its training and validation splits "
+                    f"data.path: {prefix} holds {index.tokens} tokens; its {names} "
                     f"(data.split={cfg.data.split}) each need at least one non-empty document, and the "
                     f"{SPLIT_NAMES[i]} split gets none ({index.documents} document(s) in all): use more data, change "
-                    "data.split, or set schedule.eval_interval=0 with a split such as 100,0,0")
+                    "data.split (a test share 0 skips the test evaluation), or set schedule.eval_interval=0 with a "
+                    "split such as 100,0,0")
 
 
 def _writable(path: Path) -> bool:

@@ -70,6 +70,9 @@ def make_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
         vsteps, vloss = _series(records, "val_loss")
         if vsteps:
             ax.plot(vsteps, vloss, "o--", color=line.get_color(), label=f"{labels[name]} (validation)")
+        tsteps, tloss = _series(records, "test_loss")  # data.split with a test share: once, after the last step
+        if tsteps:
+            ax.plot(tsteps, tloss, "X", markersize=9, color=line.get_color(), label=f"{labels[name]} (test)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("Loss")
