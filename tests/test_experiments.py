@@ -195,11 +195,31 @@ def test_plan_lists_commands_with_estimates():
 
     items = plan.plan(plan.ROOT / "results")
     assert any("--steps 6000" in it["cmd"] for it in items)
+    lm = [it for it in items if ".lm_sweep " in it["cmd"]]
+    assert lm and all("--split 96,2,2" in it["cmd"] and "--select-seeds 0,6 " in it["cmd"] for it in lm)
     assert all(it["cpu_h"] >= 0 and it["runs"] > 0 for it in items)
     micro = [it for it in items if ".micro_moe " in it["cmd"]]
     assert micro and all("--seed-list 5,6,7" in it["cmd"] if it["group"].startswith("3") else
                          "--seed-list 0,1,2,3,4,5,6,7" in it["cmd"] for it in micro)
     assert plan.refine(0.1, 1.0) == [0.22, 0.46]
+
+
+def test_plan_counts_the_held_out_gpt_moe_runs_by_the_hash_lm_sweep_gives_them(tmp_path):
+    import argparse
+
+    from excitation_dist.experiments import lm_sweep, plan, stats
+
+    spec = {**plan.LM_HELDOUT, "balancing": ["bias"], "strategies": ["none", "zerosum"], "lrs": [0.001, 0.0022]}
+    assert plan.lm_missing(tmp_path, spec) == 2 * 2 * 2 + 2 * 5  # nothing run: 8 sweep runs, 5 report seeds x 2
+    args = argparse.Namespace(config=str(plan.ROOT / "configs" / "tiny_cpu_torch.yaml"), steps=1500, gamma=1.0,
+                              procs=1, eval_steps=32, overrides=[], evals=12, split="96,2,2")
+    done = [lm_sweep._cfg(args, (0.0, True), "none", 0.001, 0, "sweep"),
+            lm_sweep._cfg(args, (0.0, True), "zerosum", 0.0022, 6, "sweep"),
+            lm_sweep._cfg(args, (0.0, True), "none", 0.0022, 3, "confirm")]
+    (tmp_path / "lm_heldout").mkdir()
+    stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", done)
+    assert plan.lm_missing(tmp_path, spec) == 18 - 3
+    assert "--split 96,2,2" in plan.lm_command(spec) and "--evals 12" in plan.lm_command(spec)
 
 
 def _synthetic_runs(select_lr=0.1, report_lr=0.01, skip=()):

@@ -32,7 +32,7 @@ def test_one_holm_family_over_every_comparison_and_one_rule_for_both_directions(
     comps = page.comparisons(exps)
     same_lr = [c for c in comps if c["kind"] != "best-vs-best"]
     assert len(comps) == len(same_lr) + sum(m != "none" and (s, "none") in e.cells
-                                            for e in exps.values() for s, m in e.cells)
+                                            for k, e in exps.items() if k != "lm_earlier" for s, m in e.cells)
     for c in comps:
         assert c["verdict"] in ("better", "worse", "no difference detected", "unconverged, no verdict")
         if c["verdict"] in ("better", "worse"):
@@ -62,3 +62,56 @@ def test_micro_moe_lrs_are_chosen_on_seeds_5_to_7_where_they_ran_and_reported_on
     comps, same = page.comparisons(exps), page.comparisons(exps, same_seeds=True)
     assert [(c["exp"], c["setting"], c["method"]) for c in comps] == [(c["exp"], c["setting"], c["method"])
                                                                        for c in same]
+
+
+def _heldout_runs(lrs=(0.001, 0.0022), select=(0, 6), report=(1, 2, 3, 4, 5)):
+    """A synthetic held-out GPT-MoE sweep (one balancing setting, baseline and ZeroSum): the validation loss
+    prefers lr 0.0022 for the baseline and 0.001 for ZeroSum; the test loss is 0.3 above the validation loss,
+    ZeroSum's 0.05 below the baseline's on every report seed."""
+    runs, curves = [], []
+    best = {"none": 0.0022, "zerosum": 0.001}
+    for m in ("none", "zerosum"):
+        for lr in lrs:
+            for k in select:
+                runs.append((m, lr, k, "sweep", 1.7 if lr == best[m] else 1.8))
+        for k in report:
+            runs.append((m, best[m], k, "confirm", 1.70 + 0.01 * k - (0.05 if m == "zerosum" else 0)))
+    rows = []
+    for i, (m, lr, k, stage, val) in enumerate(runs):
+        h = f"h{i}"
+        rows.append({"steps": 1500, "aux": 0.01, "expert_bias": 0, "strategy": m, "lr": lr, "seed": k, "split": "96,2,2",
+                     "hash": h, "stage": stage, "val_loss": val, "test_loss": val + 0.3, "overload_last10pct": 1.3,
+                     "dead_experts_last10pct": 0.0, "entropy_last10pct": 0.99})
+        curves += [{"hash": h, "step": step, "train_loss": "", "val_loss": val + (1500 - step) * 1e-6}
+                   for step in (1250, 1375, 1500)]
+    return rows, curves
+
+
+def test_the_held_out_gpt_moe_becomes_section_3_once_complete_and_the_earlier_sweep_its_sensitivity_table(tmp_path):
+    from excitation_dist.experiments import stats
+
+    for d in RESULTS.iterdir():
+        if d.is_dir() and d.name != "lm_heldout":
+            (tmp_path / d.name).symlink_to(d)
+    (tmp_path / "lm_heldout").mkdir()
+    rows, curves = _heldout_runs()
+    stats.write_csv(tmp_path / "lm_heldout" / "curves.csv", curves)
+    stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows[:-1])  # one report run short: not yet
+    exps = page.load_all(tmp_path)
+    assert "lm_earlier" not in exps and exps["lm"].select == (0,) and exps["lm"].extra_metric == "val_loss"
+
+    stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows)
+    exps = page.load_all(tmp_path)
+    lm = exps["lm"]
+    assert "lm_earlier" in exps and lm.select == (0, 6) and lm.extra_metric == "test_loss"
+    base, zs = lm.cells[("aux loss 0.01", "none")], lm.cells[("aux loss 0.01", "zerosum")]
+    assert (base.lr, zs.lr, zs.chosen_on) == (0.0022, 0.001, "0,6")
+    assert zs.report[3] == pytest.approx(1.73 - 0.05 + 0.3) and zs.val_final[3] == pytest.approx(1.73 - 0.05)
+    comps = [c for c in page.comparisons(exps) if c["exp"] == "lm"]
+    assert [(c["kind"], c["method"]) for c in comps] == [("best-vs-best", "zerosum")]
+    assert comps[0]["diff"] == pytest.approx(-0.05)
+    tables = page.all_tables(tmp_path)
+    assert "| test loss, nats/byte [95% CI] |" in tables["lm-verdicts"][1]
+    earlier = tables["lm-earlier"][1]
+    assert "| aux loss 0.01 | zerosum | 0.001 / 0.0022 | -0.050 [-0.050, -0.050] |" in earlier
+    assert "chosen on seeds 0,6" in earlier and "chosen on seed(s) 0 " in earlier

@@ -13,7 +13,13 @@ each method's learning rate is the one with the highest mean validation accuracy
 wherever those seeds ran every learning rate the report seeds ran for every method of the setting; the test
 accuracy of the report seeds 0-4 is read there. A setting without them chooses on seeds 0-4 themselves, and the
 verdict tables say which seeds chose. The same-seed choice is kept as a sensitivity analysis (``table_same_seed``,
-``table_loso``). The GPT-MoE chooses on seed 0 and reports seeds 1-5.
+``table_loso``).
+
+GPT-MoE: ``results/lm_heldout`` (``data.split=96,2,2``) chooses each learning rate on the validation loss of
+selection seeds 0 and 6 and reports the test loss (the test split, which no choice read) of seeds 1-5; it
+becomes section 3's experiment once its grid is complete (``lm_complete``: every cell's selection runs and its
+report seeds), and the earlier ``results/lm_sweep`` (chosen on seed 0, validation loss reported on the tokens
+that chose) becomes its sensitivity table (``table_lm_earlier``). Until then section 3 is ``lm_sweep``.
 
 One rule for every verdict (``stats.py``): paired differences over the same seeds; two-sided paired t-test;
 Holm's correction over ALL the page's comparisons (one family, listed by ``comparisons``); "better"/"worse" iff
@@ -80,6 +86,7 @@ class Experiment:
     curves: dict[str, list[tuple[int, float]]]  # run hash -> [(step, val)]
     steps_per_eval_unit: dict[str, int]  # setting -> optimizer steps per curve x unit
     lm: bool = False
+    extra_metric: str = ""  # GPT-MoE: the reported metric, test_loss or val_loss
     select: tuple = SELECT_SEEDS  # seeds that choose the lr where they were run (stats.split_choice)
     report: tuple = REPORT_SEEDS  # seeds whose metric is reported
     split: dict[str, bool] = field(default_factory=dict)  # setting -> lr chosen on ``select`` (not the report seeds)
@@ -158,7 +165,15 @@ def lm_setting(r: dict) -> str:
     return setting_name(r["aux"], r.get("expert_bias", 0))
 
 
+LM_HELDOUT_SELECT = (0, 6)  # lm_heldout's selection seeds (its report seeds are 1-5, as lm_sweep's)
+
+
 def load_lm(out: Path, select=(0,), report_seeds=(1, 2, 3, 4, 5)) -> Experiment:
+    """A GPT-MoE sweep: each (setting, method)'s lr is the one with the lowest mean final validation loss over
+    ``select``; the report seeds' test loss is read there where every report run has one (a split with a test
+    share), else their validation loss (``lm_sweep.report_metric``)."""
+    from excitation_dist.experiments.lm_sweep import report_metric
+
     runs = read_csv(out / "runs.csv")
     for r in runs:
         r["setting"] = lm_setting(r)
@@ -167,6 +182,7 @@ def load_lm(out: Path, select=(0,), report_seeds=(1, 2, 3, 4, 5)) -> Experiment:
     methods = [m for m in METHODS if any(r["strategy"] == m for r in runs)]
     exp = Experiment("lm", "GPT-MoE", False, settings, methods, {}, runs, curves, {s: 1 for s in settings}, lm=True,
                      select=tuple(select), report=tuple(report_seeds), split={s: True for s in settings})
+    exp.extra_metric = report_metric(runs, report_seeds)
     for s in settings:
         for m in methods:
             got = choose_lr([r for r in runs if r["setting"] == s and r["strategy"] == m], "val_loss", exp.select,
@@ -185,18 +201,46 @@ def lm_cell(exp: Experiment, s: str, m: str, lr: float, edge: bool = False) -> C
                   exp.report)
     if not at:
         return None
-    loss = {int(r["seed"]): fnum(r["val_loss"]) for r in at}
-    return Cell("lm", s, m, lr, edge, loss, dict(loss), {int(r["seed"]): exp.curves.get(r["hash"], []) for r in at},
+    loss = {int(r["seed"]): fnum(r[exp.extra_metric or "val_loss"]) for r in at}
+    val = {int(r["seed"]): fnum(r["val_loss"]) for r in at}
+    return Cell("lm", s, m, lr, edge, loss, val, {int(r["seed"]): exp.curves.get(r["hash"], []) for r in at},
                 int(at[0]["steps"]), False, 0,
                 {k: [fnum(r[k]) for r in at] for k in ("overload_last10pct", "dead_experts_last10pct",
                                                        "entropy_last10pct")}, seeds_label(exp.select))
 
 
+def lm_complete(exp: Experiment) -> bool:
+    """Every (setting, method) of the sweep ran every learning rate of its setting's grid on every selection
+    seed, and its chosen learning rate on every report seed."""
+    if not exp.runs:
+        return False
+    for s in exp.settings:
+        rows = [r for r in exp.runs if r["setting"] == s]
+        grid = {fnum(r["lr"]) for r in of_seeds(rows, exp.select)}
+        for m in exp.methods:
+            have = {(fnum(r["lr"]), int(r["seed"])) for r in rows if r["strategy"] == m}
+            if any((lr, k) not in have for lr in grid for k in exp.select):
+                return False
+            c = exp.cells.get((s, m))
+            if c is None or set(c.report) != set(exp.report):
+                return False
+    return True
+
+
 def load_all(results: Path) -> dict[str, Experiment]:
-    return {"micro": load_micro("micro", results / "micro_moe"),
+    """The page's experiments; "lm" is the held-out GPT-MoE once it is complete (``lm_complete``), with the
+    earlier sweep as "lm_earlier"; before that "lm" is the earlier sweep."""
+    exps = {"micro": load_micro("micro", results / "micro_moe"),
             "long": load_micro("long", results / "micro_moe_long"),
-            "depth": load_micro("depth", results / "structural_confusion"),
-            "lm": load_lm(results / "lm_sweep")}
+            "depth": load_micro("depth", results / "structural_confusion")}
+    earlier = load_lm(results / "lm_sweep")
+    heldout = load_lm(results / "lm_heldout", select=LM_HELDOUT_SELECT) \
+        if (results / "lm_heldout" / "runs.csv").is_file() else None
+    if heldout is not None and lm_complete(heldout):
+        exps.update(lm=heldout, lm_earlier=earlier)
+    else:
+        exps["lm"] = earlier
+    return exps
 
 
 # ------------------------------------------------------------------------------------------- convergence
@@ -249,19 +293,29 @@ def comparisons(exps: dict[str, Experiment], same_seeds: bool = False) -> list[d
                 if m == "none" or c is None:
                     continue
                 out.append(_comparison(key, "best-vs-best", s, c, base))
-    # the same-lr check (aux-free bias): the baseline on the report seeds at the strategies' lr 0.0022
-    e = exps["lm"]
-    base = lm_cell(e, "aux-free bias", "none", 0.0022)
-    if base is not None:
-        for m in ("zerosum", "positivesum", "global"):
-            c = lm_cell(e, "aux-free bias", m, 0.0022)
-            if c is not None:
-                out.append(_comparison("lm", "same lr 0.0022", "aux-free bias", c, base))
+    out += same_lr_comparisons(exps["lm"])
     adj = holm([c["p_t"] for c in out])
     for c, p in zip(out, adj):
         c["p_holm"] = p
         c["verdict"] = rule_verdict(c["diff"], p, c["higher_is_better"], c["converged"])
         c["verdict_if_converged"] = rule_verdict(c["diff"], p, c["higher_is_better"], True)
+    return out
+
+
+def same_lr_comparisons(e: Experiment) -> list[dict]:
+    """The GPT-MoE's same-lr check: where a method's chosen lr differs from the baseline's and the baseline ran
+    the method's lr on the same report seeds, the method against the baseline at that lr (the earlier sweep ran
+    the baseline at the strategies' 0.0022 with aux-free bias)."""
+    out = []
+    for s in e.settings:
+        chosen = e.cells.get((s, "none"))
+        for m in e.methods:
+            c = e.cells.get((s, m))
+            if m == "none" or c is None or chosen is None or c.lr == chosen.lr:
+                continue
+            base = lm_cell(e, s, "none", c.lr)
+            if base is not None and set(base.report) == set(c.report):
+                out.append(_comparison(e.key, f"same lr {c.lr:g}", s, c, base))
     return out
 
 
@@ -298,7 +352,7 @@ def _scale(key: str) -> tuple[float, int]:
 def table_verdicts(exps, comps, key: str) -> str:
     e = exps[key]
     scale, dg = _scale(key)
-    value = "val loss, nats/byte [95% CI]" if key == "lm" else "test acc % [95% CI]"
+    value = f"{_lm_quoted(e)} loss, nats/byte [95% CI]" if key == "lm" else "test acc % [95% CI]"
     diff = "minus baseline, nats/byte [95% CI]" if key == "lm" else "minus baseline, pp [95% CI]"
     rows = []
     for s in e.settings:
@@ -319,6 +373,10 @@ def table_verdicts(exps, comps, key: str) -> str:
                 "p (Holm, page)", "p (sign-flip, exact)", "converged", "verdict"], rows)
 
 
+def _lm_quoted(e: Experiment) -> str:
+    return "test" if e.extra_metric == "test_loss" else "val"
+
+
 def _on(c: Cell) -> str:
     """The seeds that chose the cell's lr; "(as reported)" where they are the reported seeds themselves."""
     same = c.chosen_on == seeds_label(c.report)
@@ -332,13 +390,14 @@ def _fmt_d(c: dict, scale: float, dg: int) -> str:
 def table_same_lr(exps, comps) -> str:
     rows = []
     for c in comps:
-        if c["kind"] != "same lr 0.0022":
+        if not c["kind"].startswith("same lr"):
             continue
         rows.append([c["setting"], c["method"], f"{c['lr']:g}", str(c["n"]),
                      fmt_ci(*mean_ci(list(c["cell"].report.values())), 1, 3),
                      fmt_ci(*mean_ci(list(c["base"].report.values())), 1, 3), _fmt_d(c, 1, 3), fmt_p(c["p_t"]),
                      fmt_p(c["p_holm"]), fmt_p(c["p_flip"]), c["conv"], c["verdict"]])
-    return _md(["balancing", "method", "lr (both)", "seeds", "val loss [95% CI]", "baseline at that lr",
+    return _md(["balancing", "method", "lr (both)", "seeds", f"{_lm_quoted(exps['lm'])} loss [95% CI]",
+                "baseline at that lr",
                 "minus baseline [95% CI]", "p (t)", "p (Holm, page)", "p (sign-flip, exact)", "converged",
                 "verdict"], rows)
 
@@ -534,6 +593,27 @@ def table_same_seed(exps, comps, same) -> str:
                 "p (t)", "p (Holm, same-seed page)", "converged", "same-seed verdict"], rows)
 
 
+def table_lm_earlier(exps, comps) -> str:
+    """The held-out GPT-MoE's comparisons beside the earlier sweep's (lr chosen on seed 0; validation loss
+    reported on the tokens that chose; not in the page's Holm family)."""
+    earlier = exps["lm_earlier"]
+    rows = []
+    for c in comps:
+        if c["exp"] != "lm" or c["kind"] != "best-vs-best":
+            continue
+        ce, be = earlier.cells.get((c["setting"], c["method"])), earlier.cells.get((c["setting"], "none"))
+        if ce is None or be is None:
+            continue
+        a = _comparison("lm", "earlier", c["setting"], ce, be)
+        rows.append([c["setting"], c["method"], f"{c['lr']:g} / {c['base_lr']:g}", _fmt_d(c, 1, 3), c["verdict"],
+                     f"{a['lr']:g} / {a['base_lr']:g}", _fmt_d(a, 1, 3), fmt_p(a["p_t"]), a["conv"]])
+    sel = seeds_label(exps["lm"].select)
+    return _md(["balancing", "method", f"held out: lr (method / baseline), chosen on seeds {sel}",
+                "held out: test loss minus baseline, nats/byte [95% CI]", "page verdict",
+                f"earlier: lr, chosen on seed(s) {seeds_label(earlier.select)}",
+                "earlier: val loss minus baseline, nats/byte [95% CI]", "p (t, unadjusted)", "converged"], rows)
+
+
 def table_rule_summary(comps) -> str:
     n = len(comps)
     apart = sum(c["cell"].chosen_on != seeds_label(c["cell"].report) and c["base"].chosen_on != seeds_label(
@@ -618,6 +698,7 @@ def all_tables(results: Path) -> dict[str, tuple[Path, str]]:
         "same-seed": (page, table_same_seed(exps, comps, same)),
         "loso": (page, table_loso(exps, same)),
         "overhead-syncs": (over, table_overhead_syncs(results)),
+        **({"lm-earlier": (page, table_lm_earlier(exps, comps))} if "lm_earlier" in exps else {}),
     }
 
 

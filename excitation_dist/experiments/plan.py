@@ -12,7 +12,10 @@ larger SD over those seeds of the two points), two log-spaced points are added b
 
 Selection apart from the report (deliverable 3): the Micro-MoE experiments choose each lr on seeds 5-7 and report
 seeds 0-4 wherever seeds 5-7 ran a setting's whole grid, so every new Micro-MoE cell below runs seeds 0-7, and
-group 3 lists the selection-seed runs still missing from the committed grids.
+group 3 lists the selection-seed runs still missing from the committed grids. The GPT-MoE's held-out sweep
+(``results/lm_heldout``: ``data.split=96,2,2``, lr chosen on the validation loss of seeds 0 and 6, the test loss
+of seeds 1-5 reported) is listed with the runs of it not yet in its runs.csv (its report runs counted per cell,
+their learning rate being chosen by the sweep first).
 
 Nothing here trains; every command below reuses rows already in runs.csv (config hash), so a stopped batch can
 be relaunched as is.
@@ -25,6 +28,7 @@ import math
 import statistics
 from pathlib import Path
 
+from excitation_dist.experiments.lm_sweep import _cfg as lm_run_config, parse_balancing
 from excitation_dist.experiments.micro_moe import METHODS
 from excitation_dist.experiments.stats import (REPORT_SEEDS, SELECT_SEEDS, fnum, of_seeds, read_csv, seeds_label,
                                                split_choice)
@@ -136,6 +140,41 @@ def selection_gaps(results: Path) -> list[tuple[str, str, list[str], list[float]
     return out
 
 
+# The GPT-MoE experiments with a test split (deliverables 1 and 3): (results dir, steps, evaluations, lrs)
+LM_COMMON = {"split": "96,2,2", "strategies": ["none", "zerosum", "positivesum", "global"],
+             "balancing": ["aux:0.01", "aux:0", "bias"], "select": [0, 6], "report": [1, 2, 3, 4, 5]}
+LM_HELDOUT = {**LM_COMMON, "out": "lm_heldout", "steps": 1500, "evals": 12, "lrs": [0.001, 0.0022, 0.0046, 0.01]}
+LM_HELDOUT_LONG = {**LM_COMMON, "out": "lm_heldout_long", "steps": 6000, "evals": 12,
+                   "lrs": [0.001, 0.0022, 0.0046, 0.01]}
+
+
+def lm_command(spec: dict) -> str:
+    return (f"{PY}.lm_sweep --out results/{spec['out']} --jobs 2 --steps {spec['steps']} --evals {spec['evals']} "
+            f"--split {spec['split']} --lrs {','.join(f'{x:g}' for x in spec['lrs'])} "
+            f"--strategies {','.join(spec['strategies'])} --balancing {','.join(spec['balancing'])} "
+            f"--select-seeds {','.join(map(str, spec['select']))} "
+            f"--report-seeds {','.join(map(str, spec['report']))}")
+
+
+def lm_missing(results: Path, spec: dict) -> int:
+    """Runs of ``spec`` not yet in its runs.csv: its sweep runs by config hash (as lm_sweep computes it), and
+    per (balancing, strategy) cell the report seeds without a confirm run."""
+    args = argparse.Namespace(config=str(ROOT / "configs" / "tiny_cpu_torch.yaml"), steps=spec["steps"], gamma=1.0,
+                              procs=1, eval_steps=32, overrides=[], evals=spec["evals"], split=spec["split"])
+    runs = read_csv(results / spec["out"] / "runs.csv")
+    have = {r["hash"] for r in runs}
+    n = 0
+    for b in spec["balancing"]:
+        bal = parse_balancing(b)
+        for m in spec["strategies"]:
+            n += sum(lm_run_config(args, bal, m, lr, k, "sweep")["hash"] not in have
+                     for lr in spec["lrs"] for k in spec["select"])
+            done = {int(r["seed"]) for r in runs if r["stage"] == "confirm" and r["strategy"] == m
+                    and (fnum(r["aux"]), str(r["expert_bias"]) in ("1", "True")) == bal}
+            n += sum(k not in done for k in spec["report"])
+    return n
+
+
 def plan(results: Path) -> list[dict]:
     sps = _sec_per_step(results)
     items = []
@@ -171,11 +210,11 @@ def plan(results: Path) -> list[dict]:
     add_micro("1 convergence", "structural confusion depth 4 and 6, 150 epochs: ExpDiff on its lower grid",
               "structural_confusion_long", ["depth 4", "depth 6"], 150, ["expdiff"],
               [0.00046, 0.001, 0.0022, 0.0046, 0.01, 0.022])
-    add("1 convergence", "GPT-MoE, 6,000 steps (4x), 12 evaluations, every balancing setting and method at the "
-        "chosen lrs and their neighbours (selection seeds 0,6,7; report seeds 1-5)",
-        f"{PY}.lm_sweep --out results/lm_sweep_long --jobs 2 --steps 6000 --evals 12 "
-        "--lrs 0.001,0.0022,0.0046,0.01 --strategies none,zerosum,positivesum,global --balancing aux:0.01,aux:0,bias "
-        "--select-seeds 0,6,7 --report-seeds 1,2,3,4,5", 3 * 4 * (4 * 3 + 5), 6000, "lm")
+    n = lm_missing(results, LM_HELDOUT_LONG)
+    if n:
+        add("1 convergence", "GPT-MoE with the test split, 6,000 steps (4x), 12 evaluations, every balancing "
+            "setting and method (selection seeds 0,6; report seeds 1-5, test loss)", lm_command(LM_HELDOUT_LONG), n,
+            LM_HELDOUT_LONG["steps"], "lm")
 
     # 2. refined grids (deliverable 2), from the committed sweeps
     for d, s, m, lrs in refined_grids(results):
@@ -188,10 +227,11 @@ def plan(results: Path) -> list[dict]:
         add_micro("3 selection seeds", f"{d}: {s}, selection seeds {seeds_label(SELECT_SEEDS)} on the grid "
                   f"seeds {seeds_label(REPORT_SEEDS)} ran ({', '.join(ms)})", d, [s], epochs, ms, lrs,
                   list(SELECT_SEEDS))
-    add("3 selection seeds", "GPT-MoE: selection seeds 6,7 on the 1,500-step grid (seed 0 exists)",
-        f"{PY}.lm_sweep --out results/lm_sweep --jobs 2 --steps 1500 --lrs 0.001,0.0022,0.0046,0.01,0.022 "
-        "--strategies none,zerosum,positivesum,global --balancing aux:0.01,aux:0,bias --select-seeds 0,6,7 "
-        "--report-seeds 1,2,3,4,5", 3 * 4 * 5 * 2, 1500, "lm")
+    n = lm_missing(results, LM_HELDOUT)
+    if n:
+        add("3 selection seeds", "GPT-MoE with a test split (data.split 96,2,2): lr chosen on the validation loss "
+            "of seeds 0 and 6, the test loss of seeds 1-5 reported", lm_command(LM_HELDOUT), n,
+            LM_HELDOUT["steps"], "lm")
 
     # 6. controls where verdicts are drawn (deliverable 6), on the report and the selection seeds
     add_micro("6 controls", "inverted and random at SGD batch 16 (30 epochs, the batch-16 grid)", "micro_moe",
@@ -218,8 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTotal: {total:.0f} CPU hours (one thread per run; {math.ceil(total / 2)} wall hours on 2 free cores).\n")
     for it in items:
         print(f"    # {it['group']}: {it['why']}\n    {it['cmd']}\n")
-    print("Still code, not compute: a test split for the GPT-MoE (the recipe's data module has only a validation "
-          "split).")
     return 0
 
 
