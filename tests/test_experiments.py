@@ -222,6 +222,26 @@ def test_plan_counts_the_held_out_gpt_moe_runs_by_the_hash_lm_sweep_gives_them(t
     assert "--split 96,2,2" in plan.lm_command(spec) and "--evals 12" in plan.lm_command(spec)
 
 
+def test_plan_refines_the_held_out_gpt_moe_grid_and_lists_its_same_lr_check_once_the_sweep_is_complete(tmp_path):
+    from excitation_dist.experiments import plan, stats
+    from tests.synthetic_results import heldout_runs
+
+    spec = {**plan.LM_HELDOUT, "balancing": ["aux:0.01"], "strategies": ["none", "zerosum"], "lrs": [0.001, 0.0022]}
+    rows, curves = heldout_runs()
+    (tmp_path / "lm_heldout").mkdir()
+    stats.write_csv(tmp_path / "lm_heldout" / "curves.csv", curves)
+    stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows[:-1])
+    assert plan.lm_followups(tmp_path, spec) == []  # a report run short: the choice is not final yet
+    stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows)
+    got = {(g, why): (one, n) for g, why, one, n in plan.lm_followups(tmp_path, spec)}
+    # both seeds agree (SD 0) and the chosen point beats its neighbour by 0.1: two points between them
+    assert {why: one["lrs"] for (g, why), (one, n) in got.items() if g == "2 refined grid"} == {
+        "lm_heldout: aux loss 0.01 none": [0.0013, 0.0017], "lm_heldout: aux loss 0.01 zerosum": [0.0013, 0.0017]}
+    same = [(one, n) for (g, why), (one, n) in got.items() if g == "6 controls"]
+    assert len(same) == 1 and same[0][0]["lrs"] == [0.001] and same[0][0]["strategies"] == ["none"]
+    assert same[0][1] == 5  # the baseline at ZeroSum's lr 0.001 on the 5 report seeds
+
+
 def _synthetic_runs(select_lr=0.1, report_lr=0.01, skip=()):
     """Two methods on a 2-point grid: the report seeds 0-4 prefer ``report_lr`` on validation, the selection
     seeds 5-7 prefer ``select_lr``; test accuracy is 0.5 + seed / 100 (+0.1 for zerosum at 0.1)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from excitation_dist.experiments import page
+from tests.synthetic_results import heldout_runs
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -64,29 +65,6 @@ def test_micro_moe_lrs_are_chosen_on_seeds_5_to_7_where_they_ran_and_reported_on
                                                                        for c in same]
 
 
-def _heldout_runs(lrs=(0.001, 0.0022), select=(0, 6), report=(1, 2, 3, 4, 5)):
-    """A synthetic held-out GPT-MoE sweep (one balancing setting, baseline and ZeroSum): the validation loss
-    prefers lr 0.0022 for the baseline and 0.001 for ZeroSum; the test loss is 0.3 above the validation loss,
-    ZeroSum's 0.05 below the baseline's on every report seed."""
-    runs, curves = [], []
-    best = {"none": 0.0022, "zerosum": 0.001}
-    for m in ("none", "zerosum"):
-        for lr in lrs:
-            for k in select:
-                runs.append((m, lr, k, "sweep", 1.7 if lr == best[m] else 1.8))
-        for k in report:
-            runs.append((m, best[m], k, "confirm", 1.70 + 0.01 * k - (0.05 if m == "zerosum" else 0)))
-    rows = []
-    for i, (m, lr, k, stage, val) in enumerate(runs):
-        h = f"h{i}"
-        rows.append({"steps": 1500, "aux": 0.01, "expert_bias": 0, "strategy": m, "lr": lr, "seed": k, "split": "96,2,2",
-                     "hash": h, "stage": stage, "val_loss": val, "test_loss": val + 0.3, "overload_last10pct": 1.3,
-                     "dead_experts_last10pct": 0.0, "entropy_last10pct": 0.99})
-        curves += [{"hash": h, "step": step, "train_loss": "", "val_loss": val + (1500 - step) * 1e-6}
-                   for step in (1250, 1375, 1500)]
-    return rows, curves
-
-
 def test_the_held_out_gpt_moe_becomes_section_3_once_complete_and_the_earlier_sweep_its_sensitivity_table(tmp_path):
     from excitation_dist.experiments import stats
 
@@ -94,7 +72,7 @@ def test_the_held_out_gpt_moe_becomes_section_3_once_complete_and_the_earlier_sw
         if d.is_dir() and d.name != "lm_heldout":
             (tmp_path / d.name).symlink_to(d)
     (tmp_path / "lm_heldout").mkdir()
-    rows, curves = _heldout_runs()
+    rows, curves = heldout_runs()
     stats.write_csv(tmp_path / "lm_heldout" / "curves.csv", curves)
     stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows[:-1])  # one report run short: not yet
     exps = page.load_all(tmp_path)

@@ -175,6 +175,50 @@ def lm_missing(results: Path, spec: dict) -> int:
     return n
 
 
+def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
+    """Once ``spec``'s sweep is complete (``page.lm_complete``): (group, why, spec of the command, runs missing)
+    for its refined grid (deliverable 2: two log-spaced points between the chosen lr and a neighbour whose mean
+    validation loss over the selection seeds differs by more than their larger seed SD) and its same-lr check
+    (the baseline on the report seeds at each strategy's chosen lr where the baseline chose another)."""
+    from excitation_dist.experiments import page
+    from excitation_dist.experiments.lm_sweep import setting_name
+
+    if not (results / spec["out"] / "runs.csv").is_file():
+        return []
+    exp = page.load_lm(results / spec["out"], select=tuple(spec["select"]), report_seeds=tuple(spec["report"]))
+    if not page.lm_complete(exp):
+        return []
+    out = []
+    for b in spec["balancing"]:
+        s = setting_name(*parse_balancing(b))
+        rows = [r for r in exp.runs if r["setting"] == s]
+        for m in spec["strategies"]:
+            sel = of_seeds([r for r in rows if r["strategy"] == m], spec["select"])
+            vals: dict[float, list[float]] = {}
+            for r in sel:
+                vals.setdefault(fnum(r["lr"]), []).append(fnum(r["val_loss"]))
+            grid, lr = sorted(vals), exp.cells[(s, m)].lr
+            i, new = grid.index(lr), []
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(grid):
+                    gap = abs(statistics.mean(vals[lr]) - statistics.mean(vals[grid[j]]))
+                    if gap > max(statistics.stdev(vals[lr]), statistics.stdev(vals[grid[j]])):
+                        new += refine(min(lr, grid[j]), max(lr, grid[j]))
+            new = sorted(x for x in set(new) if x not in grid)
+            if new:
+                one = {**spec, "balancing": [b], "strategies": [m], "lrs": new}
+                out.append(("2 refined grid", f"{spec['out']}: {s} {m}", one, lm_missing(results, one)))
+        base = exp.cells[(s, "none")].lr
+        for lr in sorted({exp.cells[(s, m)].lr for m in spec["strategies"]} - {base}):
+            one = {**spec, "balancing": [b], "strategies": ["none"], "lrs": [lr]}
+            have = {int(r["seed"]) for r in rows if r["strategy"] == "none" and fnum(r["lr"]) == lr}
+            n = sum(k not in have for k in spec["report"])
+            if n:
+                out.append(("6 controls", f"{spec['out']}: {s}, the baseline at lr {lr:g} (a strategy's choice) on "
+                            "the report seeds (same-lr check)", one, n))
+    return out
+
+
 def plan(results: Path) -> list[dict]:
     sps = _sec_per_step(results)
     items = []
@@ -232,6 +276,10 @@ def plan(results: Path) -> list[dict]:
         add("3 selection seeds", "GPT-MoE with a test split (data.split 96,2,2): lr chosen on the validation loss "
             "of seeds 0 and 6, the test loss of seeds 1-5 reported", lm_command(LM_HELDOUT), n,
             LM_HELDOUT["steps"], "lm")
+
+    for group, why, one, n in lm_followups(results, LM_HELDOUT):
+        if n:
+            add(group, why, lm_command(one), n, one["steps"], "lm")
 
     # 6. controls where verdicts are drawn (deliverable 6), on the report and the selection seeds
     add_micro("6 controls", "inverted and random at SGD batch 16 (30 epochs, the batch-16 grid)", "micro_moe",
