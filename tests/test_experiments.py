@@ -240,6 +240,9 @@ def test_plan_refines_the_held_out_gpt_moe_grid_and_lists_its_same_lr_check_once
     same = [(one, n) for (g, why), (one, n) in got.items() if g == "6 controls"]
     assert len(same) == 1 and same[0][0]["lrs"] == [0.001] and same[0][0]["strategies"] == ["none"]
     assert same[0][1] == 5  # the baseline at ZeroSum's lr 0.001 on the 5 report seeds
+    untuned = [(one, n) for (g, why), (one, n) in got.items() if g == "5 speed"]
+    assert len(untuned) == 1 and untuned[0][0]["lrs"] == [0.0022] and untuned[0][0]["strategies"] == ["zerosum"]
+    assert untuned[0][1] == 5  # ZeroSum at the baseline's lr 0.0022 on the 5 report seeds
 
 
 def _synthetic_runs(select_lr=0.1, report_lr=0.01, skip=()):

@@ -178,8 +178,10 @@ def lm_missing(results: Path, spec: dict) -> int:
 def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
     """Once ``spec``'s sweep is complete (``page.lm_complete``): (group, why, spec of the command, runs missing)
     for its refined grid (deliverable 2: two log-spaced points between the chosen lr and a neighbour whose mean
-    validation loss over the selection seeds differs by more than their larger seed SD) and its same-lr check
-    (the baseline on the report seeds at each strategy's chosen lr where the baseline chose another)."""
+    validation loss over the selection seeds differs by more than their larger seed SD), its same-lr check
+    (the baseline on the report seeds at each strategy's chosen lr where the baseline chose another) and
+    Excitation switched on without retuning (each strategy on the report seeds at the baseline's chosen lr: the
+    speed table's "at the baseline's lr" column, deliverable 5)."""
     from excitation_dist.experiments import page
     from excitation_dist.experiments.lm_sweep import setting_name
 
@@ -216,6 +218,13 @@ def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
             if n:
                 out.append(("6 controls", f"{spec['out']}: {s}, the baseline at lr {lr:g} (a strategy's choice) on "
                             "the report seeds (same-lr check)", one, n))
+        untuned = [m for m in spec["strategies"] if exp.cells[(s, m)].lr != base]
+        have = {(r["strategy"], int(r["seed"])) for r in rows if fnum(r["lr"]) == base}
+        n = sum((m, k) not in have for m in untuned for k in spec["report"])
+        if n:
+            one = {**spec, "balancing": [b], "strategies": untuned, "lrs": [base]}
+            out.append(("5 speed", f"{spec['out']}: {s}, {', '.join(untuned)} at the baseline's lr {base:g} on the "
+                        "report seeds (Excitation switched on without retuning)", one, n))
     return out
 
 
