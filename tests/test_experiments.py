@@ -97,11 +97,17 @@ def test_lm_sweep_report_chooses_lr_on_selection_seeds_and_pairs_report_seeds(tm
                          "lr": best, "seed": seed, "val_loss": 2.0 + 0.01 * seed - (0.1 if strategy == "zerosum" else 0)})
     for r in rows:
         r.update(overload_last10pct=1.5, dead_experts_last10pct=0.0, entropy_last10pct=0.9)
-    stats.write_csv(tmp_path / "runs.csv", rows)
-    assert lm_sweep.main(["--out", str(tmp_path), "--report-only", "--select-seeds", "0", "--report-seeds", "1,2,3",
-                          "--strategies", "none,zerosum", "--aux-coefs", "0.01", "--lrs", "0.001,0.003,0.01"]) == 0
-    best = {b["strategy"]: b for b in _rows(tmp_path / "best.csv")}
-    assert float(best["none"]["best_lr"]) == 0.003 and float(best["zerosum"]["best_lr"]) == 0.01
+    argv = ["--out", str(tmp_path), "--report-only", "--select-seeds", "0", "--report-seeds", "1,2,3",
+            "--strategies", "none,zerosum", "--aux-coefs", "0.01", "--lrs", "0.001,0.003,0.01"]
+
+    def reported() -> dict:
+        stats.write_csv(tmp_path / "runs.csv", rows)
+        assert lm_sweep.main(argv) == 0
+        best = {b["strategy"]: b for b in _rows(tmp_path / "best.csv")}
+        assert float(best["none"]["best_lr"]) == 0.003 and float(best["zerosum"]["best_lr"]) == 0.01
+        return best
+
+    best = reported()
     assert float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.1)
     assert float(best["zerosum"]["p_t"]) == 0.0 and float(best["zerosum"]["p_sign_flip"]) == pytest.approx(2 / 8)
     assert (tmp_path / "best_vs_best.png").read_bytes()[:4] == b"\x89PNG"
@@ -109,12 +115,7 @@ def test_lm_sweep_report_chooses_lr_on_selection_seeds_and_pairs_report_seeds(tm
 
     for r in rows:  # every run with a test split: the report quotes the test loss, the choice still the validation's
         r["test_loss"] = r["val_loss"] + (0.5 if r["strategy"] == "none" else 0.2)
-    stats.write_csv(tmp_path / "runs.csv", rows)
-    assert lm_sweep.main(["--out", str(tmp_path), "--report-only", "--select-seeds", "0", "--report-seeds", "1,2,3",
-                          "--strategies", "none,zerosum", "--aux-coefs", "0.01", "--lrs", "0.001,0.003,0.01"]) == 0
-    best = {b["strategy"]: b for b in _rows(tmp_path / "best.csv")}
-    assert float(best["none"]["best_lr"]) == 0.003 and float(best["zerosum"]["best_lr"]) == 0.01
-    assert float(best["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.4)
+    assert float(reported()["zerosum"]["diff_vs_baseline"]) == pytest.approx(-0.4)
     assert "| test loss, nats/byte" in (tmp_path / "tables.md").read_text()
 
 
