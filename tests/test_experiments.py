@@ -214,9 +214,9 @@ def test_plan_counts_the_held_out_gpt_moe_runs_by_the_hash_lm_sweep_gives_them(t
     assert plan.lm_missing(tmp_path, spec) == 2 * 2 * 2 + 2 * 5  # nothing run: 8 sweep runs, 5 report seeds x 2
     args = argparse.Namespace(config=str(plan.ROOT / "configs" / "tiny_cpu_torch.yaml"), steps=1500, gamma=1.0,
                               procs=1, eval_steps=32, overrides=[], evals=12, split="96,2,2")
-    done = [lm_sweep._cfg(args, (0.0, True), "none", 0.001, 0, "sweep"),
-            lm_sweep._cfg(args, (0.0, True), "zerosum", 0.0022, 6, "sweep"),
-            lm_sweep._cfg(args, (0.0, True), "none", 0.0022, 3, "confirm")]
+    done = [lm_sweep.run_config(args, (0.0, True), "none", 0.001, 0, "sweep"),
+            lm_sweep.run_config(args, (0.0, True), "zerosum", 0.0022, 6, "sweep"),
+            lm_sweep.run_config(args, (0.0, True), "none", 0.0022, 3, "confirm")]
     (tmp_path / "lm_heldout").mkdir()
     stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", done)
     assert plan.lm_missing(tmp_path, spec) == 18 - 3

@@ -83,7 +83,7 @@ def _mean_over_last(records: list[dict], key: str, n: int) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
-def _cfg(args, balancing: tuple[float, bool], strategy: str, lr: float, seed: int, stage: str) -> dict:
+def run_config(args, balancing: tuple[float, bool], strategy: str, lr: float, seed: int, stage: str) -> dict:
     aux, bias = balancing
     cfg = {"config": Path(args.config).name, "steps": args.steps, "aux": aux, "expert_bias": int(bias),
            "strategy": strategy,
@@ -206,14 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {}
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # runs start in submission order
         cells = [(balancing, strategy) for balancing in args.balancing for strategy in args.strategies]
-        sweep = {cell: [pool.submit(ensure, _cfg(args, cell[0], cell[1], lr, s, "sweep"))  # stage 1: every cell
+        sweep = {cell: [pool.submit(ensure, run_config(args, cell[0], cell[1], lr, s, "sweep"))  # stage 1: every cell
                         for lr in args.lrs for s in args.select_seeds] for cell in cells}
         for cell, futures in sweep.items():
             sweep_rows = [r for r in (f.result() for f in futures) if r]
             if sweep_rows:
                 chosen[cell] = best_lr(sweep_rows, "val_loss", higher_is_better=False)[0]
         # stage 2: seed-major, so that a stopped run leaves every cell with as many seeds
-        confirm = [pool.submit(ensure, _cfg(args, cell[0], cell[1], lr, s, "confirm"))
+        confirm = [pool.submit(ensure, run_config(args, cell[0], cell[1], lr, s, "confirm"))
                    for s in args.report_seeds for cell, lr in chosen.items()]
         for f in confirm:
             f.result()

@@ -28,7 +28,7 @@ import math
 import statistics
 from pathlib import Path
 
-from excitation_dist.experiments.lm_sweep import _cfg as lm_run_config, parse_balancing
+from excitation_dist.experiments.lm_sweep import parse_balancing, run_config
 from excitation_dist.experiments.micro_moe import METHODS
 from excitation_dist.experiments.stats import (REPORT_SEEDS, SELECT_SEEDS, fnum, of_seeds, read_csv, seeds_label,
                                                split_choice)
@@ -167,7 +167,7 @@ def lm_missing(results: Path, spec: dict) -> int:
     for b in spec["balancing"]:
         bal = parse_balancing(b)
         for m in spec["strategies"]:
-            n += sum(lm_run_config(args, bal, m, lr, k, "sweep")["hash"] not in have
+            n += sum(run_config(args, bal, m, lr, k, "sweep")["hash"] not in have
                      for lr in spec["lrs"] for k in spec["select"])
             done = {int(r["seed"]) for r in runs if r["stage"] == "confirm" and r["strategy"] == m
                     and (fnum(r["aux"]), str(r["expert_bias"]) in ("1", "True")) == bal}

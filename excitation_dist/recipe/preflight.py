@@ -76,7 +76,7 @@ def check_data(cfg: RunConfig, vocab: int | None) -> None:
                           "and megatron-core is not installed; pip install -e '.[recipe]'")
     if cfg.data.embedded:
         return
-    from excitation_dist.data.blends import SPLIT_NAMES, parse_blend, split_ranges
+    from excitation_dist.data.blends import SPLIT_NAMES, parse_blend, parse_split, split_ranges
     from excitation_dist.data.errors import DataError
     from excitation_dist.data.indexed import inspect_index
 
@@ -86,8 +86,6 @@ def check_data(cfg: RunConfig, vocab: int | None) -> None:
         blend = parse_blend(cfg.data.path)
     except DataError as exc:
         raise ConfigError(f"data.path: {exc}") from None
-    from excitation_dist.data.blends import parse_split
-
     needed = [0, 1] if cfg.schedule.eval_interval else [0]
     if parse_split(cfg.data.split)[2] > 0:  # a test share: evaluated after the last step
         needed.append(2)
