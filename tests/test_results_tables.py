@@ -93,3 +93,4 @@ def test_the_held_out_gpt_moe_becomes_section_3_once_complete_and_the_earlier_sw
     earlier = tables["lm-earlier"][1]
     assert "| aux loss 0.01 | zerosum | 0.001 / 0.0022 | -0.050 [-0.050, -0.050] |" in earlier
     assert "chosen on seeds 0,6" in earlier and "chosen on seed(s) 0 " in earlier
+    assert "lm-same-lr" not in tables  # the baseline has no runs at ZeroSum's lr: no same-lr check to show

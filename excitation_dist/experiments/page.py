@@ -690,7 +690,8 @@ def all_tables(results: Path) -> dict[str, tuple[Path, str]]:
         "depth-verdicts": (page, table_verdicts(exps, comps, "depth")),
         "depth-routing": (page, table_routing(exps, "depth")),
         "lm-verdicts": (page, table_verdicts(exps, comps, "lm")),
-        "lm-same-lr": (page, table_same_lr(exps, comps)),
+        **({"lm-same-lr": (page, table_same_lr(exps, comps))}
+           if any(c["kind"].startswith("same lr") for c in comps) else {}),
         "lm-routing": (page, table_routing(exps, "lm")),
         "lm-sweep": (page, table_sweep(exps, "lm")),
         "convergence": (page, table_convergence(exps)),
