@@ -61,6 +61,19 @@ def refine(lo: float, hi: float) -> list[float]:
     return [float(f"{lo * r ** (k / 3):.2g}") for k in (1, 2)]
 
 
+def refinements(vals: dict[float, list[float]], lr: float) -> list[float]:
+    """The points to add around the chosen ``lr`` of a grid (lr -> metric over the choosing seeds): two log-spaced
+    points toward each neighbour whose mean differs from lr's by more than the larger seed SD of the two."""
+    grid = sorted(vals)
+    sd = {g: statistics.stdev(v) if len(v) > 1 else 0 for g, v in vals.items()}
+    i, new = grid.index(lr), []
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(grid) and abs(statistics.mean(vals[lr]) - statistics.mean(vals[grid[j]])) > max(sd[lr],
+                                                                                                        sd[grid[j]]):
+            new += refine(min(lr, grid[j]), max(lr, grid[j]))
+    return sorted(x for x in set(new) if x not in grid)
+
+
 def refined_grids(results: Path) -> list[tuple[str, str, str, list[float]]]:
     """(experiment dir, setting, method, new lrs) wherever neighbouring grid points around the chosen lr differ by
     more than the seed spread (over the seeds that chose it)."""
@@ -74,17 +87,7 @@ def refined_grids(results: Path) -> list[tuple[str, str, str, list[float]]]:
             for m, (lr, _) in chosen.items():
                 grid = sorted({fnum(r["lr"]) for r in of_seeds(by_method[m], REPORT_SEEDS)})
                 rows = of_seeds(by_method[m], SELECT_SEEDS if split else REPORT_SEEDS)
-                vals = {g: [fnum(r["val_accuracy"]) for r in rows if fnum(r["lr"]) == g] for g in grid}
-                i = grid.index(lr)
-                new = []
-                for j in (i - 1, i + 1):
-                    if 0 <= j < len(grid):
-                        gap = abs(statistics.mean(vals[lr]) - statistics.mean(vals[grid[j]]))
-                        sd = max(statistics.stdev(vals[lr]) if len(vals[lr]) > 1 else 0,
-                                 statistics.stdev(vals[grid[j]]) if len(vals[grid[j]]) > 1 else 0)
-                        if gap > sd:
-                            new += refine(min(lr, grid[j]), max(lr, grid[j]))
-                new = sorted(x for x in set(new) if x not in grid)
+                new = refinements({g: [fnum(r["val_accuracy"]) for r in rows if fnum(r["lr"]) == g] for g in grid}, lr)
                 if new:
                     out.append((d, s, m, new))
     return out
@@ -199,14 +202,7 @@ def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
             vals: dict[float, list[float]] = {}
             for r in sel:
                 vals.setdefault(fnum(r["lr"]), []).append(fnum(r["val_loss"]))
-            grid, lr = sorted(vals), exp.cells[(s, m)].lr
-            i, new = grid.index(lr), []
-            for j in (i - 1, i + 1):
-                if 0 <= j < len(grid):
-                    gap = abs(statistics.mean(vals[lr]) - statistics.mean(vals[grid[j]]))
-                    if gap > max(statistics.stdev(vals[lr]), statistics.stdev(vals[grid[j]])):
-                        new += refine(min(lr, grid[j]), max(lr, grid[j]))
-            new = sorted(x for x in set(new) if x not in grid)
+            new = refinements(vals, exp.cells[(s, m)].lr)
             if new:
                 one = {**spec, "balancing": [b], "strategies": [m], "lrs": new}
                 out.append(("2 refined grid", f"{spec['out']}: {s} {m}", one, lm_missing(results, one)))
