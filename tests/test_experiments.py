@@ -239,11 +239,41 @@ def test_plan_refines_the_held_out_gpt_moe_grid_and_lists_its_same_lr_check_once
     assert {why: one["lrs"] for (g, why), (one, n) in got.items() if g == "2 refined grid"} == {
         "lm_heldout: aux loss 0.01 none": [0.0013, 0.0017], "lm_heldout: aux loss 0.01 zerosum": [0.0013, 0.0017]}
     same = [(one, n) for (g, why), (one, n) in got.items() if g == "6 controls"]
-    assert len(same) == 1 and same[0][0]["lrs"] == [0.001] and same[0][0]["strategies"] == ["none"]
+    assert len(same) == 1 and same[0][0]["report_at"] == [0.001] and same[0][0]["strategies"] == ["none"]
+    assert "--report-at 0.001 " in plan.lm_command(same[0][0])
     assert same[0][1] == 5  # the baseline at ZeroSum's lr 0.001 on the 5 report seeds
     untuned = [(one, n) for (g, why), (one, n) in got.items() if g == "5 speed"]
-    assert len(untuned) == 1 and untuned[0][0]["lrs"] == [0.0022] and untuned[0][0]["strategies"] == ["zerosum"]
+    assert len(untuned) == 1 and untuned[0][0]["report_at"] == [0.0022] and untuned[0][0]["strategies"] == ["zerosum"]
     assert untuned[0][1] == 5  # ZeroSum at the baseline's lr 0.0022 on the 5 report seeds
+
+
+def test_lm_sweep_confirms_the_best_over_the_whole_grid_and_report_at_trains_only_the_report_seeds(tmp_path,
+                                                                                                    monkeypatch):
+    """A command adding refined points confirms the cell's best over every lr in runs.csv (not the best of its own
+    points); --report-at trains the report seeds at the given lrs and no selection run."""
+    trained = []
+
+    def fake_train(args, cfg):  # validation loss lowest at lr 0.01, whatever the command's grid
+        trained.append((cfg["lr"], cfg["seed"], cfg["stage"]))
+        loss = 2.0 + abs(math.log10(cfg["lr"]) + 2)
+        row = {**cfg, "val_loss": loss, "test_loss": loss, "overload_last10pct": 1.0,
+               "dead_experts_last10pct": 0.0, "entropy_last10pct": 1.0, "seconds": 0.0}
+        return row, [{"hash": cfg["hash"], "step": 10, "train_loss": loss, "val_loss": loss}]
+
+    monkeypatch.setattr(lm_sweep, "_train", fake_train)
+    monkeypatch.setattr(lm_sweep, "report", lambda args: None)
+    common = ["--out", str(tmp_path), "--strategies", "none", "--balancing", "aux:0.01", "--select-seeds", "0,6",
+              "--report-seeds", "1,2"]
+    assert lm_sweep.main(common + ["--lrs", "0.001,0.01"]) == 0
+    assert sorted(trained) == sorted([(0.001, 0, "sweep"), (0.001, 6, "sweep"), (0.01, 0, "sweep"),
+                                      (0.01, 6, "sweep"), (0.01, 1, "confirm"), (0.01, 2, "confirm")])
+    trained.clear()
+    assert lm_sweep.main(common + ["--lrs", "0.0022,0.0046"]) == 0  # refined points, both worse than 0.01
+    assert sorted(trained) == sorted([(0.0022, 0, "sweep"), (0.0022, 6, "sweep"), (0.0046, 0, "sweep"),
+                                      (0.0046, 6, "sweep")])  # 0.01 stays chosen: its report runs are reused
+    trained.clear()
+    assert lm_sweep.main(common + ["--report-at", "0.0022"]) == 0
+    assert sorted(trained) == [(0.0022, 1, "confirm"), (0.0022, 2, "confirm")]
 
 
 def _synthetic_runs(select_lr=0.1, report_lr=0.01, skip=()):

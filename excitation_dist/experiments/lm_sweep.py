@@ -9,7 +9,14 @@ Two stages, one command:
 2. confirm: each (balancing, strategy) at its own best learning rate (lowest final
    validation loss, mean over the selection seeds) with fresh report seeds
    (default 1..5) that took no part in choosing it. Best-vs-best and the paired
-   differences to the baseline (same report seeds) come from stage 2 only.
+   differences to the baseline (same report seeds) come from stage 2 only. The
+   best is taken over every learning rate of the cell in runs.csv that all the
+   selection seeds ran, not only over ``--lrs``: a command that adds refined
+   points between grid points confirms the cell's best over the whole grid.
+
+``--report-at LRS`` skips both choices: the report seeds train at those learning
+rates (the baseline at a strategy's chosen lr for the same-lr check, or a
+strategy at the baseline's lr: Excitation switched on without retuning).
 
 With ``--split`` giving the test split a share (e.g. ``96,2,2``: Megatron's
 ``--split``, the recipe's ``data.split``) every run also reports its loss on the
@@ -98,6 +105,19 @@ def run_config(args, balancing: tuple[float, bool], strategy: str, lr: float, se
     return cfg
 
 
+def earlier_sweep(args, old: dict[str, dict], cell: tuple) -> list[dict]:
+    """The cell's selection runs already in runs.csv at learning rates outside ``args.lrs`` (an earlier grid, or
+    refined points), where every selection seed ran them: a refined grid is chosen over the whole grid, not over
+    the points of the command that added it."""
+    lrs = {fnum(r["lr"]) for r in old.values()} - set(args.lrs)
+    out = []
+    for lr in sorted(lrs):
+        rows = [old.get(run_config(args, cell[0], cell[1], lr, s, "sweep")["hash"]) for s in args.select_seeds]
+        if all(rows):
+            out += rows
+    return out
+
+
 def _train(args, cfg: dict) -> tuple[dict, list[dict]]:
     with tempfile.TemporaryDirectory(prefix="lm_sweep_") as tmp:
         overrides = [f"excitation.strategy={cfg['strategy']}", f"excitation.gamma={cfg['gamma']}",
@@ -147,7 +167,8 @@ def _train(args, cfg: dict) -> tuple[dict, list[dict]]:
     return row, curve
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (``plan`` parses its commands with it to compute the config hashes of their runs)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu_torch.yaml"))
@@ -168,10 +189,17 @@ def main(argv: list[str] | None = None) -> int:
                    "test shares); a test share makes the report quote test loss (default: the config's, 98,2,0)")
     p.add_argument("--evals", type=int, default=6, help="validation evaluations per run (every steps/evals steps); "
                    "the convergence criterion needs several in the last 20%% of steps")
+    p.add_argument("--report-at", type=lambda s: [float(x) for x in s.split(",")], default=None, metavar="LRS",
+                   help="no sweep: train the report seeds at these learning rates (the same-lr check, or a method at "
+                   "another method's chosen lr)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (each a separate process)")
     p.add_argument("--report-only", action="store_true", help="tables and plots from runs.csv, no training")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
     old = {r["hash"]: r for r in read_csv(args.out / "runs.csv")}
@@ -206,15 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {}
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # runs start in submission order
         cells = [(balancing, strategy) for balancing in args.balancing for strategy in args.strategies]
-        sweep = {cell: [pool.submit(ensure, run_config(args, cell[0], cell[1], lr, s, "sweep"))  # stage 1: every cell
-                        for lr in args.lrs for s in args.select_seeds] for cell in cells}
-        for cell, futures in sweep.items():
-            sweep_rows = [r for r in (f.result() for f in futures) if r]
-            if sweep_rows:
-                chosen[cell] = best_lr(sweep_rows, "val_loss", higher_is_better=False)[0]
+        if args.report_at:  # no choice: the report seeds at the given lrs
+            chosen = {cell: list(args.report_at) for cell in cells}
+        else:
+            sweep = {cell: [pool.submit(ensure, run_config(args, cell[0], cell[1], lr, s, "sweep"))  # stage 1
+                            for lr in args.lrs for s in args.select_seeds] for cell in cells}
+            for cell, futures in sweep.items():
+                sweep_rows = [r for r in (f.result() for f in futures) if r] + earlier_sweep(args, old, cell)
+                if sweep_rows:
+                    chosen[cell] = [best_lr(sweep_rows, "val_loss", higher_is_better=False)[0]]
         # stage 2: seed-major, so that a stopped run leaves every cell with as many seeds
         confirm = [pool.submit(ensure, run_config(args, cell[0], cell[1], lr, s, "confirm"))
-                   for s in args.report_seeds for cell, lr in chosen.items()]
+                   for s in args.report_seeds for cell, lrs in chosen.items() for lr in lrs]
         for f in confirm:
             f.result()
     if not args.report_only:  # a report-only pass trains nothing: keep the record of the last training pass

@@ -44,6 +44,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from excitation_dist.experiments import catalog
+from excitation_dist.experiments.catalog import LM_HELDOUT
 from excitation_dist.experiments.stats import (ALPHA, REPORT_SEEDS, SELECT_SEEDS, choose_lr, fmt_ci, fmt_p, fnum, holm,
                                                mean_ci, min_sign_flip_p, of_seeds, paired_full, read_csv, rule_verdict,
                                                seeds_label, split_choice)
@@ -165,12 +167,12 @@ def lm_setting(r: dict) -> str:
     return setting_name(r["aux"], r.get("expert_bias", 0))
 
 
-LM_HELDOUT_SELECT = (0, 6)  # lm_heldout's selection seeds (its report seeds are 1-5, as lm_sweep's)
+LM_HELDOUT_SELECT = tuple(LM_HELDOUT["select"])  # lm_heldout's selection seeds (report seeds 1-5, as lm_sweep's)
 
 
 def load_lm(out: Path, select=(0,), report_seeds=(1, 2, 3, 4, 5)) -> Experiment:
     """A GPT-MoE sweep: each (setting, method)'s lr is the one with the lowest mean final validation loss over
-    ``select``; the report seeds' test loss is read there where every report run has one (a split with a test
+    ``select``, among the lrs every selection seed ran; the report seeds' test loss is read there where every report run has one (a split with a test
     share), else their validation loss (``lm_sweep.report_metric``)."""
     from excitation_dist.experiments.lm_sweep import report_metric
 
@@ -185,8 +187,10 @@ def load_lm(out: Path, select=(0,), report_seeds=(1, 2, 3, 4, 5)) -> Experiment:
     exp.extra_metric = report_metric(runs, report_seeds)
     for s in settings:
         for m in methods:
-            got = choose_lr([r for r in runs if r["setting"] == s and r["strategy"] == m], "val_loss", exp.select,
-                            higher_is_better=False)
+            rows = [r for r in runs if r["setting"] == s and r["strategy"] == m]
+            full = {lr for lr in {fnum(r["lr"]) for r in rows}  # points every selection seed ran
+                    if {int(r["seed"]) for r in rows if fnum(r["lr"]) == lr} >= set(exp.select)}
+            got = choose_lr(rows, "val_loss", exp.select, higher_is_better=False, among=full)
             if got is None:
                 continue
             c = lm_cell(exp, s, m, *got)
@@ -209,14 +213,16 @@ def lm_cell(exp: Experiment, s: str, m: str, lr: float, edge: bool = False) -> C
                                                        "entropy_last10pct")}, seeds_label(exp.select))
 
 
-def lm_complete(exp: Experiment) -> bool:
-    """Every (setting, method) of the sweep ran every learning rate of its setting's grid on every selection
-    seed, and its chosen learning rate on every report seed."""
+def lm_complete(exp: Experiment, grid=None) -> bool:
+    """Every (setting, method) of the sweep ran every learning rate of ``grid`` (default: every lr any method of
+    the setting ran on the selection seeds) on every selection seed, and its chosen learning rate on every report
+    seed. With the sweep's own grid given, points added later (refined, same-lr) leave it complete as long as
+    every cell's chosen lr has its report runs."""
     if not exp.runs:
         return False
     for s in exp.settings:
         rows = [r for r in exp.runs if r["setting"] == s]
-        grid = {fnum(r["lr"]) for r in of_seeds(rows, exp.select)}
+        grid = {float(x) for x in grid} if grid is not None else {fnum(r["lr"]) for r in of_seeds(rows, exp.select)}
         for m in exp.methods:
             have = {(fnum(r["lr"]), int(r["seed"])) for r in rows if r["strategy"] == m}
             if any((lr, k) not in have for lr in grid for k in exp.select):
@@ -230,13 +236,11 @@ def lm_complete(exp: Experiment) -> bool:
 def load_all(results: Path) -> dict[str, Experiment]:
     """The page's experiments; "lm" is the held-out GPT-MoE once it is complete (``lm_complete``), with the
     earlier sweep as "lm_earlier"; before that "lm" is the earlier sweep."""
-    exps = {"micro": load_micro("micro", results / "micro_moe"),
-            "long": load_micro("long", results / "micro_moe_long"),
-            "depth": load_micro("depth", results / "structural_confusion")}
+    exps = {e.key: load_micro(e.key, results / e.dir) for e in catalog.on_page(results)}
     earlier = load_lm(results / "lm_sweep")
-    heldout = load_lm(results / "lm_heldout", select=LM_HELDOUT_SELECT) \
-        if (results / "lm_heldout" / "runs.csv").is_file() else None
-    if heldout is not None and lm_complete(heldout):
+    heldout = load_lm(results / LM_HELDOUT["out"], select=LM_HELDOUT_SELECT) \
+        if (results / LM_HELDOUT["out"] / "runs.csv").is_file() else None
+    if heldout is not None and lm_complete(heldout, LM_HELDOUT["lrs"]):
         exps.update(lm=heldout, lm_earlier=earlier)
     else:
         exps["lm"] = earlier
@@ -273,7 +277,12 @@ def convergence(cell: Cell) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- comparisons
-SECTION = {"micro": "1", "long": "1b", "depth": "2", "lm": "3"}
+SECTION = {**{e.key: e.section for e in catalog.MICRO}, "lm": "3"}
+
+
+def family(exps: dict[str, Experiment]) -> list[str]:
+    """The page's experiments in page order (sections 1, 1b, 1c, 2, 2b, 3): those loaded."""
+    return sorted((k for k in exps if k in SECTION), key=lambda k: SECTION[k])
 
 
 def comparisons(exps: dict[str, Experiment], same_seeds: bool = False) -> list[dict]:
@@ -281,7 +290,7 @@ def comparisons(exps: dict[str, Experiment], same_seeds: bool = False) -> list[d
     and the verdict of the one rule. ``same_seeds``: the sensitivity analysis, the whole page again with the
     Micro-MoE learning rates chosen on the report seeds themselves (the GPT-MoE as on the page)."""
     out = []
-    for key in ("micro", "long", "depth", "lm"):
+    for key in family(exps):
         e = exps[key]
         cells = e.same_cells if same_seeds and not e.lm else e.cells
         for s in e.settings:
@@ -465,7 +474,7 @@ def table_sweep(exps, key: str, settings: list[str] | None = None) -> str:
 
 def table_convergence(exps) -> str:
     rows = []
-    for key in ("micro", "long", "depth", "lm"):
+    for key in family(exps):
         e = exps[key]
         scale, dg = _scale(key)
         unit = "nats/byte" if key == "lm" else "pp"
@@ -511,7 +520,7 @@ def table_speed(exps) -> str:
     """Steps (tokens for the LM) to reach the tuned baseline's final validation value (mean over its seeds),
     at each method's own tuned lr and at the baseline's tuned lr (Excitation switched on without retuning)."""
     rows = []
-    for key in ("micro", "long", "depth", "lm"):
+    for key in family(exps):
         e = exps[key]
         scale, dg = _scale(key)
         for s in e.settings:
@@ -685,8 +694,10 @@ def all_tables(results: Path) -> dict[str, tuple[Path, str]]:
         "micro-verdicts": (page, table_verdicts(exps, comps, "micro")),
         "micro-routing": (page, table_routing(exps, "micro")),
         "micro-routing-same-lr": (page, table_routing_same_lr(exps)),
-        "long-verdicts": (page, table_verdicts(exps, comps, "long")),
-        "long-sweep": (page, table_sweep(exps, "long")),
+        **{f"{k.replace('_', '-')}-{kind}": (page, fn(k)) for k in family(exps) if catalog.BY_KEY.get(k)
+           and catalog.BY_KEY[k].grids for kind, fn in (("verdicts", lambda k: table_verdicts(exps, comps, k)),
+                                                       ("sweep", lambda k: table_sweep(exps, k)))},
+        **({"depth-long-routing": (page, table_routing(exps, "depth_long"))} if "depth_long" in exps else {}),
         "depth-verdicts": (page, table_verdicts(exps, comps, "depth")),
         "depth-routing": (page, table_routing(exps, "depth")),
         "lm-verdicts": (page, table_verdicts(exps, comps, "lm")),

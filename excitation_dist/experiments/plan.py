@@ -28,8 +28,10 @@ import math
 import statistics
 from pathlib import Path
 
+from excitation_dist.experiments import catalog
+from excitation_dist.experiments.catalog import LM_HELDOUT, LM_HELDOUT_LONG, missing_runs
+from excitation_dist.experiments import lm_sweep
 from excitation_dist.experiments.lm_sweep import parse_balancing, run_config
-from excitation_dist.experiments.micro_moe import METHODS
 from excitation_dist.experiments.stats import (REPORT_SEEDS, SELECT_SEEDS, fnum, of_seeds, read_csv, seeds_label,
                                                split_choice)
 
@@ -37,14 +39,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = "OMP_NUM_THREADS=1 python -m excitation_dist.experiments"
 SEEDS = ",".join(map(str, REPORT_SEEDS))  # the report seeds
 MICRO_SEEDS = ",".join(map(str, REPORT_SEEDS + SELECT_SEEDS))  # a new Micro-MoE cell: report and selection seeds
-MICRO_DIRS = ("micro_moe", "micro_moe_long", "structural_confusion")
 SPE = {"512": 3, "128": 9, "16": 72}  # optimizer steps per epoch on the 1,149 training digits
 
 
 def _sec_per_step(results: Path) -> dict[str, float]:
     """Median seconds per optimizer step per (experiment dir, setting), from the committed runs."""
     out = {}
-    for d in MICRO_DIRS:
+    for d in (e.dir for e in catalog.MICRO):
         by: dict[str, list[float]] = {}
         for r in read_csv(results / d / "runs.csv"):
             by.setdefault(r["setting"], []).append(fnum(r["seconds"]) / (int(r["epochs"]) * SPE[r["batch_size"]]))
@@ -78,7 +79,7 @@ def refined_grids(results: Path) -> list[tuple[str, str, str, list[float]]]:
     """(experiment dir, setting, method, new lrs) wherever neighbouring grid points around the chosen lr differ by
     more than the seed spread (over the seeds that chose it)."""
     out = []
-    for d in MICRO_DIRS:
+    for d in (e.dir for e in catalog.on_page(results)):
         runs = read_csv(results / d / "runs.csv")
         for s in dict.fromkeys(r["setting"] for r in runs):
             by_method = {m: [r for r in runs if r["setting"] == s and r["strategy"] == m]
@@ -112,20 +113,11 @@ def _steps(setting: str, epochs: int) -> int:
     return epochs * (9 if setting.startswith("depth") else SPE[setting.split()[-1]])
 
 
-def missing_runs(results: Path, d: str, settings: list[str], epochs: int, strategies: list[str], lrs: list[float],
-                 seeds: list[int]) -> int:
-    """How many (setting, method, lr, seed) runs of the grid are not yet in results/d/runs.csv."""
-    have = {(r["setting"], r["strategy"], fnum(r["lr"]), int(r["seed"]))
-            for r in read_csv(results / d / "runs.csv") if int(r["epochs"]) == epochs}
-    return sum((s, m, float(lr), int(k)) not in have
-               for s in settings for m in strategies for lr in lrs for k in seeds)
-
-
 def selection_gaps(results: Path) -> list[tuple[str, str, list[str], list[float], int]]:
     """(dir, setting, methods, lrs, missing runs): the learning rates the report seeds ran at which some
     selection seed has no run yet, grouped by method sharing the same missing lrs."""
     out = []
-    for d in MICRO_DIRS:
+    for d in (e.dir for e in catalog.on_page(results)):
         runs = read_csv(results / d / "runs.csv")
         for s in dict.fromkeys(r["setting"] for r in runs):
             groups: dict[tuple[float, ...], list[str]] = {}
@@ -143,17 +135,11 @@ def selection_gaps(results: Path) -> list[tuple[str, str, list[str], list[float]
     return out
 
 
-# The GPT-MoE experiments with a test split (deliverables 1 and 3): (results dir, steps, evaluations, lrs)
-LM_COMMON = {"split": "96,2,2", "strategies": ["none", "zerosum", "positivesum", "global"],
-             "balancing": ["aux:0.01", "aux:0", "bias"], "select": [0, 6], "report": [1, 2, 3, 4, 5]}
-LM_HELDOUT = {**LM_COMMON, "out": "lm_heldout", "steps": 1500, "evals": 12, "lrs": [0.001, 0.0022, 0.0046, 0.01]}
-LM_HELDOUT_LONG = {**LM_COMMON, "out": "lm_heldout_long", "steps": 6000, "evals": 12,
-                   "lrs": [0.001, 0.0022, 0.0046, 0.01]}
-
-
 def lm_command(spec: dict) -> str:
+    grid = (f"--report-at {','.join(f'{x:g}' for x in spec['report_at'])}" if spec.get("report_at") else
+            f"--lrs {','.join(f'{x:g}' for x in spec['lrs'])}")
     return (f"{PY}.lm_sweep --out results/{spec['out']} --jobs 2 --steps {spec['steps']} --evals {spec['evals']} "
-            f"--split {spec['split']} --lrs {','.join(f'{x:g}' for x in spec['lrs'])} "
+            f"--split {spec['split']} {grid} "
             f"--strategies {','.join(spec['strategies'])} --balancing {','.join(spec['balancing'])} "
             f"--select-seeds {','.join(map(str, spec['select']))} "
             f"--report-seeds {','.join(map(str, spec['report']))}")
@@ -162,8 +148,7 @@ def lm_command(spec: dict) -> str:
 def lm_missing(results: Path, spec: dict) -> int:
     """Runs of ``spec`` not yet in its runs.csv: its sweep runs by config hash (as lm_sweep computes it), and
     per (balancing, strategy) cell the report seeds without a confirm run."""
-    args = argparse.Namespace(config=str(ROOT / "configs" / "tiny_cpu_torch.yaml"), steps=spec["steps"], gamma=1.0,
-                              procs=1, eval_steps=32, overrides=[], evals=spec["evals"], split=spec["split"])
+    args = lm_sweep.parser().parse_args(lm_command(spec).split()[4:])  # the command's own flags and defaults
     runs = read_csv(results / spec["out"] / "runs.csv")
     have = {r["hash"] for r in runs}
     n = 0
@@ -191,7 +176,7 @@ def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
     if not (results / spec["out"] / "runs.csv").is_file():
         return []
     exp = page.load_lm(results / spec["out"], select=tuple(spec["select"]), report_seeds=tuple(spec["report"]))
-    if not page.lm_complete(exp):
+    if not page.lm_complete(exp, spec["lrs"]):
         return []
     out = []
     for b in spec["balancing"]:
@@ -202,13 +187,14 @@ def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
             vals: dict[float, list[float]] = {}
             for r in sel:
                 vals.setdefault(fnum(r["lr"]), []).append(fnum(r["val_loss"]))
+            vals = {lr: v for lr, v in vals.items() if len(v) == len(spec["select"])}  # points every seed ran
             new = refinements(vals, exp.cells[(s, m)].lr)
             if new:
                 one = {**spec, "balancing": [b], "strategies": [m], "lrs": new}
                 out.append(("2 refined grid", f"{spec['out']}: {s} {m}", one, lm_missing(results, one)))
         base = exp.cells[(s, "none")].lr
         for lr in sorted({exp.cells[(s, m)].lr for m in spec["strategies"]} - {base}):
-            one = {**spec, "balancing": [b], "strategies": ["none"], "lrs": [lr]}
+            one = {**spec, "balancing": [b], "strategies": ["none"], "report_at": [lr]}
             have = {int(r["seed"]) for r in rows if r["strategy"] == "none" and fnum(r["lr"]) == lr}
             n = sum(k not in have for k in spec["report"])
             if n:
@@ -218,7 +204,7 @@ def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
         have = {(r["strategy"], int(r["seed"])) for r in rows if fnum(r["lr"]) == base}
         n = sum((m, k) not in have for m in untuned for k in spec["report"])
         if n:
-            one = {**spec, "balancing": [b], "strategies": untuned, "lrs": [base]}
+            one = {**spec, "balancing": [b], "strategies": untuned, "report_at": [base]}
             out.append(("5 speed", f"{spec['out']}: {s}, {', '.join(untuned)} at the baseline's lr {base:g} on the "
                         "report seeds (Excitation switched on without retuning)", one, n))
     return out
@@ -245,20 +231,10 @@ def plan(results: Path) -> list[dict]:
             f"--lrs {','.join(f'{x:g}' for x in lrs)}{extra}", n, _steps(settings[0], epochs), settings[0])
 
     controls = ["inverted", "random"]
-    # 1. convergence: every cell still improving in its last 20% of steps, trained 5x longer (deliverable 1)
-    add_micro("1 convergence", "SGD batch 512, 150 epochs: ExpDiff (1b has the others)", "micro_moe_long",
-              ["sgd batch 512"], 150, ["expdiff"], [0.0032, 0.0057, 0.01, 0.018, 0.032, 0.057])
-    add_micro("1 convergence", "SGD batch 512, 150 epochs: inverted and random", "micro_moe_long",
-              ["sgd batch 512"], 150, controls, [0.1, 0.18, 0.32, 0.57, 1, 1.8, 3.2])
-    add_micro("1 convergence", "SGD batch 16 ExpDiff: still improving and at the top edge of its grid: 90 epochs, "
-              "grid up", "micro_moe_b16_long", ["sgd batch 16"], 90, METHODS,
-              [0.0022, 0.0047, 0.01, 0.022, 0.047, 0.1, 0.22, 0.47])
-    add_micro("1 convergence", "structural confusion depth 4 and 6, 150 epochs (1,350 steps), every method and "
-              "control", "structural_confusion_long", ["depth 4", "depth 6"], 150,
-              ["none", "zerosum", "positivesum", "global", "inverted", "random"], [0.1, 0.22, 0.46, 1.0, 2.2])
-    add_micro("1 convergence", "structural confusion depth 4 and 6, 150 epochs: ExpDiff on its lower grid",
-              "structural_confusion_long", ["depth 4", "depth 6"], 150, ["expdiff"],
-              [0.00046, 0.001, 0.0022, 0.0046, 0.01, 0.022])
+    # 1. convergence: every cell still improving in its last 20% of steps, trained longer (deliverable 1)
+    for e in catalog.MICRO:
+        for g in e.grids:
+            add_micro("1 convergence", g.why, e.dir, list(e.settings), e.epochs, list(g.strategies), list(g.lrs))
     n = lm_missing(results, LM_HELDOUT_LONG)
     if n:
         add("1 convergence", "GPT-MoE with the test split, 6,000 steps (4x), 12 evaluations, every balancing "
@@ -267,12 +243,12 @@ def plan(results: Path) -> list[dict]:
 
     # 2. refined grids (deliverable 2), from the committed sweeps
     for d, s, m, lrs in refined_grids(results):
-        epochs = 150 if d == "micro_moe_long" else 30
+        epochs = catalog.BY_DIR[d].epochs
         add_micro("2 refined grid", f"{d}: {s} {m}", d, [s], epochs, [m], lrs)
 
     # 3. selection apart from the report (deliverable 3): the selection seeds on every committed grid
     for d, s, ms, lrs, n in selection_gaps(results):
-        epochs = 150 if d == "micro_moe_long" else 30
+        epochs = catalog.BY_DIR[d].epochs
         add_micro("3 selection seeds", f"{d}: {s}, selection seeds {seeds_label(SELECT_SEEDS)} on the grid "
                   f"seeds {seeds_label(REPORT_SEEDS)} ran ({', '.join(ms)})", d, [s], epochs, ms, lrs,
                   list(SELECT_SEEDS))
