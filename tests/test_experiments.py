@@ -235,9 +235,11 @@ def test_plan_refines_the_held_out_gpt_moe_grid_and_lists_its_same_lr_check_once
     assert plan.lm_followups(tmp_path, spec) == []  # a report run short: the choice is not final yet
     stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows)
     got = {(g, why): (one, n) for g, why, one, n in plan.lm_followups(tmp_path, spec)}
-    # both seeds agree (SD 0) and the chosen point beats its neighbour by 0.1: two points between them
+    # both seeds agree (SD 0) and the chosen point beats its neighbour by 0.1: two points between them; and on
+    # this 2-point grid each choice is also an end: one point beyond it at the grid's spacing
     assert {why: one["lrs"] for (g, why), (one, n) in got.items() if g == "2 refined grid"} == {
-        "lm_heldout: aux loss 0.01 none": [0.0013, 0.0017], "lm_heldout: aux loss 0.01 zerosum": [0.0013, 0.0017]}
+        "lm_heldout: aux loss 0.01 none": [0.0013, 0.0017, 0.0048],
+        "lm_heldout: aux loss 0.01 zerosum": [0.00045, 0.0013, 0.0017]}
     same = [(one, n) for (g, why), (one, n) in got.items() if g == "6 controls"]
     assert len(same) == 1 and same[0][0]["report_at"] == [0.001] and same[0][0]["strategies"] == ["none"]
     assert "--report-at 0.001 " in plan.lm_command(same[0][0])
@@ -274,6 +276,17 @@ def test_lm_sweep_confirms_the_best_over_the_whole_grid_and_report_at_trains_onl
     trained.clear()
     assert lm_sweep.main(common + ["--report-at", "0.0022"]) == 0
     assert sorted(trained) == [(0.0022, 1, "confirm"), (0.0022, 2, "confirm")]
+
+
+def test_refinements_between_distinguishable_neighbours_and_beyond_an_end_of_the_grid():
+    from excitation_dist.experiments import plan
+
+    flat = {0.1: [0.5, 0.6], 0.22: [0.55, 0.56], 0.46: [0.5, 0.6]}  # within the seed spread: nothing inside
+    assert plan.refinements(flat, 0.22) == []
+    sharp = {0.1: [0.2, 0.21], 0.22: [0.9, 0.91], 0.46: [0.5, 0.51]}
+    assert plan.refinements(sharp, 0.22) == [0.13, 0.17, 0.28, 0.36]
+    assert plan.refinements(flat, 0.1) == [0.045]  # an end: one point beyond, however flat
+    assert plan.refinements(sharp, 0.46) == [0.28, 0.36, 0.96]
 
 
 def _synthetic_runs(select_lr=0.1, report_lr=0.01, skip=()):

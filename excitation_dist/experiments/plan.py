@@ -64,7 +64,9 @@ def refine(lo: float, hi: float) -> list[float]:
 
 def refinements(vals: dict[float, list[float]], lr: float) -> list[float]:
     """The points to add around the chosen ``lr`` of a grid (lr -> metric over the choosing seeds): two log-spaced
-    points toward each neighbour whose mean differs from lr's by more than the larger seed SD of the two."""
+    points toward each neighbour whose mean differs from lr's by more than the larger seed SD of the two; and
+    where ``lr`` is an end of the grid, one point beyond that end at the grid's last log spacing (the optimum may
+    lie outside the grid)."""
     grid = sorted(vals)
     sd = {g: statistics.stdev(v) if len(v) > 1 else 0 for g, v in vals.items()}
     i, new = grid.index(lr), []
@@ -72,6 +74,8 @@ def refinements(vals: dict[float, list[float]], lr: float) -> list[float]:
         if 0 <= j < len(grid) and abs(statistics.mean(vals[lr]) - statistics.mean(vals[grid[j]])) > max(sd[lr],
                                                                                                         sd[grid[j]]):
             new += refine(min(lr, grid[j]), max(lr, grid[j]))
+    if len(grid) > 1 and i in (0, len(grid) - 1):  # an end of the grid: the optimum may lie beyond it
+        new.append(float(f"{lr * lr / grid[1 if i == 0 else -2]:.2g}"))
     return sorted(x for x in set(new) if x not in grid)
 
 
