@@ -228,7 +228,7 @@ def test_plan_refines_the_held_out_gpt_moe_grid_and_lists_its_same_lr_check_once
     from tests.synthetic_results import heldout_runs
 
     spec = {**plan.LM_HELDOUT, "balancing": ["aux:0.01"], "strategies": ["none", "zerosum"], "lrs": [0.001, 0.0022]}
-    rows, curves = heldout_runs()
+    rows, curves = heldout_runs(lrs=(0.001, 0.0022))
     (tmp_path / "lm_heldout").mkdir()
     stats.write_csv(tmp_path / "lm_heldout" / "curves.csv", curves)
     stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows[:-1])

@@ -94,3 +94,26 @@ def test_the_held_out_gpt_moe_becomes_section_3_once_complete_and_the_earlier_sw
     assert "| aux loss 0.01 | zerosum | 0.001 / 0.0022 | -0.050 [-0.050, -0.050] |" in earlier
     assert "chosen on seeds 0,6" in earlier and "chosen on seed(s) 0 " in earlier
     assert "lm-same-lr" not in tables  # the baseline has no runs at ZeroSum's lr: no same-lr check to show
+
+    # a refined point half run (one selection seed of two) leaves the sweep complete and the choice where it was
+    extra = {**rows[0], "lr": 0.0017, "seed": 0, "hash": "refined", "val_loss": 1.0}
+    stats.write_csv(tmp_path / "lm_heldout" / "runs.csv", rows + [extra])
+    exps = page.load_all(tmp_path)
+    assert "lm_earlier" in exps and exps["lm"].cells[("aux loss 0.01", "none")].lr == 0.0022
+
+
+def test_a_longer_rerun_is_on_the_page_only_once_its_whole_grid_has_run(tmp_path):
+    from excitation_dist.experiments import catalog, stats
+
+    for d in RESULTS.iterdir():
+        if d.is_dir() and d.name != "structural_confusion_long":
+            (tmp_path / d.name).symlink_to(d)
+    rows = stats.read_csv(RESULTS / "structural_confusion_long" / "runs.csv")
+    exp = catalog.BY_KEY["depth_long"]
+    assert catalog.missing(RESULTS, exp) == 0 and "depth_long" in page.load_all(RESULTS)
+    (tmp_path / exp.dir).mkdir()
+    stats.write_csv(tmp_path / exp.dir / "runs.csv", rows[1:])  # one run of the grid missing
+    stats.write_csv(tmp_path / exp.dir / "curves.csv", [])
+    assert catalog.missing(tmp_path, exp) == 1
+    assert "depth_long" not in page.load_all(tmp_path) and "depth_long" not in {c["exp"] for c in page.comparisons(
+        page.load_all(tmp_path))}
