@@ -46,9 +46,9 @@ from pathlib import Path
 
 from excitation_dist.experiments import catalog
 from excitation_dist.experiments.catalog import LM_HELDOUT
-from excitation_dist.experiments.stats import (ALPHA, REPORT_SEEDS, SELECT_SEEDS, choose_lr, fmt_ci, fmt_p, fnum, holm,
-                                               mean_ci, min_sign_flip_p, of_seeds, paired_full, read_csv, rule_verdict,
-                                               seeds_label, split_choice)
+from excitation_dist.experiments.stats import (ALPHA, REPORT_SEEDS, SELECT_SEEDS, choose_lr, complete_grid, fmt_ci,
+                                               fmt_p, fnum, holm, mean_ci, min_sign_flip_p, of_seeds, paired_full,
+                                               read_csv, rule_verdict, seeds_label, split_choice)
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["none", "zerosum", "positivesum", "expdiff", "global", "inverted", "random"]
@@ -188,9 +188,8 @@ def load_lm(out: Path, select=(0,), report_seeds=(1, 2, 3, 4, 5)) -> Experiment:
     for s in settings:
         for m in methods:
             rows = [r for r in runs if r["setting"] == s and r["strategy"] == m]
-            full = {lr for lr in {fnum(r["lr"]) for r in rows}  # points every selection seed ran
-                    if {int(r["seed"]) for r in rows if fnum(r["lr"]) == lr} >= set(exp.select)}
-            got = choose_lr(rows, "val_loss", exp.select, higher_is_better=False, among=full)
+            got = choose_lr(rows, "val_loss", exp.select, higher_is_better=False,
+                            among=complete_grid(rows, exp.select))
             if got is None:
                 continue
             c = lm_cell(exp, s, m, *got)
@@ -222,10 +221,9 @@ def lm_complete(exp: Experiment, grid=None) -> bool:
         return False
     for s in exp.settings:
         rows = [r for r in exp.runs if r["setting"] == s]
-        grid = {float(x) for x in grid} if grid is not None else {fnum(r["lr"]) for r in of_seeds(rows, exp.select)}
+        want = {float(x) for x in grid} if grid is not None else {fnum(r["lr"]) for r in of_seeds(rows, exp.select)}
         for m in exp.methods:
-            have = {(fnum(r["lr"]), int(r["seed"])) for r in rows if r["strategy"] == m}
-            if any((lr, k) not in have for lr in grid for k in exp.select):
+            if not want <= complete_grid([r for r in rows if r["strategy"] == m], exp.select):
                 return False
             c = exp.cells.get((s, m))
             if c is None or set(c.report) != set(exp.report):

@@ -32,8 +32,8 @@ from excitation_dist.experiments import catalog
 from excitation_dist.experiments.catalog import LM_HELDOUT, LM_HELDOUT_LONG, missing_runs
 from excitation_dist.experiments import lm_sweep
 from excitation_dist.experiments.lm_sweep import parse_balancing, run_config
-from excitation_dist.experiments.stats import (REPORT_SEEDS, SELECT_SEEDS, fnum, of_seeds, read_csv, seeds_label,
-                                               split_choice)
+from excitation_dist.experiments.stats import (REPORT_SEEDS, SELECT_SEEDS, complete_grid, fnum, of_seeds, read_csv,
+                                               seeds_label, split_choice)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = "OMP_NUM_THREADS=1 python -m excitation_dist.experiments"
@@ -188,10 +188,8 @@ def lm_followups(results: Path, spec: dict) -> list[tuple[str, str, dict, int]]:
         rows = [r for r in exp.runs if r["setting"] == s]
         for m in spec["strategies"]:
             sel = of_seeds([r for r in rows if r["strategy"] == m], spec["select"])
-            vals: dict[float, list[float]] = {}
-            for r in sel:
-                vals.setdefault(fnum(r["lr"]), []).append(fnum(r["val_loss"]))
-            vals = {lr: v for lr, v in vals.items() if len(v) == len(spec["select"])}  # points every seed ran
+            vals = {lr: [fnum(r["val_loss"]) for r in sel if fnum(r["lr"]) == lr]
+                    for lr in complete_grid(sel, spec["select"])}  # the points every selection seed ran
             new = refinements(vals, exp.cells[(s, m)].lr)
             if new:
                 one = {**spec, "balancing": [b], "strategies": [m], "lrs": new}
